@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine.
+# Runs the whole test suite on a fresh machine: installs the ONNX Runtime library the ORT backend
+# loads at run time (from the PyPI wheel, into .ort/), then every test of the workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scripts/setup_ort.sh
 cargo test --workspace "$@"

@@ -31,4 +31,16 @@ pub(crate) struct GlobalArgs {
 pub(crate) enum Command {
     /// Render the prompt a model sees for a question and images, with the tools listed.
     Prompt(commands::prompt::PromptArgs),
+    /// Draw a training run's curves (reward, accuracy, tool calls, IoU, …) to PNG and SVG.
+    Plot(commands::plot::PlotArgs),
+    /// Show the resized size, grid and image-token count of an image, and dump its pixel values.
+    Preprocess(commands::preprocess::PreprocessArgs),
+    /// List the tools a model can call (built-ins and plugins), or run one tool call on an image.
+    Tools(commands::tools::ToolsArgs),
+    /// Answer a question about an image with a model bundle and the tools; print the episode.
+    Run(commands::run::RunArgs),
+    /// Show which ONNX Runtime library is loaded, its providers, and whether a GPU is used.
+    Doctor(commands::doctor::DoctorArgs),
+    /// Score JSONL rows (id, data_source, question, ground_truth, response) with a reward pipeline.
+    Reward(commands::reward::RewardArgs),
 }

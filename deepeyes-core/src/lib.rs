@@ -7,7 +7,6 @@
 //! This crate holds what every other crate shares and nothing heavy:
 //! - [`image`]: an RGB image type with hard decode limits;
 //! - [`preprocess`]: the Qwen2.5-VL image geometry (smart resize, visual token counts);
-//! - [`message`]: messages with interleaved text and image parts, and conversations;
 //! - [`tool`], [`model`], [`reward`]: the three small traits a user implements to plug in a tool,
 //!   a model backend or a reward function;
 //! - [`protocol`]: ChatML rendering, prompt templates and the parser of one assistant turn;
@@ -18,16 +17,21 @@
 //! It builds without ONNX Runtime, burn, clap or indicatif (see `docs/ARCHITECTURE.md`).
 
 pub mod agent;
+pub mod dataset;
 pub mod error;
 pub mod image;
 pub mod message;
 pub mod model;
+#[cfg(feature = "onnx")]
+pub mod onnx;
 pub mod preprocess;
 pub mod protocol;
 pub mod reward;
 pub mod rng;
+pub mod sampling;
 pub mod tool;
 pub mod trajectory;
+pub mod vision;
 
 pub use agent::{Agent, AgentConfig, Task};
 pub use error::{Error, Result};

@@ -1,2 +1,23 @@
 //! GRPO for thinking-with-images agents.
+//!
+//! The engine-independent half of training lives in plain modules:
+//! - [`grpo`]: group advantages, the clipped token-level surrogate with its analytic gradient,
+//!   masking, dynamic sampling and the update plan (pure functions on `ndarray`);
+//! - [`config`]: the `deepeyes train` configuration, strictly parsed and validated;
+//! - [`schedule`]: learning-rate schedules and gradient-norm clipping;
+//! - [`metrics`]: per-step metrics, their JSONL file and the tool-collapse alarm;
+//! - [`checkpoint`]: atomic checkpoints of named blobs plus the training state.
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod grpo;
+pub mod metrics;
+pub mod schedule;
 pub mod synthv;
+
+pub use config::TrainConfig;
+pub use error::{Error, Result};
+pub use grpo::GrpoConfig;
+
+pub mod model;

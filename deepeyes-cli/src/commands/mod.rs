@@ -4,11 +4,23 @@ use std::process::ExitCode;
 
 use crate::cli::Command;
 
+pub(crate) mod doctor;
+pub(crate) mod plot;
+pub(crate) mod preprocess;
 pub(crate) mod prompt;
+pub(crate) mod reward;
+pub(crate) mod run;
+pub(crate) mod tools;
 
 /// Runs the chosen subcommand.
 pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Prompt(args) => prompt::run(args),
+        Command::Plot(args) => plot::run(args),
+        Command::Preprocess(args) => preprocess::run(args),
+        Command::Tools(args) => tools::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Reward(args) => reward::run(args),
     }
 }

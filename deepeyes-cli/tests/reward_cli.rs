@@ -1,0 +1,245 @@
+//! `deepeyes reward` end to end: the built-in DeepEyes pipeline, bad rows, the output file, a
+//! config file, and a loopback judge.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const CROP: &str =
+    "<tool_response><|vision_start|><|image_pad|><|image_pad|><|vision_end|></tool_response>";
+
+/// Seven rows: line 3 is not JSON, line 5 lacks `response`, line 6 names an unrouted source.
+fn input() -> String {
+    let rows = [
+        serde_json::json!({"id": "v1", "data_source": "vstar", "question": "What colour is the kite?", "ground_truth": "red",
+            "response": format!("<think>small; zoom</think><tool_call>{{}}</tool_call>{CROP}<think>red</think><answer>Red</answer>")}).to_string(),
+        serde_json::json!({"id": 2, "data_source": "chart", "question": "Which bar is tallest?\nA. 2019\nB. 2020", "ground_truth": "B",
+            "response": "<think>look</think><answer>(A)</answer>"}).to_string(),
+        "{\"id\": 3, \"data_source\": \"vstar\", oops".to_string(),
+        serde_json::json!({"id": "m4", "data_source": "thinklite_eureka", "question": "3/6?", "ground_truth": 0.5,
+            "response": "<think>halve</think>\\boxed{\\frac{1}{2}}"}).to_string(),
+        serde_json::json!({"id": 5, "data_source": "vstar", "question": "q", "ground_truth": "x"}).to_string(),
+        serde_json::json!({"id": 6, "data_source": "geoguessr", "question": "q", "ground_truth": "x", "response": "x"}).to_string(),
+        serde_json::json!({"id": "v7", "data_source": "vstar", "question": "What is the man holding?", "ground_truth": "umbrella",
+            "response": format!("{CROP}<answer>a parasol</answer>")}).to_string(),
+    ];
+    rows.join("\n") + "\n"
+}
+
+fn deepeyes(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run deepeyes")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn scores_rows_with_the_built_in_pipeline_and_skips_bad_rows() {
+    // Run from an empty directory: the built-in config must not depend on the working directory.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), input()).unwrap();
+    let out = deepeyes(&["reward", "--input", "in.jsonl", "--no-judge"], dir.path());
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    insta::assert_snapshot!("reward_rows_no_judge", stdout);
+    for (line, why) in [
+        (3, "not a valid row"),
+        (5, "missing field `response`"),
+        (6, "geoguessr"),
+    ] {
+        let report = stderr
+            .lines()
+            .find(|l| l.contains(&format!("in.jsonl line {line}:")))
+            .unwrap_or_else(|| panic!("no report for line {line} in:\n{stderr}"));
+        assert!(report.contains(why), "{report}");
+    }
+    assert_eq!(stdout.lines().count(), 4);
+
+    // The same rows land in --output.
+    let out = deepeyes(
+        &[
+            "reward",
+            "--input",
+            "in.jsonl",
+            "--no-judge",
+            "--output",
+            "out.jsonl",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap(),
+        stdout
+    );
+}
+
+#[test]
+fn fail_on_bad_row_stops_with_the_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), input()).unwrap();
+    let out = deepeyes(
+        &[
+            "reward",
+            "--input",
+            "in.jsonl",
+            "--no-judge",
+            "--fail-on-bad-row",
+            "--output",
+            "o.jsonl",
+        ],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("in.jsonl line 3"), "{stderr}");
+    assert!(!dir.path().join("o.jsonl").exists());
+}
+
+#[test]
+fn a_config_file_replaces_the_built_in_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), input()).unwrap();
+    let ablation = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/rewards/deepeyes-no-tool-bonus.toml"
+    );
+    let out = deepeyes(
+        &[
+            "reward",
+            "--config",
+            ablation,
+            "--input",
+            "in.jsonl",
+            "--no-judge",
+        ],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(first["id"], "v1");
+    assert_eq!(first["total"], 0.8);
+    assert!(
+        first["terms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["name"] != "tool")
+    );
+
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "version = 1\nrewards = {}\nsourcez = {}\n",
+    )
+    .unwrap();
+    let out = deepeyes(
+        &["reward", "--config", "bad.toml", "--input", "in.jsonl"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("sourcez"),
+        "{stderr}"
+    );
+}
+
+/// A loopback judge that lists one model and calls every answer correct; it counts chat
+/// requests.
+fn judge_server() -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let chats = Arc::new(AtomicUsize::new(0));
+    let counter = chats.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            if reader.read_line(&mut first).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            let reply = if first.contains("/v1/models") {
+                serde_json::json!({"data": [{"id": "cli-judge"}]})
+            } else {
+                counter.fetch_add(1, Ordering::SeqCst);
+                serde_json::json!({"choices": [{"message": {"content": "VERDICT: CORRECT"}}]})
+            }
+            .to_string();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, chats)
+}
+
+#[test]
+fn judge_url_sends_undecided_answers_to_the_judge() {
+    let (url, chats) = judge_server();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), input()).unwrap();
+    let out = deepeyes(
+        &["reward", "--input", "in.jsonl", "--judge-url", &url],
+        dir.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Only "a parasol" vs "umbrella" needs the judge; the rules decide the rest.
+    assert_eq!(chats.load(Ordering::SeqCst), 1);
+    let last: serde_json::Value =
+        serde_json::from_str(text(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["id"], "v7");
+    assert_eq!(last["total"], 2.0);
+    assert_eq!(last["flags"], serde_json::json!(["accuracy_by_judge"]));
+}
+
+#[test]
+fn a_dead_judge_fails_fast_with_a_hint() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    drop(listener);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cfg.toml"), format!(
+        "version = 1\n[sources]\nvstar = 'v'\n[rewards.v]\ntype = 'deepeyes-visual'\n[judge]\nbase-url = '{url}'\nmax-retries = 1\nbackoff-initial-ms = 1\nbackoff-max-ms = 1\n"
+    )).unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), input()).unwrap();
+    let out = deepeyes(
+        &["reward", "--config", "cfg.toml", "--input", "in.jsonl"],
+        dir.path(),
+    );
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&url) && stderr.contains("--no-judge"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,151 @@
+//! `deepeyes run` and `deepeyes doctor` end to end on the tiny random-weight Qwen2.5-VL bundle.
+//!
+//! They need the ONNX Runtime library (found via $ORT_DYLIB_PATH, the `.ort/` directory that
+//! `scripts/setup_ort.sh` fills, or python3's onnxruntime) and fail, with that message, without it.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/data/tiny-qwen2_5_vl")
+}
+
+fn deepeyes(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args(args)
+        .output()
+        .expect("the deepeyes binary runs")
+}
+
+fn ok(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+#[test]
+fn run_prints_the_episode_and_writes_a_replayable_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("episode.json");
+    let bundle = fixture().join("bundle");
+    let image = fixture().join("golden/image0.png");
+    let out = ok(&deepeyes(&[
+        "run",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "What color is the disc?",
+        "--max-turns",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "4",
+        "--threads",
+        "1",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    assert!(out.contains("question: What color is the disc?"), "{out}");
+    assert!(out.contains("── turn 1 ──"), "{out}");
+    assert!(out.contains("trace: "), "{out}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let turns = json["turns"].as_array().unwrap();
+    assert!(!turns.is_empty());
+    let t0 = &turns[0];
+    let input = t0["input_token_ids"].as_array().unwrap();
+    let generated = t0["generated_ids"].as_array().unwrap();
+    let logprobs = t0["logprobs"].as_array().unwrap();
+    assert!(input.len() > 50);
+    assert!(!generated.is_empty() && generated.len() <= 12);
+    assert_eq!(generated.len(), logprobs.len());
+    assert!(logprobs.iter().all(|l| l.as_f64().unwrap() <= 0.0));
+    // image0.png is 140×170: a 12×10 patch grid, 30 image tokens.
+    assert_eq!(t0["images"][0]["grid_thw"], serde_json::json!([1, 12, 10]));
+    assert_eq!(t0["images"][0]["image_tokens"], 30);
+    assert_eq!(json["model"]["provider"], "CPUExecutionProvider");
+
+    // The same seed gives the same episode.
+    let again = dir.path().join("again.json");
+    ok(&deepeyes(&[
+        "run",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "What color is the disc?",
+        "--max-turns",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "4",
+        "--threads",
+        "1",
+        "--trace",
+        again.to_str().unwrap(),
+    ]));
+    let json2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    assert_eq!(json["turns"], json2["turns"]);
+}
+
+#[test]
+fn doctor_reports_the_library_and_the_device() {
+    let bundle = fixture().join("bundle");
+    let out = ok(&deepeyes(&["doctor", "--model", bundle.to_str().unwrap()]));
+    assert!(out.contains("library:"), "{out}");
+    assert!(out.contains("libonnxruntime"), "{out}");
+    assert!(out.contains("CPUExecutionProvider"), "{out}");
+    assert!(out.contains("smoke test: prefill of"), "{out}");
+    assert!(out.contains("GPU used: no"), "{out}");
+}
+
+#[test]
+fn a_missing_library_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .arg("doctor")
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/libonnxruntime.so: does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("scripts/setup_ort.sh"), "{err}");
+}
+
+#[test]
+fn require_gpu_fails_without_one() {
+    let bundle = fixture().join("bundle");
+    let image = fixture().join("golden/image0.png");
+    let out = deepeyes(&[
+        "run",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "?",
+        "--require-gpu",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("GPU"), "{err}");
+}

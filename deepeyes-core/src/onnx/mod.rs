@@ -1,0 +1,25 @@
+//! The ONNX Runtime backend: Qwen2.5-VL-family models (DeepEyes-7B's architecture) exported to
+//! ONNX by `scripts/export_qwen2_5_vl.py`, run through `ort`, on CUDA when available.
+//!
+//! - [`runtime`]: finding and loading the ONNX Runtime library (no build-time linking);
+//! - [`config`]: the bundle's `bundle.json` (layout in `docs/BUNDLE.md`);
+//! - [`OnnxModel`]: the loaded bundle, implementing [`crate::VisionLanguageModel`], with a
+//!   lower-level API (vision features, prefill, decode steps with logits) for scoring and tests.
+//!
+//! Enabled by the `onnx` feature (on by default); the `cuda` feature adds the CUDA execution
+//! provider.
+
+mod batch;
+pub mod config;
+mod error;
+mod generate;
+mod model;
+pub mod runtime;
+
+pub use config::BundleConfig;
+pub use error::{OnnxError, OnnxResult};
+pub use model::{
+    DecodeState, DeviceReport, LogitsOf, OnnxModel, OnnxOptions, PreparedPrompt, Provider,
+    probe_gpu,
+};
+pub use runtime::{RuntimeInfo, runtime};

@@ -1,0 +1,390 @@
+//! The ONNX Runtime backend on the tiny random-weight Qwen2.5-VL, against transformers' outputs
+//! for a two-image prompt (`tests/data/tiny-qwen2_5_vl`).
+//!
+//! These tests need the ONNX Runtime library. They find it like the product does
+//! (`$ORT_DYLIB_PATH`, the `.ort/` directory filled by `scripts/setup_ort.sh`, then `python3`'s
+//! onnxruntime package) and FAIL with that message when it is missing: run
+//! `scripts/setup_ort.sh` first.
+
+#![cfg(feature = "onnx")]
+
+mod tiny_fixture;
+
+use deepeyes_core::model::FinishReason;
+use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions, PreparedPrompt};
+use deepeyes_core::preprocess::PixelValues;
+use deepeyes_core::{GenerateRequest, Image, ImageLimits, SamplingParams, VisionLanguageModel};
+use tiny_fixture::{Golden, argmax, max_abs_diff};
+
+const TOL: f32 = 1e-4;
+
+fn model_with(options: &OnnxOptions) -> OnnxModel {
+    OnnxModel::load(tiny_fixture::bundle(), options).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn model() -> OnnxModel {
+    model_with(&OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    })
+}
+
+/// The processor's pixel values of the golden images, split per image.
+fn golden_pixels(golden: &Golden) -> Vec<PixelValues> {
+    let all = golden.f32("pixel_values");
+    let d = all.shape[1];
+    let mut start = 0;
+    golden
+        .grids()
+        .into_iter()
+        .map(|g| {
+            let n = (g[0] * g[1] * g[2]) as usize;
+            let data = all.data[start * d..(start + n) * d].to_vec();
+            start += n;
+            PixelValues {
+                data,
+                grid_thw: g,
+                resized: (g[1] * 14, g[2] * 14),
+            }
+        })
+        .collect()
+}
+
+fn golden_prompt(model: &OnnxModel, golden: &Golden) -> PreparedPrompt {
+    model
+        .prepare(&golden.u32s("prompt_ids"), &golden_pixels(golden))
+        .unwrap()
+}
+
+fn greedy(tokens: &[u32], max_new_tokens: usize) -> GenerateRequest<'_> {
+    GenerateRequest {
+        tokens,
+        images: &[],
+        sampling: SamplingParams::greedy(),
+        seed: 0,
+        max_new_tokens,
+        stop_sequences: &[],
+        banned_tokens: &[],
+    }
+}
+
+#[allow(clippy::print_stderr)]
+fn report(what: &str, value: f32) {
+    eprintln!("{what}: max |Δ| = {value:.3e}");
+}
+
+#[test]
+fn tokenizer_matches_python() {
+    let golden = Golden::load();
+    let model = model();
+    let prompt = std::fs::read_to_string(tiny_fixture::root().join("golden/prompt.txt")).unwrap();
+    assert_eq!(
+        model.codec().encode(&prompt).unwrap(),
+        golden.u32s("prompt_ids")
+    );
+}
+
+#[test]
+fn vision_encoder_matches_transformers() {
+    let golden = Golden::load();
+    let model = model();
+    let mut features = Vec::new();
+    for px in golden_pixels(&golden) {
+        features.extend(model.encode_image(&px).unwrap());
+    }
+    let diff = max_abs_diff(&features, &golden.f32("image_embeds").data);
+    report("vision features", diff);
+    assert!(diff <= TOL, "vision features differ by {diff}");
+}
+
+#[test]
+fn prefill_and_20_decode_steps_match_transformers() {
+    let golden = Golden::load();
+    let model = model();
+    let prompt = golden_prompt(&model, &golden);
+    assert_eq!(
+        prompt.input_ids,
+        golden.u32s("input_ids"),
+        "expanded prompt"
+    );
+    assert_eq!(prompt.rope.delta, golden.i64("rope_delta").data[0]);
+    let vocab = model.config().text.vocab_size;
+
+    let (logits, mut state) = model.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let all = &logits[0];
+    assert_eq!(all.len(), prompt.input_ids.len() * vocab);
+    let kept = golden.i64("prefill_positions").data;
+    let want = golden.f32("prefill_logits");
+    let mut worst = 0.0f32;
+    for (k, &p) in kept.iter().enumerate() {
+        let p = p as usize;
+        worst = worst.max(max_abs_diff(
+            &all[p * vocab..(p + 1) * vocab],
+            &want.data[k * vocab..(k + 1) * vocab],
+        ));
+    }
+    report("prefill logits", worst);
+    assert!(worst <= TOL, "prefill logits differ by {worst}");
+
+    let tokens = golden.u32s("tokens");
+    let last = &all[(prompt.input_ids.len() - 1) * vocab..];
+    assert_eq!(argmax(last), tokens[0]);
+    let steps = golden.f32("decode_logits");
+    assert_eq!(steps.shape, vec![20, vocab]);
+    let mut worst = 0.0f32;
+    for i in 0..20 {
+        let out = model.step(&mut state, &[tokens[i]]).unwrap();
+        worst = worst.max(max_abs_diff(
+            &out[0],
+            &steps.data[i * vocab..(i + 1) * vocab],
+        ));
+        assert_eq!(
+            argmax(&out[0]),
+            tokens[i + 1],
+            "greedy token after step {i}"
+        );
+    }
+    report("decode logits (20 steps)", worst);
+    assert!(worst <= TOL, "decode logits differ by {worst}");
+}
+
+#[test]
+fn greedy_generation_gives_transformers_tokens() {
+    let golden = Golden::load();
+    let model = model();
+    let prompt = golden_prompt(&model, &golden);
+    let want = golden.u32s("tokens");
+    let ids = golden.u32s("prompt_ids");
+    let request = greedy(&ids, want.len());
+    let out = model
+        .generate_prepared(&[&request], std::slice::from_ref(&prompt))
+        .unwrap()
+        .remove(0);
+    // The configured end-of-sequence ids stop generation early, keeping the EOS token.
+    let eos = &model.config().tokens.eos;
+    let end = want
+        .iter()
+        .position(|t| eos.contains(t))
+        .map_or(want.len(), |i| i + 1);
+    assert_eq!(out.tokens, want[..end]);
+    assert_eq!(out.logprobs.len(), out.tokens.len());
+    assert!(out.logprobs.iter().all(|&l| l <= 0.0 && l.is_finite()));
+}
+
+#[test]
+fn generation_from_raw_images_uses_the_rust_preprocessing() {
+    let golden = Golden::load();
+    let model = model();
+    let images: Vec<Image> = (0..2)
+        .map(|k| {
+            Image::open(
+                tiny_fixture::root().join(format!("golden/image{k}.png")),
+                &ImageLimits::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let ids = golden.u32s("prompt_ids");
+    let prompt = model.prepare_images(&ids, &images).unwrap();
+    assert_eq!(prompt.grids, golden.grids());
+    assert_eq!(prompt.input_ids, golden.u32s("input_ids"));
+    // Rust and PIL resampling differ by a fraction of a gray level; the features stay close.
+    let diff = max_abs_diff(&prompt.features, &golden.f32("image_embeds").data);
+    report("vision features from Rust preprocessing", diff);
+    assert!(
+        diff < 0.05,
+        "features from Rust preprocessing differ by {diff}"
+    );
+    let request = GenerateRequest {
+        images: &images,
+        ..greedy(&ids, 5)
+    };
+    let out = model.generate(&request).unwrap();
+    assert_eq!(out.tokens.len(), 5);
+    // A second call reuses the cached image features and gives the same tokens.
+    assert_eq!(model.generate(&request).unwrap(), out);
+}
+
+#[test]
+fn chunked_prefill_equals_one_pass() {
+    let golden = Golden::load();
+    let whole = model();
+    let chunked = model_with(&OnnxOptions {
+        threads: 1,
+        prefill_chunk: 37,
+        ..OnnxOptions::default()
+    });
+    let p = golden_prompt(&whole, &golden);
+    let (a, _) = whole.prefill(&[&p], LogitsOf::All).unwrap();
+    let (b, _) = chunked.prefill(&[&p], LogitsOf::All).unwrap();
+    let diff = max_abs_diff(&a[0], &b[0]);
+    assert!(diff <= 1e-5, "chunked prefill differs by {diff}");
+}
+
+#[test]
+fn batched_generation_equals_one_by_one() {
+    let golden = Golden::load();
+    let model = model();
+    let codec = model.codec();
+    let image_prompt = golden.u32s("prompt_ids");
+    let short = codec
+        .encode("<|im_start|>user\nHow many cars are there?<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    let images: Vec<Image> = (0..2)
+        .map(|k| {
+            Image::open(
+                tiny_fixture::root().join(format!("golden/image{k}.png")),
+                &ImageLimits::default(),
+            )
+            .unwrap()
+        })
+        .collect();
+    let sampled = SamplingParams {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+    };
+    let requests = vec![
+        GenerateRequest {
+            images: &images,
+            ..greedy(&image_prompt, 12)
+        },
+        // The same context again (shares the prefill) but sampled.
+        GenerateRequest {
+            images: &images,
+            sampling: sampled,
+            seed: 11,
+            ..greedy(&image_prompt, 12)
+        },
+        // A shorter, text-only context (left-padded in the batch).
+        GenerateRequest {
+            sampling: sampled,
+            seed: 5,
+            ..greedy(&short, 9)
+        },
+        GenerateRequest {
+            images: &images,
+            sampling: sampled,
+            seed: 12,
+            ..greedy(&image_prompt, 7)
+        },
+    ];
+    let batched = model.generate_batch(&requests);
+    assert_eq!(batched.len(), requests.len());
+    for (i, (r, b)) in requests.iter().zip(batched).enumerate() {
+        let b = b.unwrap();
+        let one = model.generate(r).unwrap();
+        assert_eq!(b.tokens, one.tokens, "request {i}");
+        assert_eq!(b.finish, one.finish, "request {i}");
+        let diff = max_abs_diff(&b.logprobs, &one.logprobs);
+        assert!(diff <= 1e-4, "request {i}: log-probs differ by {diff}");
+    }
+}
+
+#[test]
+fn stop_sequences_banned_tokens_and_seeds() {
+    let golden = Golden::load();
+    let model = model();
+    let prompt = golden_prompt(&model, &golden);
+    let ids = golden.u32s("prompt_ids");
+    let want = golden.u32s("tokens");
+    let run = |r: &GenerateRequest<'_>| {
+        model
+            .generate_prepared(&[r], std::slice::from_ref(&prompt))
+            .unwrap()
+            .remove(0)
+    };
+
+    // A stop sequence ends generation and is kept.
+    let stops = vec![want[2..4].to_vec()];
+    let out = run(&GenerateRequest {
+        stop_sequences: &stops,
+        ..greedy(&ids, 20)
+    });
+    assert_eq!(out.tokens, want[..4]);
+    assert_eq!(out.finish, FinishReason::Stop);
+
+    // The budget ends it otherwise.
+    let out = run(&greedy(&ids, 3));
+    assert_eq!(out.tokens, want[..3]);
+    assert_eq!(out.finish, FinishReason::Length);
+    let out = run(&greedy(&ids, 0));
+    assert!(out.tokens.is_empty());
+
+    // A banned token is never produced, even when it is the most likely.
+    let banned = [want[0]];
+    let out = run(&GenerateRequest {
+        banned_tokens: &banned,
+        ..greedy(&ids, 10)
+    });
+    assert_ne!(out.tokens[0], want[0]);
+    assert!(!out.tokens.contains(&want[0]));
+
+    // Sampling depends on the seed only; log-probs are those of the temperature-scaled model.
+    let sampled = |seed| GenerateRequest {
+        sampling: SamplingParams {
+            temperature: 1.3,
+            top_p: 1.0,
+            top_k: 0,
+        },
+        seed,
+        ..greedy(&ids, 15)
+    };
+    let a = run(&sampled(1));
+    assert_eq!(run(&sampled(1)), a);
+    assert_ne!(run(&sampled(2)).tokens, a.tokens);
+    let (logits, _) = model.prefill(&[&prompt], LogitsOf::Last).unwrap();
+    let lp = deepeyes_core::sampling::token_logprob(&logits[0], 1.3, a.tokens[0]);
+    assert!((lp - a.logprobs[0]).abs() < 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let golden = Golden::load();
+    let model = model();
+    let ids = golden.u32s("prompt_ids");
+    // Two image pads but no images.
+    let err = model.generate(&greedy(&ids, 3)).unwrap_err().to_string();
+    assert!(err.contains("2 <|image_pad|> tokens for 0 images"), "{err}");
+    // A token outside the vocabulary.
+    let err = model
+        .generate(&greedy(&[1, 5000], 3))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("5000"), "{err}");
+    // A bundle directory that is not one.
+    let err = OnnxModel::load(tiny_fixture::root().join("hf"), &OnnxOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bundle.json"), "{err}");
+}
+
+#[test]
+fn options_reject_unknown_keys_and_bad_values() {
+    let err = serde_json::from_str::<OnnxOptions>(r#"{"threads": 2, "gpu": true}"#).unwrap_err();
+    assert!(err.to_string().contains("gpu"), "{err}");
+    let o: OnnxOptions =
+        serde_json::from_str(r#"{"require-gpu": true, "providers": ["cpu"]}"#).unwrap();
+    assert!(o.require_gpu);
+    // require-gpu with only the CPU (or without a GPU library) is an error, not a silent CPU run.
+    let err = OnnxModel::load(tiny_fixture::bundle(), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("GPU"), "{err}");
+    let bad = OnnxOptions {
+        max_batch: 0,
+        ..OnnxOptions::default()
+    };
+    assert!(OnnxModel::load(tiny_fixture::bundle(), &bad).is_err());
+}
+
+#[test]
+fn runs_on_the_cpu_and_reports_it() {
+    let model = model();
+    let device = model.device();
+    // This machine has no GPU library: the CUDA provider falls back to the CPU once.
+    assert!(!device.gpu || device.provider == "CUDAExecutionProvider");
+    let info = model.runtime_info();
+    assert!(info.library.exists(), "{}", info.library.display());
+    assert!(info.version.starts_with("1."), "{}", info.version);
+}

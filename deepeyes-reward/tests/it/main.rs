@@ -1,0 +1,7 @@
+//! Integration tests of deepeyes-reward (one binary).
+
+mod golden;
+mod judge;
+mod pipeline;
+mod props;
+mod server;

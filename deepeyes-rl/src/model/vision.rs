@@ -1,0 +1,509 @@
+//! The vision tower: patch embedding, blocks with 2D rotary attention restricted by additive
+//! window / full masks, and the patch merger. Plus the host-side helpers that turn image grids
+//! into the tower's inputs (ports of transformers' `get_vision_position_ids`,
+//! `get_vision_window_index` and `get_vision_cu_seqlens`).
+
+use burn::module::Module;
+use burn::tensor::activation::gelu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use super::config::VisionConfig;
+use super::error::{Result, input_err};
+use super::init::{InitKind, ParamSource};
+use super::layers::{Linear, RmsNorm, SwiGlu, apply_rotary, attention, tensor_from};
+
+/// Additive bias for masked-out attention scores (finite, so a fully masked row stays finite).
+pub const MASKED: f32 = -1.0e9;
+
+/// The `(t, h, w)` patch grid of one image: frames / 2 × rows × columns of 14-pixel patches.
+pub type Grid = [usize; 3];
+
+/// Position `(row, column)` of every patch of `grids`, in the order the image processor emits
+/// patches (row-major over `merge × merge` blocks, repeated per temporal step).
+pub fn vision_position_ids(grids: &[Grid], merge: usize) -> Vec<[i64; 2]> {
+    let mut out = Vec::new();
+    for &[t, h, w] in grids {
+        let mut one = Vec::with_capacity(h * w);
+        for bh in 0..h / merge {
+            for bw in 0..w / merge {
+                for ih in 0..merge {
+                    for iw in 0..merge {
+                        one.push([(bh * merge + ih) as i64, (bw * merge + iw) as i64]);
+                    }
+                }
+            }
+        }
+        for _ in 0..t {
+            out.extend_from_slice(&one);
+        }
+    }
+    out
+}
+
+/// The window permutation of merged units and the cumulative window boundaries in patches,
+/// as transformers' `get_vision_window_index` computes them (empty windows removed).
+pub fn vision_window_index(
+    grids: &[Grid],
+    merge: usize,
+    window_size: usize,
+    patch_size: usize,
+) -> (Vec<usize>, Vec<usize>) {
+    let ws = (window_size / merge / patch_size).max(1);
+    let unit = merge * merge;
+    let mut index = Vec::new();
+    let mut cu = vec![0usize];
+    let mut offset = 0usize;
+    for &[t, h, w] in grids {
+        let (lh, lw) = (h / merge, w / merge);
+        // transformers pads each side up to a whole number of windows (one extra window when it
+        // already divides); windows left empty are dropped from the boundaries, as here.
+        let (nwh, nww) = (lh.div_ceil(ws), lw.div_ceil(ws));
+        for ti in 0..t {
+            for wy in 0..nwh {
+                for wx in 0..nww {
+                    let mut count = 0;
+                    for y in wy * ws..((wy + 1) * ws).min(lh) {
+                        for x in wx * ws..((wx + 1) * ws).min(lw) {
+                            index.push(offset + ti * lh * lw + y * lw + x);
+                            count += 1;
+                        }
+                    }
+                    let last = *cu.last().unwrap_or(&0);
+                    if count > 0 {
+                        cu.push(last + count * unit);
+                    }
+                }
+            }
+        }
+        offset += t * lh * lw;
+    }
+    (index, cu)
+}
+
+/// Cumulative patch counts of full-attention segments: one per frame of each image.
+pub fn vision_cu_seqlens(grids: &[Grid]) -> Vec<usize> {
+    let mut cu = vec![0usize];
+    for &[t, h, w] in grids {
+        for _ in 0..t {
+            let last = *cu.last().unwrap_or(&0);
+            cu.push(last + h * w);
+        }
+    }
+    cu
+}
+
+/// A dense `[n, n]` additive bias: 0 within each `[cu[i], cu[i+1])` block, [`MASKED`] elsewhere.
+pub fn segment_bias(cu: &[usize], n: usize) -> Vec<f32> {
+    let mut seg = vec![usize::MAX; n];
+    for (i, w) in cu.windows(2).enumerate() {
+        for s in seg.iter_mut().take(w[1].min(n)).skip(w[0]) {
+            *s = i;
+        }
+    }
+    let mut out = vec![MASKED; n * n];
+    for r in 0..n {
+        for c in 0..n {
+            if seg[r] == seg[c] {
+                out[r * n + c] = 0.0;
+            }
+        }
+    }
+    out
+}
+
+/// What the vision tower takes for one or more images: the same values the ONNX vision graph
+/// takes (patches, positions, window permutation, window and full masks).
+#[derive(Debug, Clone)]
+pub struct VisionInputs {
+    /// `[n, patch_dim]` flattened patches, in the image processor's order.
+    pub patches: Vec<f32>,
+    /// Number of patches `n`.
+    pub n: usize,
+    /// `(row, column)` of each patch, in the same order as `patches`.
+    pub pos_ids: Vec<[i64; 2]>,
+    /// The window order of merged units (`n / merge²` entries).
+    pub window_index: Vec<usize>,
+    /// `[n, n]` additive bias of the window-attention blocks, in window order.
+    pub window_mask: Vec<f32>,
+    /// `[n, n]` additive bias of the full-attention blocks, in window order.
+    pub full_mask: Vec<f32>,
+}
+
+impl VisionInputs {
+    /// Computes positions, window order and masks from the images' grids. `patches` holds the
+    /// images' patches one after the other.
+    pub fn from_grids(patches: Vec<f32>, grids: &[Grid], cfg: &VisionConfig) -> Result<Self> {
+        let merge = cfg.spatial_merge_size;
+        for (i, g) in grids.iter().enumerate() {
+            if g.contains(&0) || !g[1].is_multiple_of(merge) || !g[2].is_multiple_of(merge) {
+                return Err(input_err(format!(
+                    "image {i}: grid {g:?} must be positive with h and w multiples of {merge}"
+                )));
+            }
+        }
+        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
+        let pos_ids = vision_position_ids(grids, merge);
+        let (window_index, cu_window) =
+            vision_window_index(grids, merge, cfg.window_size, cfg.patch_size);
+        let cu_full = vision_cu_seqlens(grids);
+        Self::new(
+            patches,
+            pos_ids,
+            window_index,
+            segment_bias(&cu_window, n),
+            segment_bias(&cu_full, n),
+            cfg,
+        )
+    }
+
+    /// Takes precomputed inputs (e.g. the ones fed to the ONNX graph) and checks their shapes.
+    pub fn new(
+        patches: Vec<f32>,
+        pos_ids: Vec<[i64; 2]>,
+        window_index: Vec<usize>,
+        window_mask: Vec<f32>,
+        full_mask: Vec<f32>,
+        cfg: &VisionConfig,
+    ) -> Result<Self> {
+        let n = pos_ids.len();
+        let pd = cfg.patch_dim();
+        let unit = cfg.merge_unit();
+        if n == 0 || !n.is_multiple_of(unit) {
+            return Err(input_err(format!(
+                "{n} patches is not a positive multiple of {unit}"
+            )));
+        }
+        if patches.len() != n * pd {
+            return Err(input_err(format!(
+                "patches hold {} values; {n} patches of {pd} need {}",
+                patches.len(),
+                n * pd
+            )));
+        }
+        let m = n / unit;
+        let mut seen = vec![false; m];
+        if window_index.len() != m {
+            return Err(input_err(format!(
+                "window_index has {} entries, expected {m}",
+                window_index.len()
+            )));
+        }
+        for &i in &window_index {
+            if i >= m || std::mem::replace(&mut seen[i], true) {
+                return Err(input_err(format!(
+                    "window_index is not a permutation of 0..{m} (entry {i})"
+                )));
+            }
+        }
+        for (name, mask) in [("window_mask", &window_mask), ("full_mask", &full_mask)] {
+            if mask.len() != n * n {
+                return Err(input_err(format!(
+                    "{name} has {} values, expected {n}×{n}",
+                    mask.len()
+                )));
+            }
+        }
+        Ok(Self {
+            patches,
+            n,
+            pos_ids,
+            window_index,
+            window_mask,
+            full_mask,
+        })
+    }
+
+    /// The inverse of `window_index`.
+    pub fn reverse_index(&self) -> Vec<usize> {
+        let mut rev = vec![0; self.window_index.len()];
+        for (pos, &i) in self.window_index.iter().enumerate() {
+            rev[i] = pos;
+        }
+        rev
+    }
+}
+
+/// The Conv3d patch embedding, held as the equivalent `[hidden, patch_dim]` matrix.
+#[derive(Module, Debug)]
+pub struct PatchEmbed {
+    /// Stored in Hugging Face files as `[hidden, channels, temporal, patch, patch]`.
+    pub proj: Linear,
+}
+
+/// Fused query/key/value attention of a vision block.
+#[derive(Module, Debug)]
+pub struct VisionAttention {
+    /// `[3·hidden, hidden]` with bias.
+    pub qkv: Linear,
+    /// Output projection with bias.
+    pub proj: Linear,
+    /// Number of heads.
+    pub num_heads: usize,
+}
+
+/// One vision transformer block.
+#[derive(Module, Debug)]
+pub struct VisionBlock {
+    /// Pre-attention norm.
+    pub norm1: RmsNorm,
+    /// Pre-MLP norm.
+    pub norm2: RmsNorm,
+    /// Attention.
+    pub attn: VisionAttention,
+    /// SwiGLU MLP with biases.
+    pub mlp: SwiGlu,
+}
+
+/// Merges `merge²` neighbouring patches into one language-model token.
+#[derive(Module, Debug)]
+pub struct PatchMerger {
+    /// Norm before merging.
+    pub ln_q: RmsNorm,
+    /// First linear layer (`mlp.0` in Hugging Face files).
+    pub mlp0: Linear,
+    /// Second linear layer (`mlp.2`), after a GELU.
+    pub mlp2: Linear,
+}
+
+/// The Qwen2.5-VL vision tower.
+#[derive(Module, Debug)]
+pub struct VisionTower {
+    /// Patch embedding.
+    pub patch_embed: PatchEmbed,
+    /// Transformer blocks.
+    pub blocks: Vec<VisionBlock>,
+    /// Patch merger.
+    pub merger: PatchMerger,
+    /// Hyper-parameters.
+    #[module(skip)]
+    pub config: VisionConfig,
+}
+
+impl VisionTower {
+    pub(crate) fn load(src: &mut dyn ParamSource, cfg: &VisionConfig) -> Result<Self> {
+        let c = cfg.hidden_size;
+        let pd = cfg.patch_dim();
+        let conv_shape = [
+            c,
+            cfg.in_channels,
+            cfg.temporal_patch_size,
+            cfg.patch_size,
+            cfg.patch_size,
+        ];
+        let std = 1.0 / (pd as f32).sqrt();
+        let w = src.fetch(
+            "visual.patch_embed.proj.weight",
+            &[c, pd],
+            Some(&conv_shape),
+            InitKind::Normal { std },
+        )?;
+        let device = src.device().clone();
+        let patch_embed = PatchEmbed {
+            proj: Linear {
+                weight: burn::module::Param::from_tensor(tensor_from(w, [c, pd], &device)),
+                bias: None,
+            },
+        };
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let p = format!("visual.blocks.{i}");
+            blocks.push(VisionBlock {
+                norm1: RmsNorm::load(src, &format!("{p}.norm1"), c, cfg.rms_norm_eps)?,
+                norm2: RmsNorm::load(src, &format!("{p}.norm2"), c, cfg.rms_norm_eps)?,
+                attn: VisionAttention {
+                    qkv: Linear::load(src, &format!("{p}.attn.qkv"), c, 3 * c, true)?,
+                    proj: Linear::load(src, &format!("{p}.attn.proj"), c, c, true)?,
+                    num_heads: cfg.num_heads,
+                },
+                mlp: SwiGlu::load(src, &format!("{p}.mlp"), c, cfg.intermediate_size, true)?,
+            });
+        }
+        let mc = c * cfg.merge_unit();
+        let merger = PatchMerger {
+            ln_q: RmsNorm::load(src, "visual.merger.ln_q", c, cfg.rms_norm_eps)?,
+            mlp0: Linear::load(src, "visual.merger.mlp.0", mc, mc, true)?,
+            mlp2: Linear::load(src, "visual.merger.mlp.2", mc, cfg.out_hidden_size, true)?,
+        };
+        Ok(Self {
+            patch_embed,
+            blocks,
+            merger,
+            config: cfg.clone(),
+        })
+    }
+
+    /// Rotary `cos`/`sin` tables `[n, 1, head_dim]` for the patches, in window order.
+    fn rotary_tables(&self, inputs: &VisionInputs, device: &Device) -> (Tensor<3>, Tensor<3>) {
+        let cfg = &self.config;
+        let hd = cfg.head_dim();
+        let spatial = hd / 2;
+        let quarter = spatial / 2;
+        let inv: Vec<f32> = (0..quarter)
+            .map(|j| 1.0 / (cfg.rope_theta as f32).powf((2 * j) as f32 / spatial as f32))
+            .collect();
+        let unit = cfg.merge_unit();
+        let mut cos = Vec::with_capacity(inputs.n * hd);
+        let mut sin = Vec::with_capacity(inputs.n * hd);
+        let mut row = vec![0f32; spatial];
+        for &wi in &inputs.window_index {
+            for u in 0..unit {
+                let [ph, pw] = inputs.pos_ids[wi * unit + u];
+                for j in 0..quarter {
+                    row[j] = ph as f32 * inv[j];
+                    row[quarter + j] = pw as f32 * inv[j];
+                }
+                for _ in 0..2 {
+                    cos.extend(row.iter().map(|a| a.cos()));
+                    sin.extend(row.iter().map(|a| a.sin()));
+                }
+            }
+        }
+        (
+            tensor_from(cos, [inputs.n, 1, hd], device),
+            tensor_from(sin, [inputs.n, 1, hd], device),
+        )
+    }
+
+    /// Runs the tower: `[n / merge², out_hidden]` features, one row per image token, in the
+    /// images' token order.
+    pub fn forward(&self, inputs: &VisionInputs) -> Tensor<2> {
+        let cfg = &self.config;
+        let device = self.patch_embed.proj.weight.val().device();
+        let n = inputs.n;
+        let pd = cfg.patch_dim();
+        let unit = cfg.merge_unit();
+        // The patch embedding is row-wise, so the window permutation is applied to the inputs.
+        let mut permuted = Vec::with_capacity(n * pd);
+        for &wi in &inputs.window_index {
+            permuted.extend_from_slice(&inputs.patches[wi * unit * pd..(wi + 1) * unit * pd]);
+        }
+        let x = tensor_from(permuted, [n, pd], &device);
+        let mut h = self.patch_embed.proj.forward(x);
+        let (cos, sin) = self.rotary_tables(inputs, &device);
+        let window = tensor_from(inputs.window_mask.clone(), [1, n, n], &device);
+        let full = tensor_from(inputs.full_mask.clone(), [1, n, n], &device);
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let mask = if cfg.fullatt_block_indexes.contains(&i) {
+                full.clone()
+            } else {
+                window.clone()
+            };
+            let a = blk
+                .attn
+                .forward(blk.norm1.forward(h.clone()), &cos, &sin, mask);
+            h = h + a;
+            h = h.clone() + blk.mlp.forward(blk.norm2.forward(h));
+        }
+        let merged = self.merger.forward(h, unit);
+        let rev: Vec<i64> = inputs
+            .reverse_index()
+            .into_iter()
+            .map(|i| i as i64)
+            .collect();
+        let m = rev.len();
+        merged.select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(rev, [m]), &device),
+        )
+    }
+}
+
+impl VisionAttention {
+    fn forward(
+        &self,
+        x: Tensor<2>,
+        cos: &Tensor<3>,
+        sin: &Tensor<3>,
+        mask: Tensor<3>,
+    ) -> Tensor<2> {
+        let [n, c] = x.dims();
+        let heads = self.num_heads;
+        let hd = c / heads;
+        let qkv = self.qkv.forward(x).reshape([n, 3, heads, hd]);
+        let part = |i: usize| qkv.clone().narrow(1, i, 1).reshape([n, heads, hd]);
+        let q = apply_rotary(part(0), cos.clone(), sin.clone()).swap_dims(0, 1);
+        let k = apply_rotary(part(1), cos.clone(), sin.clone()).swap_dims(0, 1);
+        let v = part(2).swap_dims(0, 1);
+        let out = attention(q, k, v, mask, 1.0 / (hd as f64).sqrt());
+        self.proj.forward(out.swap_dims(0, 1).reshape([n, c]))
+    }
+}
+
+impl PatchMerger {
+    fn forward(&self, h: Tensor<2>, unit: usize) -> Tensor<2> {
+        let [n, c] = h.dims();
+        let x = self.ln_q.forward(h).reshape([n / unit, c * unit]);
+        self.mlp2.forward(gelu(self.mlp0.forward(x)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn position_ids_are_block_major() {
+        let p = vision_position_ids(&[[1, 2, 4]], 2);
+        assert_eq!(
+            p,
+            vec![
+                [0, 0],
+                [0, 1],
+                [1, 0],
+                [1, 1],
+                [0, 2],
+                [0, 3],
+                [1, 2],
+                [1, 3]
+            ]
+        );
+    }
+
+    #[test]
+    fn window_index_of_one_window_is_identity() {
+        let (idx, cu) = vision_window_index(&[[1, 8, 8]], 2, 112, 14);
+        assert_eq!(idx, (0..16).collect::<Vec<_>>());
+        assert_eq!(cu, vec![0, 64]);
+    }
+
+    #[test]
+    fn window_index_splits_large_grids() {
+        // llm grid 6×5 with 4×4 windows: windows of 4×4, 4×1, 2×4, 2×1 units.
+        let (idx, cu) = vision_window_index(&[[1, 12, 10]], 2, 112, 14);
+        assert_eq!(cu, vec![0, 64, 80, 112, 120]);
+        assert_eq!(&idx[..4], &[0, 1, 2, 3]);
+        assert_eq!(&idx[16..20], &[4, 9, 14, 19]);
+        let mut sorted = idx.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..30).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn segment_bias_is_block_diagonal() {
+        let b = segment_bias(&[0, 2, 3], 3);
+        assert_eq!(
+            b,
+            vec![0.0, 0.0, MASKED, 0.0, 0.0, MASKED, MASKED, MASKED, 0.0]
+        );
+    }
+
+    #[test]
+    fn bad_vision_inputs_are_rejected() {
+        let cfg = super::super::config::Qwen25VlConfig::tiny().vision;
+        let e = VisionInputs::from_grids(vec![0.0; 10], &[[1, 2, 2]], &cfg).unwrap_err();
+        assert!(e.to_string().contains("patches hold 10"), "{e}");
+        let e = VisionInputs::from_grids(vec![], &[[1, 3, 2]], &cfg).unwrap_err();
+        assert!(e.to_string().contains("multiples of 2"), "{e}");
+        let pd = cfg.patch_dim();
+        let e = VisionInputs::new(
+            vec![0.0; 4 * pd],
+            vec![[0, 0]; 4],
+            vec![1],
+            vec![0.0; 16],
+            vec![0.0; 16],
+            &cfg,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("permutation"), "{e}");
+    }
+}
