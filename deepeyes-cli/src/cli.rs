@@ -43,4 +43,6 @@ pub(crate) enum Command {
     Doctor(commands::doctor::DoctorArgs),
     /// Score JSONL rows (id, data_source, question, ground_truth, response) with a reward pipeline.
     Reward(commands::reward::RewardArgs),
+    /// Evaluate a model with its tools on a benchmark (V*, HR-Bench, SynthV*, JSONL); resumable.
+    Eval(commands::eval::EvalArgs),
 }

@@ -212,12 +212,44 @@ impl<'m> Agent<'m> {
     }
 
     /// Runs `n` samples of each task, all stepped together. The result holds one group per task.
+    /// Sample `s` of task `p` is seeded with `Rng::derive_seed(seed, &[p, s])`.
     pub fn run_batch(&self, tasks: &[Task], n: usize, seed: u64) -> Result<Vec<Vec<Trajectory>>> {
+        self.run_episodes(tasks, n, |p, s| {
+            Rng::derive_seed(seed, &[p as u64, s as u64])
+        })
+    }
+
+    /// Like [`Agent::run_batch`], but each task brings its own seed: sample `s` of task `p` is
+    /// seeded with `Rng::derive_seed(seeds[p], &[s])`. A task's samples then do not depend on
+    /// which other tasks share the batch, so an evaluation can be resumed or re-batched and still
+    /// draw the same samples.
+    pub fn run_batch_seeded(
+        &self,
+        tasks: &[Task],
+        n: usize,
+        seeds: &[u64],
+    ) -> Result<Vec<Vec<Trajectory>>> {
+        if seeds.len() != tasks.len() {
+            return Err(Error::Invariant(format!(
+                "{} seeds for {} tasks",
+                seeds.len(),
+                tasks.len()
+            )));
+        }
+        self.run_episodes(tasks, n, |p, s| Rng::derive_seed(seeds[p], &[s as u64]))
+    }
+
+    fn run_episodes(
+        &self,
+        tasks: &[Task],
+        n: usize,
+        episode_seed: impl Fn(usize, usize) -> u64,
+    ) -> Result<Vec<Vec<Trajectory>>> {
         let mut episodes = Vec::with_capacity(tasks.len() * n);
         for (p, task) in tasks.iter().enumerate() {
             let prompt = self.start(task)?;
             for s in 0..n {
-                let mut ep = prompt.clone_for(Rng::derive_seed(seed, &[p as u64, s as u64]));
+                let mut ep = prompt.clone_for(episode_seed(p, s));
                 ep.done = false;
                 episodes.push(ep);
             }

@@ -6,11 +6,13 @@
 //! - [`config`]: the `deepeyes train` configuration, strictly parsed and validated;
 //! - [`schedule`]: learning-rate schedules and gradient-norm clipping;
 //! - [`metrics`]: per-step metrics, their JSONL file and the tool-collapse alarm;
-//! - [`checkpoint`]: atomic checkpoints of named blobs plus the training state.
+//! - [`checkpoint`]: atomic checkpoints of named blobs plus the training state;
+//! - [`eval`]: benchmark evaluation with the training agent loop (resumable, Avg@K, tool stats).
 
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod grpo;
 pub mod metrics;
 pub mod schedule;

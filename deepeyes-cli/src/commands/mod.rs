@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use crate::cli::Command;
 
 pub(crate) mod doctor;
+pub(crate) mod eval;
 pub(crate) mod plot;
 pub(crate) mod preprocess;
 pub(crate) mod prompt;
@@ -22,5 +23,6 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Reward(args) => reward::run(args),
+        Command::Eval(args) => eval::run(args),
     }
 }

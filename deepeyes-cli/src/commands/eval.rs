@@ -1,0 +1,219 @@
+//! `deepeyes eval`: run a model with its tools on a benchmark and score it.
+//!
+//! Writes `eval.json` (settings), `traces.jsonl` (one line per item) and `summary.json` into
+//! `--out`, resuming an interrupted run there; prints the summary.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use deepeyes_core::dataset::{self, DatasetKind, LoadOptions};
+use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
+use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
+use deepeyes_reward::judge::Verifier;
+use deepeyes_reward::{HttpJudge, JudgeConfig};
+use deepeyes_rl::eval::{EvalConfig, EvalHeader, EvalSummary, Evaluator, run_eval};
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Arguments of `deepeyes eval`.
+#[derive(Debug, Args)]
+pub(crate) struct EvalArgs {
+    /// The model bundle directory.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The benchmark format: vstar (a folder per category), hrbench (TSV), synthv or jsonl
+    /// (JSONL index), verl (parquet).
+    #[arg(long, value_name = "KIND")]
+    bench: DatasetKind,
+    /// The benchmark file or folder.
+    #[arg(long, value_name = "PATH")]
+    data: PathBuf,
+    /// Answers per item; the score is Avg@K.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    samples: usize,
+    /// Seed of the option order and of sampling.
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+    /// A TOML file with the judge's settings (base-url, model, timeout, …), asked when the rules
+    /// cannot decide.
+    #[arg(long, value_name = "CONFIG")]
+    judge: Option<PathBuf>,
+    /// The output directory (traces, summary); an interrupted eval there is resumed.
+    #[arg(long, default_value = "runs/eval", value_name = "DIR")]
+    out: PathBuf,
+    /// Keep the options in stored order (V* stores the answer first, which inflates scores).
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Evaluate at most N items.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Most model turns per answer.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    max_turns: usize,
+    /// Most tokens per turn.
+    #[arg(long, default_value_t = 2048, value_name = "N")]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy (DeepEyes evaluates greedily).
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    temperature: f32,
+    /// Items stepped together (batched generation).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    batch: usize,
+    /// Threads per graph (0: ONNX Runtime's choice).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
+    /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
+    #[arg(long, value_name = "FILE")]
+    tools_config: Option<PathBuf>,
+    /// A TOML file overriding the prompt templates.
+    #[arg(long, value_name = "FILE")]
+    templates: Option<PathBuf>,
+}
+
+/// Runs the evaluation and prints its summary.
+pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let templates = match &args.templates {
+        Some(path) => PromptTemplates::from_toml_file(path)
+            .with_context(|| format!("loading prompt templates from {}", path.display()))?,
+        None => PromptTemplates::default(),
+    };
+    let tools_config = match &args.tools_config {
+        Some(path) => ToolsConfig::from_toml_file(path)
+            .with_context(|| format!("loading the tools config {}", path.display()))?,
+        None => ToolsConfig::default(),
+    };
+    let registry = ToolRegistry::from_config(&tools_config).context("setting up the tools")?;
+    let judge = match &args.judge {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the judge config {}", path.display()))?;
+            let config: JudgeConfig = toml::from_str(&text)
+                .with_context(|| format!("parsing the judge config {}", path.display()))?;
+            let judge = HttpJudge::new(config).context("setting up the judge")?;
+            judge.resolve_model().with_context(|| {
+                format!(
+                    "the judge at {} does not answer; start it or leave out --judge",
+                    judge.config().base_url
+                )
+            })?;
+            Some(judge)
+        }
+        None => None,
+    };
+    let mut agent = AgentConfig {
+        max_turns: args.max_turns,
+        max_new_tokens: args.max_new_tokens,
+        ..AgentConfig::default()
+    };
+    agent.sampling = SamplingParams {
+        temperature: args.temperature,
+        ..agent.sampling
+    };
+    let config = EvalConfig {
+        samples: args.samples,
+        seed: args.seed,
+        shuffle_options: !args.no_shuffle,
+        batch_items: args.batch,
+        limit: args.limit,
+        agent,
+    };
+    config.validate().context("checking the eval settings")?;
+    let mut reader = dataset::open(args.bench, &args.data, &LoadOptions::default())
+        .with_context(|| format!("opening the {} data at {}", args.bench, args.data.display()))?;
+    let options = OnnxOptions {
+        threads: args.threads,
+        ..OnnxOptions::default()
+    };
+    let model = OnnxModel::load(&args.model, &options)
+        .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
+    let verifier = judge.as_ref().map(|j| j as &dyn Verifier);
+    let evaluator = Evaluator::new(
+        &model,
+        registry.tools(),
+        &tools_config.zoom_in,
+        templates,
+        config.clone(),
+        verifier,
+    )
+    .context("setting up the evaluation")?;
+    let header = EvalHeader {
+        bench: args.bench.to_string(),
+        data: args.data.clone(),
+        model: args.model.display().to_string(),
+        config,
+        judge: judge.is_some(),
+    };
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {pos} items  {elapsed_precise}  {per_sec}  {msg}")
+            .expect("the template is valid"),
+    );
+    let summary = run_eval(&evaluator, reader.as_mut(), &args.out, &header, &mut |p| {
+        bar.set_position(p.done as u64);
+        bar.set_message(format!("accuracy {:.3}", p.accuracy));
+    })
+    .with_context(|| format!("evaluating into {}", args.out.display()))?;
+    bar.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    out.write_all(render(&summary, &args.out.display().to_string()).as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The summary as a short table.
+fn render(s: &EvalSummary, out: &str) -> String {
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "{}: {} items × {} samples, overall {:.2}% ({})",
+        s.bench,
+        s.items,
+        s.samples,
+        100.0 * s.overall,
+        s.overall_rule
+    );
+    for (name, c) in &s.categories {
+        let _ = writeln!(
+            text,
+            "  {name:<24} {:>6.2}%  ({} items)",
+            100.0 * c.accuracy,
+            c.items
+        );
+    }
+    let _ = writeln!(
+        text,
+        "tool calls per answer {:.2}, answers with a call {:.1}%, valid crops {}, mean IoU {}",
+        s.tools.calls_per_sample,
+        100.0 * s.tools.samples_with_calls,
+        s.tools
+            .valid_crop_rate
+            .map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
+        s.tools.mean_iou.map_or("-".into(), |v| format!("{v:.3}")),
+    );
+    let by: Vec<String> = s
+        .scored_by
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "{}: {v}",
+                serde_json::to_value(k).map_or_else(
+                    |_| format!("{k:?}"),
+                    |j| j.as_str().unwrap_or("?").to_string()
+                )
+            )
+        })
+        .collect();
+    let _ = writeln!(text, "scored by {}", by.join(", "));
+    if s.skipped_rows > 0 {
+        let _ = writeln!(
+            text,
+            "{} dataset rows skipped as unreadable",
+            s.skipped_rows
+        );
+    }
+    let _ = writeln!(text, "traces and summary.json in {out}");
+    text
+}
