@@ -948,7 +948,21 @@ def make_golden(model, tok, out: Path, hf_dir: Path) -> dict:
 
 def write_bundle(model, src: Path, out: Path, external: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    export_bundle(model, out, external)
+    # The ONNX optimizer merges initializers with equal values (the all-ones norms and zero
+    # biases of a fresh model) into one, and then one parameter could not be replaced without
+    # the others. So the graphs are exported from a copy of the weights shifted to distinct
+    # values, and the true values are written back afterwards (scripts/map_bundle_weights.py).
+    real = {n: p.detach().float().cpu().numpy().copy() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for k, (_, p) in enumerate(model.named_parameters()):
+            p.add_(1e-3 * (k + 1))
+    marked = {n: p.detach().cpu().numpy().copy() for n, p in model.named_parameters()}
+    try:
+        export_bundle(model, out, external)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(torch.from_numpy(real[n]).to(p.dtype))
     tokenizer = src / "tokenizer.json"
     if not tokenizer.exists():
         raise SystemExit(f"{tokenizer} not found: the bundle needs the checkpoint's tokenizer.json")
@@ -956,6 +970,10 @@ def write_bundle(model, src: Path, out: Path, external: bool) -> None:
     cfg = bundle_config(model, src, external)
     (out / "bundle.json").write_text(json.dumps(cfg, indent=2) + "\n")
     log(f"wrote {out / 'bundle.json'}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from map_bundle_weights import write_weight_map
+
+    write_weight_map(out, src, marked=marked, real=real)
 
 
 def sample_inputs(model, tok_path: Path, src: Path):

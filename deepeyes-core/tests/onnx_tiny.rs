@@ -388,3 +388,68 @@ fn runs_on_the_cpu_and_reports_it() {
     assert!(info.library.exists(), "{}", info.library.display());
     assert!(info.version.starts_with("1."), "{}", info.version);
 }
+
+/// The bundle's weights of record, as a trainer would hold them.
+fn bundle_weights() -> deepeyes_core::onnx::Weights {
+    deepeyes_core::onnx::weights::read_safetensors(
+        &tiny_fixture::bundle().join("model.safetensors"),
+    )
+    .unwrap()
+}
+
+#[test]
+fn weights_given_in_memory_are_the_ones_that_run() {
+    let golden = Golden::load();
+    let options = OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    };
+    let base = model();
+    let prompt = golden_prompt(&base, &golden);
+    let (want, _) = base.prefill(&[&prompt], LogitsOf::All).unwrap();
+
+    // The same weights from memory give the same logits.
+    let mut weights = bundle_weights();
+    let same = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap();
+    let (got, _) = same.prefill(&[&prompt], LogitsOf::All).unwrap();
+    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
+
+    // Zeroing one row of the (transposed in the graph) output head zeroes that token's logit
+    // everywhere and leaves every other logit as it was.
+    let vocab = base.config().text.vocab_size;
+    let token = 77;
+    let head = weights.get_mut("lm_head.weight").unwrap();
+    let hidden = head.shape[1];
+    head.data[token * hidden..(token + 1) * hidden].fill(0.0);
+    let changed = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap();
+    let (got, _) = changed.prefill(&[&prompt], LogitsOf::All).unwrap();
+    for (pos, (row, base_row)) in got[0].chunks(vocab).zip(want[0].chunks(vocab)).enumerate() {
+        assert_eq!(row[token], 0.0, "position {pos}");
+        assert_ne!(base_row[token], 0.0);
+        for v in (0..vocab).filter(|&v| v != token) {
+            assert_eq!(row[v], base_row[v], "position {pos}, token {v}");
+        }
+    }
+}
+
+#[test]
+fn weights_missing_a_parameter_or_misshapen_are_refused_by_name() {
+    let options = OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    };
+    let mut weights = bundle_weights();
+    weights.remove("model.norm.weight");
+    let e = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap_err();
+    assert!(e.to_string().contains("model.norm.weight"), "{e}");
+    assert!(e.to_string().contains("weights.json"), "{e}");
+
+    let mut weights = bundle_weights();
+    weights.get_mut("visual.merger.mlp.0.bias").unwrap().shape = vec![1, 1];
+    let e = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("visual.merger.mlp.0.bias has shape [1, 1]"),
+        "{e}"
+    );
+}

@@ -3,6 +3,7 @@
 //!
 //! - [`runtime`]: finding and loading the ONNX Runtime library (no build-time linking);
 //! - [`config`]: the bundle's `bundle.json` (layout in `docs/BUNDLE.md`);
+//! - [`weights`]: the weight map that lets a bundle run the weights stored beside it;
 //! - [`OnnxModel`]: the loaded bundle, implementing [`crate::VisionLanguageModel`], with a
 //!   lower-level API (vision features, prefill, decode steps with logits) for scoring and tests.
 //!
@@ -15,6 +16,7 @@ mod error;
 mod generate;
 mod model;
 pub mod runtime;
+pub mod weights;
 
 pub use config::BundleConfig;
 pub use error::{OnnxError, OnnxResult};
@@ -23,3 +25,4 @@ pub use model::{
     probe_gpu,
 };
 pub use runtime::{RuntimeInfo, runtime};
+pub use weights::{HostTensor, WeightMap, Weights};

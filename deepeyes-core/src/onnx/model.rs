@@ -23,6 +23,7 @@ use super::batch::{self, Layout, Row};
 use super::config::BundleConfig;
 use super::error::{OnnxError, OnnxResult};
 use super::runtime::{Runtime, RuntimeInfo, runtime};
+use super::weights::{WeightMap, Weights, initializer_value, read_safetensors};
 
 /// An execution provider deepeyes can register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -270,10 +271,51 @@ pub fn probe_gpu() -> OnnxResult<Option<String>> {
 impl OnnxModel {
     /// Loads the bundle in `dir` (see `docs/BUNDLE.md`). Finds and loads ONNX Runtime on first
     /// use; fails with a message naming the fix when it cannot be found.
+    ///
+    /// When the bundle has a weight map (`weights.json`), the graphs run the weights of the
+    /// safetensors file beside them (see [`super::weights`]).
     pub fn load(dir: impl AsRef<Path>, options: &OnnxOptions) -> OnnxResult<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        let dir = dir.as_ref();
+        let weights = match WeightMap::load(dir)? {
+            Some(map) => Some((read_safetensors(&map.params_path(dir))?, map)),
+            None => None,
+        };
+        Self::load_inner(dir, options, weights.as_ref().map(|(w, m)| (w, m)))
+    }
+
+    /// Loads the bundle in `dir` with `weights` (Hugging Face names) in place of its own, e.g. a
+    /// policy just updated by a trainer. The bundle must have a weight map; every parameter it
+    /// names must be in `weights`, with the right shape.
+    pub fn load_with_weights(
+        dir: impl AsRef<Path>,
+        options: &OnnxOptions,
+        weights: &Weights,
+    ) -> OnnxResult<Self> {
+        let dir = dir.as_ref();
+        let map = WeightMap::load(dir)?.ok_or_else(|| OnnxError::Bundle {
+            path: dir.join(super::weights::WEIGHT_MAP_FILE),
+            reason: "not found: re-export the bundle (scripts/export_qwen2_5_vl.py) or add one with scripts/map_bundle_weights.py".into(),
+        })?;
+        Self::load_inner(dir, options, Some((weights, &map)))
+    }
+
+    fn load_inner(
+        dir: &Path,
+        options: &OnnxOptions,
+        weights: Option<(&Weights, &WeightMap)>,
+    ) -> OnnxResult<Self> {
+        let dir = dir.to_path_buf();
         options.validate()?;
         let config = BundleConfig::load(&dir)?;
+        if weights.is_some() && config.dtype != "float32" {
+            return Err(OnnxError::Bundle {
+                path: dir.join(super::config::BUNDLE_FILE),
+                reason: format!(
+                    "replacing weights needs a float32 bundle, this one is {}",
+                    config.dtype
+                ),
+            });
+        }
         let tok_path = dir.join(&config.tokenizer);
         let tokenizer = HfTokenizer::from_file(&tok_path)?;
         match tokenizer.token_id(IMAGE_PAD) {
@@ -296,10 +338,10 @@ impl OnnxModel {
         let mut use_cuda = options.providers.first() == Some(&Provider::Cuda);
         let cpu_allowed = options.providers.contains(&Provider::Cpu) && !options.require_gpu;
         let mut sessions = Vec::with_capacity(3);
-        for name in [
-            &config.graphs.vision,
-            &config.graphs.embed,
-            &config.graphs.decoder,
+        for (graph, name) in [
+            ("vision", &config.graphs.vision),
+            ("embed", &config.graphs.embed),
+            ("decoder", &config.graphs.decoder),
         ] {
             let path = dir.join(name);
             if !path.is_file() {
@@ -344,6 +386,17 @@ impl OnnxModel {
                 return Err(OnnxError::GpuUnavailable(
                     "no GPU provider is in the provider list".into(),
                 ));
+            }
+            if let Some((weights, map)) = weights {
+                let map_path = dir.join(super::weights::WEIGHT_MAP_FILE);
+                for entry in map.entries(graph) {
+                    let value = initializer_value(entry, weights, &map_path)?;
+                    let tensor =
+                        Tensor::from_array((value.shape, value.data)).map_err(session_err)?;
+                    builder = builder
+                        .with_initializer(&entry.initializer, tensor.into_dyn())
+                        .map_err(|e| session_err(e.into()))?;
+                }
             }
             let session = builder.commit_from_file(&path).map_err(session_err)?;
             sessions.push(session);

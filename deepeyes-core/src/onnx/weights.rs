@@ -1,0 +1,270 @@
+//! Replacing a bundle's weights without re-exporting it.
+//!
+//! A bundle written by `scripts/export_qwen2_5_vl.py` carries `weights.json`: for every graph
+//! initializer that holds a model parameter, the Hugging Face name of that parameter, whether the
+//! exporter stored it transposed, and its shape in the graph. Next to it sits `model.safetensors`,
+//! the bundle's weights of record. [`crate::onnx::OnnxModel::load`] hands those tensors to ONNX
+//! Runtime as session initializers, so whatever weights sit in the bundle are the ones that run;
+//! [`crate::onnx::OnnxModel::load_with_weights`] takes them from memory instead (a trainer
+//! refreshing its rollout model after an update, without touching the disk).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::error::{OnnxError, OnnxResult};
+
+/// The weight map's file name inside a bundle.
+pub const WEIGHT_MAP_FILE: &str = "weights.json";
+/// The `format` field of a weight map.
+pub const WEIGHT_MAP_FORMAT: &str = "deepeyes-weight-map";
+
+/// A host tensor of `f32` values in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values, `shape.iter().product()` of them.
+    pub data: Vec<f32>,
+}
+
+/// Model parameters by Hugging Face name.
+pub type Weights = BTreeMap<String, HostTensor>;
+
+/// One initializer that holds a parameter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapEntry {
+    /// The initializer's name in the graph.
+    pub initializer: String,
+    /// The parameter's Hugging Face name.
+    pub param: String,
+    /// Whether the graph stores the parameter transposed (2-D only).
+    pub transpose: bool,
+    /// The initializer's shape in the graph.
+    pub shape: Vec<usize>,
+}
+
+/// `weights.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightMap {
+    /// Always [`WEIGHT_MAP_FORMAT`].
+    pub format: String,
+    /// Format version (1).
+    pub version: u32,
+    /// The safetensors file of the bundle's weights, relative to the bundle.
+    pub params: String,
+    /// Entries per graph (`vision`, `embed`, `decoder`).
+    pub graphs: BTreeMap<String, Vec<MapEntry>>,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> OnnxError {
+    OnnxError::Bundle {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl WeightMap {
+    /// Reads `weights.json` from `dir`; `None` when the bundle has none (its graphs then run
+    /// the weights embedded at export).
+    pub fn load(dir: &Path) -> OnnxResult<Option<Self>> {
+        let path = dir.join(WEIGHT_MAP_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(bad(&path, e.to_string())),
+        };
+        let map: Self = serde_json::from_str(&text).map_err(|e| bad(&path, e.to_string()))?;
+        if map.format != WEIGHT_MAP_FORMAT || map.version != 1 {
+            return Err(bad(
+                &path,
+                format!(
+                    "format {:?} version {} is not {WEIGHT_MAP_FORMAT:?} version 1",
+                    map.format, map.version
+                ),
+            ));
+        }
+        for entries in map.graphs.values() {
+            for e in entries {
+                if e.transpose && e.shape.len() != 2 {
+                    return Err(bad(
+                        &path,
+                        format!("{}: only 2-D initializers can be transposed", e.initializer),
+                    ));
+                }
+            }
+        }
+        Ok(Some(map))
+    }
+
+    /// The entries of graph `name` (none when absent).
+    pub fn entries(&self, name: &str) -> &[MapEntry] {
+        self.graphs.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// The weights file of the bundle in `dir`.
+    pub fn params_path(&self, dir: &Path) -> PathBuf {
+        dir.join(&self.params)
+    }
+}
+
+/// Reads every tensor of a safetensors file as `f32` (F32, BF16 and F16 are accepted).
+pub fn read_safetensors(path: &Path) -> OnnxResult<Weights> {
+    let bytes = std::fs::read(path).map_err(|e| bad(path, e.to_string()))?;
+    parse_safetensors(&bytes).map_err(|reason| bad(path, reason))
+}
+
+/// Parses safetensors bytes as `f32` tensors; the error names the tensor at fault.
+pub fn parse_safetensors(bytes: &[u8]) -> Result<Weights, String> {
+    use safetensors::{Dtype, SafeTensors};
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("not a safetensors file: {e}"))?;
+    let mut out = Weights::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            other => {
+                return Err(format!(
+                    "tensor {name}: dtype {other:?} is not a float type"
+                ));
+            }
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// IEEE half to single precision.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let frac = u32::from(h & 0x3ff);
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, f) => {
+            // Subnormal: normalise.
+            let shift = f.leading_zeros() - 21;
+            let frac = (f << shift) & 0x3ff;
+            sign | ((127 - 15 + 1 - shift) << 23) | (frac << 13)
+        }
+        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
+        (e, f) => sign | ((e + 127 - 15) << 23) | (f << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// The value of one initializer: the parameter, transposed when the graph stores it so, checked
+/// against the graph's shape. Errors name the parameter and the file that maps it.
+pub(crate) fn initializer_value(
+    entry: &MapEntry,
+    weights: &Weights,
+    map_path: &Path,
+) -> OnnxResult<HostTensor> {
+    let Some(param) = weights.get(&entry.param) else {
+        return Err(bad(
+            map_path,
+            format!(
+                "initializer {} needs parameter {}, which the weights do not hold",
+                entry.initializer, entry.param
+            ),
+        ));
+    };
+    let want: Vec<usize> = if entry.transpose {
+        entry.shape.iter().rev().copied().collect()
+    } else {
+        entry.shape.clone()
+    };
+    if param.shape != want || param.data.len() != want.iter().product::<usize>() {
+        return Err(bad(
+            map_path,
+            format!(
+                "parameter {} has shape {:?}, but initializer {} needs {:?}",
+                entry.param, param.shape, entry.initializer, want
+            ),
+        ));
+    }
+    if !entry.transpose {
+        return Ok(param.clone());
+    }
+    let (rows, cols) = (param.shape[0], param.shape[1]);
+    let mut data = vec![0.0; rows * cols];
+    for r in 0..rows {
+        for c in 0..cols {
+            data[c * rows + r] = param.data[r * cols + c];
+        }
+    }
+    Ok(HostTensor {
+        shape: entry.shape.clone(),
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_precision_converts_exactly() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x3555), 0.333_251_95);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert!(f16_to_f32(0x7e00).is_nan());
+        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+
+    #[test]
+    fn transposed_initializers_are_built_and_shapes_checked() {
+        let mut w = Weights::new();
+        w.insert(
+            "p".into(),
+            HostTensor {
+                shape: vec![2, 3],
+                data: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            },
+        );
+        let entry = MapEntry {
+            initializer: "val_1".into(),
+            param: "p".into(),
+            transpose: true,
+            shape: vec![3, 2],
+        };
+        let t = initializer_value(&entry, &w, Path::new("weights.json")).unwrap();
+        assert_eq!(t.data, vec![1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
+        let wrong = MapEntry {
+            shape: vec![2, 2],
+            ..entry.clone()
+        };
+        let e = initializer_value(&wrong, &w, Path::new("weights.json")).unwrap_err();
+        assert!(
+            e.to_string().contains("parameter p has shape [2, 3]"),
+            "{e}"
+        );
+        let missing = MapEntry {
+            param: "q".into(),
+            ..entry
+        };
+        let e = initializer_value(&missing, &w, Path::new("weights.json")).unwrap_err();
+        assert!(e.to_string().contains("needs parameter q"), "{e}");
+    }
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Make a model bundle's weights replaceable without re-exporting it.
+
+    map_bundle_weights.py BUNDLE_DIR HF_DIR
+
+Copies the checkpoint's `model.safetensors` and `config.json` into the bundle (they become the
+bundle's weights of record: the training engine reads them, and deepeyes writes new ones after an
+update) and writes `weights.json`, which says, for every ONNX initializer that holds a parameter,
+which Hugging Face tensor it is and whether the exporter stored it transposed. deepeyes then loads
+each graph with those initializers taken from `model.safetensors` (ONNX Runtime's AddInitializer),
+so a bundle runs whatever weights sit next to it.
+
+torch.export renames most weight initializers (`val_33`) and stores linear weights transposed, so
+the map is found by value: an initializer matches a parameter when it equals it or its transpose.
+Initializers that keep a parameter's name (norm weights, biases) are matched by name first, since
+equal values (all-ones norms of a fresh model) cannot tell them apart. An initializer that matches
+no parameter is a constant of the graph and is left alone; one that matches several different
+parameters is an error. `scripts/export_qwen2_5_vl.py` calls this for every bundle it writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from safetensors.numpy import load_file
+
+GRAPHS = ("vision", "embed", "decoder")
+
+
+def name_candidates(init_name: str, params: dict[str, np.ndarray]) -> list[str]:
+    """HF names whose last dotted components equal the initializer's, after its wrapper prefix."""
+    parts = init_name.split(".")
+    if len(parts) < 2:
+        return []
+    tail = ".".join(parts[1:])  # drop the exporter's wrapper prefix (visual., lm., embed.)
+    return [n for n in params if n == init_name or n.endswith("." + tail) or n == tail]
+
+
+def match(init_name: str, value: np.ndarray, params: dict[str, np.ndarray]) -> dict | None:
+    if value.dtype != np.float32 and value.dtype != np.float16:
+        return None
+    by_name = [n for n in name_candidates(init_name, params) if params[n].shape == value.shape]
+    for n in by_name:
+        if np.array_equal(params[n].astype(value.dtype), value):
+            return {"initializer": init_name, "param": n, "transpose": False}
+    found = []
+    for n, p in params.items():
+        if p.size != value.size:
+            continue
+        p = p.astype(value.dtype)
+        if p.shape == value.shape and np.array_equal(p, value):
+            found.append((n, False))
+        elif p.ndim == 2 and p.T.shape == value.shape and np.array_equal(p.T, value):
+            found.append((n, True))
+    if not found:
+        return None
+    distinct = {n for n, _ in found}
+    if len(distinct) > 1:
+        # Tied weights (lm_head = embed_tokens) are the same tensor: prefer the head's own name.
+        values = [params[n] for n in distinct]
+        if all(np.array_equal(values[0], v) for v in values[1:]):
+            found.sort(key=lambda f: (not f[0].startswith("lm_head"), f[0]))
+        else:
+            raise SystemExit(f"{init_name}: matches several parameters: {sorted(distinct)}")
+    n, transpose = found[0]
+    return {"initializer": init_name, "param": n, "transpose": transpose}
+
+
+def checkpoint_name(model_name: str, value: np.ndarray, params: dict[str, np.ndarray]) -> str:
+    """The checkpoint key of a model parameter: equal shape, equal values, longest shared suffix
+    of dotted components (`model.language_model.layers.0.x` is `model.layers.0.x` on disk)."""
+    parts = model_name.split(".")
+
+    def shared(key: str) -> int:
+        kp = key.split(".")
+        n = 0
+        while n < min(len(kp), len(parts)) and kp[-1 - n] == parts[-1 - n]:
+            n += 1
+        return n
+
+    best = [
+        k
+        for k, v in params.items()
+        if v.shape == value.shape and np.array_equal(v.astype(value.dtype), value) and shared(k) > 0
+    ]
+    if not best:
+        raise SystemExit(f"{model_name}: no tensor of the checkpoint holds it")
+    best.sort(key=lambda k: (-shared(k), k))
+    return best[0]
+
+
+def write_weight_map(
+    bundle: Path,
+    hf_dir: Path,
+    marked: dict[str, np.ndarray] | None = None,
+    real: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Writes `weights.json` (and copies the checkpoint) for `bundle`.
+
+    With `marked`/`real` (the exporter's path), the graphs were exported from a model whose
+    parameters were shifted to distinct values (`marked`, by model parameter name): initializers
+    are matched against those, their true values (`real`) are written back into the graphs, and
+    names are translated to checkpoint keys. Without them, initializers are matched against the
+    checkpoint directly (an older bundle; parameters that the exporter merged stay merged).
+    """
+    src = hf_dir / "model.safetensors"
+    if not src.exists():
+        print(
+            f"map_bundle_weights: {src} not found (sharded checkpoints are not handled); "
+            "the bundle keeps its embedded weights",
+            file=sys.stderr,
+        )
+        return
+    params = load_file(str(src))
+    cfg = json.loads((bundle / "bundle.json").read_text())
+    graphs = {}
+    used = set()
+    for g in GRAPHS:
+        path = bundle / cfg["graphs"][g]
+        model = onnx.load(str(path), load_external_data=True)
+        entries = []
+        changed = False
+        for init in model.graph.initializer:
+            value = numpy_helper.to_array(init)
+            if marked is not None:
+                m = match(init.name, value, marked)
+                if m is None:
+                    continue
+                true = real[m["param"]]
+                true = true.T if m["transpose"] else true
+                init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(true.astype(value.dtype)), init.name))
+                changed = True
+                m["param"] = checkpoint_name(m["param"], real[m["param"]], params)
+            else:
+                m = match(init.name, value, params)
+                if m is None:
+                    continue
+            m["shape"] = list(value.shape)
+            entries.append(m)
+            used.add(m["param"])
+        if changed:
+            external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+            onnx.save(model, str(path), save_as_external_data=external, location=path.name + ".data")
+        graphs[g] = entries
+    if src.resolve() != (bundle / "model.safetensors").resolve():
+        shutil.copyfile(src, bundle / "model.safetensors")
+        shutil.copyfile(hf_dir / "config.json", bundle / "config.json")
+    doc = {
+        "format": "deepeyes-weight-map",
+        "version": 1,
+        "params": "model.safetensors",
+        "graphs": graphs,
+    }
+    (bundle / "weights.json").write_text(json.dumps(doc, indent=1) + "\n")
+    unused = sorted(set(params) - used)
+    print(
+        f"map_bundle_weights: {sum(len(v) for v in graphs.values())} initializers mapped to "
+        f"{len(used)} of {len(params)} parameters" + (f"; not in any graph: {unused}" if unused else ""),
+        file=sys.stderr,
+    )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    write_weight_map(Path(argv[0]), Path(argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
