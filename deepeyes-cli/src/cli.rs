@@ -45,4 +45,6 @@ pub(crate) enum Command {
     Reward(commands::reward::RewardArgs),
     /// Evaluate a model with its tools on a benchmark (V*, HR-Bench, SynthV*, JSONL); resumable.
     Eval(commands::eval::EvalArgs),
+    /// Train a policy with GRPO from a TOML config; writes metrics and runnable bundles.
+    Train(commands::train::TrainArgs),
 }

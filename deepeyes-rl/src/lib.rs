@@ -7,6 +7,7 @@
 //! - [`schedule`]: learning-rate schedules and gradient-norm clipping;
 //! - [`metrics`]: per-step metrics, their JSONL file and the tool-collapse alarm;
 //! - [`checkpoint`]: atomic checkpoints of named blobs plus the training state;
+//! - [`trainer`]: the GRPO trainer (ORT rollouts with the current weights, burn updates);
 //! - [`eval`]: benchmark evaluation with the training agent loop (resumable, Avg@K, tool stats).
 
 pub mod checkpoint;
@@ -17,6 +18,7 @@ pub mod grpo;
 pub mod metrics;
 pub mod schedule;
 pub mod synthv;
+pub mod trainer;
 
 pub use config::TrainConfig;
 pub use error::{Error, Result};

@@ -147,13 +147,37 @@ pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         config,
         judge: judge.is_some(),
     };
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} {pos} items  {elapsed_precise}  {per_sec}  {msg}")
-            .expect("the template is valid"),
-    );
+    // Rows, not items: bad rows and the items of an earlier run count towards the total, so
+    // the bar can end short of it; the ETA is what a user waits on.
+    let total = reader
+        .len_hint()
+        .map(|rows| args.limit.map_or(rows, |l| rows.min(l as u64)));
+    let bar = match total {
+        Some(n) => {
+            let bar = ProgressBar::new(n);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} items  {elapsed_precise} < {eta_precise}  {msg}",
+                )
+                .expect("the template is valid"),
+            );
+            bar
+        }
+        None => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {pos} items  {elapsed_precise}  {msg}")
+                    .expect("the template is valid"),
+            );
+            bar
+        }
+    };
     let summary = run_eval(&evaluator, reader.as_mut(), &args.out, &header, &mut |p| {
         bar.set_position(p.done as u64);
+        if p.done == p.resumed {
+            // Items finished by an earlier run say nothing about this run's speed.
+            bar.reset_eta();
+        }
         bar.set_message(format!("accuracy {:.3}", p.accuracy));
     })
     .with_context(|| format!("evaluating into {}", args.out.display()))?;

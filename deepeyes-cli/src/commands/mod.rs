@@ -12,6 +12,7 @@ pub(crate) mod prompt;
 pub(crate) mod reward;
 pub(crate) mod run;
 pub(crate) mod tools;
+pub(crate) mod train;
 
 /// Runs the chosen subcommand.
 pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
@@ -24,5 +25,6 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Doctor(args) => doctor::run(args),
         Command::Reward(args) => reward::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Train(args) => train::run(args),
     }
 }

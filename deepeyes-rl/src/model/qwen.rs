@@ -101,9 +101,9 @@ impl Qwen25Vl {
         Self::load_safetensors(&config, dir, device)
     }
 
-    /// Writes every parameter, with Hugging Face names and shapes, to one safetensors file.
-    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
+    /// Every parameter with its Hugging Face name and shape (the patch embedding as the 5-D
+    /// convolution kernel transformers stores), as host copies.
+    pub fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
         let v = &self.config.vision;
         let mut tensors = BTreeMap::new();
         for p in param_values(self) {
@@ -120,6 +120,13 @@ impl Qwen25Vl {
             };
             tensors.insert(p.name, (shape, p.values));
         }
+        tensors
+    }
+
+    /// Writes every parameter, with Hugging Face names and shapes, to one safetensors file.
+    pub fn save_safetensors(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let tensors = self.hf_tensors();
         let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         write_safetensors(path, &tensors, Some(meta))
     }

@@ -1,0 +1,129 @@
+//! `deepeyes train --config FILE.toml`: GRPO training with a live table per step.
+//!
+//! Metrics go to `metrics.jsonl` in the run folder; every `checkpoint.every` steps, and at the
+//! end, the policy is written as a model bundle (`checkpoints/step-NNNNNN`, `final`) that
+//! `deepeyes run` and `deepeyes eval` load as is.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use deepeyes_core::onnx::OnnxOptions;
+use deepeyes_reward::Registry;
+use deepeyes_rl::TrainConfig;
+use deepeyes_rl::metrics::{StepMetrics, ToolCollapseDetector};
+use deepeyes_rl::trainer::{Trainer, reward_config};
+
+/// Arguments of `deepeyes train`.
+#[derive(Debug, Args)]
+pub(crate) struct TrainArgs {
+    /// The training configuration (see configs/train/example.toml).
+    #[arg(long, value_name = "FILE.toml")]
+    config: PathBuf,
+    /// Run this many steps instead of the config's `steps`.
+    #[arg(long, value_name = "N")]
+    steps: Option<u64>,
+    /// Score by the reward's rule matchers alone (answers they cannot decide score 0, flagged),
+    /// without the LLM judge the pipeline configures.
+    #[arg(long)]
+    no_judge: bool,
+    /// Threads per ONNX Runtime graph during rollouts (0: ONNX Runtime's choice).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    threads: usize,
+}
+
+/// One row of the live table.
+pub(crate) fn table_row(m: &StepMetrics) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "    -".to_string(), |v| format!("{v:5.3}"));
+    format!(
+        "{:>5}  {:>7.3}  {}  {:>5.2}  {}  {}  {:>6.1}",
+        m.step + 1,
+        m.rollout.reward_mean,
+        opt(m.rollout.accuracy),
+        m.rollout.tool_calls_mean,
+        opt(m.rollout.valid_crop_rate),
+        opt(m.rollout.grounding_iou),
+        m.time.time_step_s,
+    )
+}
+
+/// The live table's header.
+pub(crate) const TABLE_HEADER: &str = " step   reward    acc  calls  crops    iou  step s";
+
+/// Trains and writes the final bundle.
+pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let mut config = TrainConfig::load(&args.config)
+        .with_context(|| format!("loading the training config {}", args.config.display()))?;
+    if let Some(steps) = args.steps {
+        config.steps = steps;
+    }
+    let steps = config.steps;
+    let every = config.checkpoint.every;
+    let checkpoints = config.checkpoint_dir();
+    let out = config.output_dir.clone();
+    let collapse = ToolCollapseDetector::new(
+        config.metrics.tool_collapse_threshold,
+        config.metrics.tool_collapse_steps,
+    );
+    let mut rewards = reward_config(&config).context("reading the reward pipeline")?;
+    if args.no_judge {
+        rewards.judge = None;
+    }
+    let pipeline = rewards
+        .build(&Registry::new())
+        .context("building the reward pipeline")?;
+    let mut trainer = Trainer::with_pipeline(config, pipeline)
+        .context("setting up training")?
+        .with_onnx_options(OnnxOptions {
+            threads: args.threads,
+            ..OnnxOptions::default()
+        });
+    train_loop(&mut trainer, steps, every, &checkpoints, collapse)?;
+    let final_dir = trainer
+        .export(&out.join("final"))
+        .context("writing the final bundle")?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "trained {steps} steps; metrics in {}, policy bundle in {}",
+        out.join("metrics.jsonl").display(),
+        final_dir.display()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `steps` steps, printing the table and writing checkpoints.
+pub(crate) fn train_loop(
+    trainer: &mut Trainer,
+    steps: u64,
+    every: u64,
+    checkpoints: &std::path::Path,
+    mut collapse: ToolCollapseDetector,
+) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{TABLE_HEADER}")?;
+    while trainer.step_count() < steps {
+        let m = trainer
+            .train_step()
+            .with_context(|| format!("training step {}", trainer.step_count() + 1))?;
+        writeln!(stdout, "{}", table_row(&m))?;
+        stdout.flush()?;
+        if let Some(w) = collapse.observe(m.step, m.rollout.tool_calls_mean) {
+            tracing::warn!(
+                ?w,
+                "tool use collapsed: tool calls per trajectory stayed low"
+            );
+        }
+        let done = trainer.step_count();
+        if every > 0 && done.is_multiple_of(every) && done < steps {
+            let dir = checkpoints.join(format!("step-{done:06}"));
+            trainer
+                .export(&dir)
+                .with_context(|| format!("writing checkpoint {}", dir.display()))?;
+            tracing::info!(path = %dir.display(), "checkpoint written");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,607 @@
+//! The GRPO trainer: rollouts through ONNX Runtime with the current weights, rewards, group
+//! advantages, and updates of the burn model.
+//!
+//! One RL step:
+//! 1. take `batch.prompts-per-step` items from the data (reshuffled every epoch with the `data`
+//!    seed stream);
+//! 2. hand the burn model's current weights to ONNX Runtime
+//!    ([`deepeyes_core::onnx::OnnxModel::load_with_weights`]) and sample `grpo.group-size`
+//!    trajectories per item with the agent loop and the tools;
+//! 3. score each trajectory with the reward pipeline;
+//! 4. compute group advantages and the per-token targets ([`crate::grpo::prepare_batch`]);
+//! 5. recompute the old log-probs with the training engine, then for every mini-batch of the
+//!    update plan accumulate the gradient of the clipped surrogate over its micro-batches
+//!    (`∂loss/∂logprob` from [`crate::grpo::policy_loss`], back-propagated through the burn
+//!    model), clip the global gradient norm and take one AdamW step;
+//! 6. write the step's metrics.
+//!
+//! [`Trainer::export`] writes a bundle that runs the trained weights (the source bundle's graphs
+//! with a new `model.safetensors`), which `deepeyes run` and `deepeyes eval` load as is.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::tensor::Tensor;
+use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
+use deepeyes_core::onnx::{HostTensor, OnnxModel, OnnxOptions, Weights};
+use deepeyes_core::preprocess::preprocess_image;
+use deepeyes_core::{
+    Agent, ImageLimits, PromptTemplates, RewardBreakdown, RewardFn, RewardInput, Rng, Task,
+    Trajectory, VisionLanguageModel,
+};
+use deepeyes_reward::{Pipeline, PipelineConfig, Registry};
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
+use ndarray::Array2;
+
+use crate::config::{DatasetKind, DeviceKind, RewardSource, TrainConfig};
+use crate::eval::{PreparedItem, prepare_item};
+use crate::grpo::{PolicyLossInput, plan_updates, policy_loss, prepare_batch};
+use crate::metrics::{
+    JsonlWriter, RolloutMetrics, ScoredTrajectory, StepMetrics, TimeSplit, UpdateMetrics,
+    rollout_metrics,
+};
+use crate::model::{
+    Batch, ComputeDevice, ImageInput, ModelError, PadLayout, Qwen25Vl, Sequence, tensor2, to_host,
+};
+use crate::schedule::grad_clip_factor;
+
+/// Everything that can stop training, naming the part at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The configuration, the GRPO math or the metrics files.
+    #[error(transparent)]
+    Rl(#[from] crate::Error),
+    /// The training engine.
+    #[error("training engine: {0}")]
+    Model(#[from] ModelError),
+    /// The rollout engine.
+    #[error("rollout engine: {0}")]
+    Onnx(#[from] deepeyes_core::onnx::OnnxError),
+    /// The agent loop, images or tokenizer.
+    #[error(transparent)]
+    Core(#[from] deepeyes_core::Error),
+    /// The reward pipeline.
+    #[error("reward: {0}")]
+    Reward(#[from] deepeyes_reward::Error),
+    /// The tools.
+    #[error("tools: {0}")]
+    Tools(#[from] deepeyes_tools::Error),
+    /// The training data.
+    #[error("data {path}: {reason}")]
+    Data {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing the run folder.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// Result of a training operation.
+pub type TrainResult<T> = std::result::Result<T, TrainError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads every good item of the configured data; bad rows are logged and skipped.
+pub fn load_items(config: &TrainConfig) -> TrainResult<Vec<Item>> {
+    let kind = match config.data.kind {
+        DatasetKind::DeepeyesParquet => dataset::DatasetKind::Verl,
+        DatasetKind::Vstar => dataset::DatasetKind::VStar,
+        DatasetKind::Hrbench => dataset::DatasetKind::HrBench,
+        DatasetKind::Synthv => dataset::DatasetKind::SynthV,
+        DatasetKind::Jsonl => dataset::DatasetKind::Jsonl,
+    };
+    let limit = config.data.limit.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    for path in &config.data.paths {
+        let mut reader =
+            dataset::open(kind, path, &LoadOptions::default()).map_err(|e| TrainError::Data {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        for next in &mut reader {
+            if items.len() >= limit {
+                break;
+            }
+            match next {
+                Ok(item) => items.push(item),
+                Err(ReadError::Skipped(bad)) => tracing::warn!(row = %bad, "skipping a bad row"),
+                Err(ReadError::Fatal(e)) => {
+                    return Err(TrainError::Data {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(TrainError::Data {
+            path: config.data.paths.first().cloned().unwrap_or_default(),
+            reason: "no usable items".into(),
+        });
+    }
+    Ok(items)
+}
+
+/// The reward pipeline configuration the training config names: its inline `[reward]` table,
+/// its `reward-file`, or DeepEyes' shipped pipeline.
+pub fn reward_config(config: &TrainConfig) -> TrainResult<PipelineConfig> {
+    Ok(match config.reward_source() {
+        RewardSource::Inline(table) => {
+            let text = toml::to_string(table)
+                .map_err(|e| TrainError::Rl(crate::Error::invalid("reward", e.to_string())))?;
+            PipelineConfig::from_toml_str(&text, "[reward]")?
+        }
+        RewardSource::File(path) => PipelineConfig::from_toml_file(path)?,
+        RewardSource::Default => PipelineConfig::deepeyes()?,
+    })
+}
+
+/// Builds the reward pipeline the config names, with `registry` providing any custom reward
+/// functions.
+pub fn reward_pipeline(config: &TrainConfig, registry: &Registry) -> TrainResult<Pipeline> {
+    Ok(reward_config(config)?.build(registry)?)
+}
+
+/// The model's parameters as the rollout engine takes them.
+fn rollout_weights(model: &Qwen25Vl) -> Weights {
+    model
+        .hf_tensors()
+        .into_iter()
+        .map(|(name, (shape, data))| (name, HostTensor { shape, data }))
+        .collect()
+}
+
+/// The ground truth a reward function sees: the correct option's letter as shown, or the
+/// answer text of an open question.
+fn ground_truth(p: &PreparedItem) -> String {
+    p.correct_letter
+        .map_or_else(|| p.item.answer.clone(), |l| l.to_string())
+}
+
+/// Global L2 norm of accumulated gradients, and the same gradients scaled by `factor`.
+fn grad_norm_and_scale(model: &Qwen25Vl, grads: &mut GradientsParams, factor: Option<f64>) -> f64 {
+    fn visit<const D: usize>(
+        grads: &mut GradientsParams,
+        id: burn::module::ParamId,
+        factor: Option<f64>,
+    ) -> f64 {
+        let Some(g) = grads.remove::<D>(id) else {
+            return 0.0;
+        };
+        let sq = f64::from(to_host(g.clone().powf_scalar(2.0).sum())[0]);
+        let g = match factor {
+            Some(f) => g.mul_scalar(f),
+            None => g,
+        };
+        grads.register::<D>(id, g);
+        sq
+    }
+    let mut total = 0.0;
+    for p in model.params().iter().filter(|p| p.trainable) {
+        total += match p.shape.len() {
+            1 => visit::<1>(grads, p.id, factor),
+            2 => visit::<2>(grads, p.id, factor),
+            3 => visit::<3>(grads, p.id, factor),
+            4 => visit::<4>(grads, p.id, factor),
+            _ => visit::<5>(grads, p.id, factor),
+        };
+    }
+    total.sqrt()
+}
+
+/// A GRPO training run.
+pub struct Trainer {
+    config: TrainConfig,
+    items: Vec<Item>,
+    pipeline: Pipeline,
+    tools: ToolRegistry,
+    templates: PromptTemplates,
+    model: Option<Qwen25Vl>,
+    optim: burn::optim::ModuleOptimizer,
+    onnx: OnnxOptions,
+    data_rng: Rng,
+    order: Vec<usize>,
+    cursor: usize,
+    step: u64,
+    metrics: JsonlWriter,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("items", &self.items.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// Sets up a run: data, tools, rewards (custom reward functions from `rewards`), the burn
+    /// model from the bundle's `model.safetensors`, the optimizer and the metrics file.
+    pub fn new(config: TrainConfig, rewards: &Registry) -> TrainResult<Self> {
+        config.validate("train config")?;
+        let pipeline = reward_pipeline(&config, rewards)?;
+        Self::with_pipeline(config, pipeline)
+    }
+
+    /// Like [`Trainer::new`], with a reward pipeline built by the caller (e.g. without its
+    /// judge).
+    pub fn with_pipeline(config: TrainConfig, pipeline: Pipeline) -> TrainResult<Self> {
+        config.validate("train config")?;
+        let items = load_items(&config)?;
+        let tools_text = toml::to_string(&config.tools)
+            .map_err(|e| TrainError::Rl(crate::Error::invalid("tools", e.to_string())))?;
+        let tools =
+            ToolRegistry::from_config(&ToolsConfig::from_toml_str(&tools_text, "[tools]")?)?;
+        let device = match config.model.device {
+            DeviceKind::Cpu => ComputeDevice::Flex,
+            DeviceKind::Cuda => ComputeDevice::Cuda(0),
+        }
+        .device(true)?;
+        let mut model = Qwen25Vl::from_pretrained(&config.model.bundle, &device)?;
+        if config.model.freeze_vision {
+            model = model.freeze_vision();
+        }
+        let o = &config.optimizer;
+        let optim = AdamWConfig::new()
+            .with_beta_1(o.betas[0] as f32)
+            .with_beta_2(o.betas[1] as f32)
+            .with_epsilon(o.eps as f32)
+            .with_weight_decay(o.weight_decay as f32)
+            .init();
+        std::fs::create_dir_all(&config.output_dir).map_err(io_err(&config.output_dir))?;
+        let metrics_path = config.output_dir.join(&config.metrics.file);
+        let metrics = JsonlWriter::create(&metrics_path)?;
+        let data_rng = Rng::new(config.seeds.data);
+        let order = (0..items.len()).collect();
+        let mut trainer = Self {
+            config,
+            items,
+            pipeline,
+            tools,
+            templates: PromptTemplates::default(),
+            model: Some(model),
+            optim,
+            onnx: OnnxOptions::default(),
+            data_rng,
+            order,
+            cursor: 0,
+            step: 0,
+            metrics,
+        };
+        trainer.new_epoch();
+        Ok(trainer)
+    }
+
+    /// Overrides the prompt templates.
+    pub fn with_templates(mut self, templates: PromptTemplates) -> Self {
+        self.templates = templates;
+        self
+    }
+
+    /// Overrides how the rollout engine runs (threads, providers).
+    pub fn with_onnx_options(mut self, options: OnnxOptions) -> Self {
+        self.onnx = options;
+        self
+    }
+
+    /// RL steps completed.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The policy being trained.
+    pub fn model(&self) -> &Qwen25Vl {
+        self.model
+            .as_ref()
+            .expect("the model is only taken during an update")
+    }
+
+    fn new_epoch(&mut self) {
+        self.cursor = 0;
+        if self.config.data.shuffle {
+            self.data_rng.shuffle(&mut self.order);
+        }
+    }
+
+    fn next_items(&mut self) -> Vec<PreparedItem> {
+        let n = self.config.batch.prompts_per_step;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.cursor >= self.order.len() {
+                self.new_epoch();
+            }
+            let item = self.items[self.order[self.cursor]].clone();
+            self.cursor += 1;
+            out.push(prepare_item(
+                item,
+                Rng::derive_seed(self.config.seeds.data, &[self.step]),
+                true,
+            ));
+        }
+        out
+    }
+
+    /// Runs one RL step and returns its metrics (also appended to the metrics file).
+    pub fn train_step(&mut self) -> TrainResult<StepMetrics> {
+        let started = Instant::now();
+        let group = self.config.grpo.group_size;
+        let prepared = self.next_items();
+        let limits = ImageLimits::default();
+        let mut tasks = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            tasks.push(Task {
+                question: p.question.clone(),
+                images: p.item.decode_images(&limits)?,
+            });
+        }
+
+        // Rollouts with the current weights.
+        let t = Instant::now();
+        let rollout_model = OnnxModel::load_with_weights(
+            &self.config.model.bundle,
+            &self.onnx,
+            &rollout_weights(self.model()),
+        )?;
+        let tools: Vec<Arc<dyn deepeyes_core::Tool>> = self.tools.tools();
+        let agent = Agent::new(
+            &rollout_model,
+            tools,
+            self.templates.clone(),
+            self.config.rollout.clone(),
+        )?;
+        let seed = Rng::derive_seed(self.config.seeds.rollout, &[self.step]);
+        let groups = agent.run_batch(&tasks, group, seed)?;
+        let time_rollout_s = t.elapsed().as_secs_f64();
+
+        // Rewards.
+        let t = Instant::now();
+        let codec = rollout_model.codec();
+        let mut trajectories: Vec<&Trajectory> = Vec::with_capacity(prepared.len() * group);
+        let mut group_ids = Vec::with_capacity(prepared.len() * group);
+        let mut breakdowns: Vec<RewardBreakdown> = Vec::with_capacity(prepared.len() * group);
+        for (g, (p, trajs)) in prepared.iter().zip(&groups).enumerate() {
+            let truth = ground_truth(p);
+            for traj in trajs {
+                let response = codec.decode(traj.response_tokens())?;
+                let input = RewardInput {
+                    data_source: &p.item.data_source,
+                    question: &p.question,
+                    ground_truth: &truth,
+                    response: &response,
+                    trajectory: Some(traj),
+                };
+                breakdowns.push(self.pipeline.score(&input)?);
+                trajectories.push(traj);
+                group_ids.push(g);
+            }
+        }
+        let rewards: Vec<f64> = breakdowns.iter().map(|b| b.total).collect();
+        let boxes: Vec<Vec<[f64; 4]>> = prepared
+            .iter()
+            .map(|p| p.item.boxes.iter().map(|b| b.bbox).collect())
+            .collect();
+        let scored: Vec<ScoredTrajectory<'_>> = trajectories
+            .iter()
+            .zip(&breakdowns)
+            .zip(&group_ids)
+            .map(|((t, r), &g)| ScoredTrajectory {
+                trajectory: t,
+                reward: r,
+                group: g,
+                gt_boxes: &boxes[g],
+            })
+            .collect();
+        let rollout: RolloutMetrics = rollout_metrics(&scored)?;
+        let time_reward_s = t.elapsed().as_secs_f64();
+
+        // Advantages and targets.
+        let batch = prepare_batch(&self.config.grpo, &trajectories, &rewards, &group_ids)?;
+        let sequences: Vec<Sequence> = trajectories
+            .iter()
+            .map(|t| self.sequence(t))
+            .collect::<TrainResult<_>>()?;
+
+        // Old log-probs, recomputed by the training engine.
+        let t = Instant::now();
+        let n = trajectories.len();
+        let width = batch.targets.mask.ncols();
+        let micro = self.config.batch.micro_batch.max(1);
+        let mut old = Array2::<f32>::zeros((n, width));
+        for rows in (0..n)
+            .collect::<Vec<_>>()
+            .chunks(self.config.batch.logprob_micro_batch.max(1))
+        {
+            let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
+            let b = Batch::new(&self.model().config, &seqs, PadLayout::OnePerImage)?;
+            let scores = self.model().score_tokens(&b, false)?;
+            let host = to_host(scores.logprobs.detach());
+            for (i, &r) in rows.iter().enumerate() {
+                let len = sequences[r].tokens.len().min(b.score_len);
+                for j in 0..len {
+                    old[(r, j)] = host[i * b.score_len + j];
+                }
+            }
+        }
+        let time_logprob_s = t.elapsed().as_secs_f64();
+
+        // Updates.
+        let t = Instant::now();
+        let plan = plan_updates(
+            n,
+            self.config.batch.mini_batch_trajectories(group),
+            micro,
+            self.config.batch.epochs,
+            None,
+        )?;
+        let lr = self
+            .config
+            .schedule
+            .lr(self.config.optimizer.lr, self.step, self.config.steps);
+        let mut stats: Option<crate::grpo::LossStats> = None;
+        let mut grad_norm = 0.0;
+        let mut skipped = 0;
+        let mut optimizer_steps = 0;
+        for epoch in &plan.epochs {
+            for mini in epoch {
+                let mut accumulator = GradientsAccumulator::<Qwen25Vl>::new();
+                for rows in &mini.micro_batches {
+                    let targets = batch.targets.select(rows)?;
+                    let scale = batch
+                        .targets
+                        .loss_scale(self.config.grpo.loss_normalization, mini)?;
+                    let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
+                    let model = self.model();
+                    let b = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+                    let scores = model.score_tokens(&b, false)?;
+                    let w = targets.mask.ncols();
+                    let cols = b.score_len;
+                    let host = to_host(scores.logprobs.clone().detach());
+                    let mut logp = Array2::<f32>::zeros((rows.len(), w));
+                    let mut old_rows = Array2::<f32>::zeros((rows.len(), w));
+                    for (i, &r) in rows.iter().enumerate() {
+                        for j in 0..w.min(cols) {
+                            logp[(i, j)] = host[i * cols + j];
+                            old_rows[(i, j)] = old[(r, j)];
+                        }
+                    }
+                    let out = policy_loss(
+                        &self.config.grpo,
+                        &PolicyLossInput {
+                            logprobs: logp.view(),
+                            old_logprobs: old_rows.view(),
+                            advantages: targets.advantages.view(),
+                            mask: targets.mask.view(),
+                            ref_logprobs: None,
+                            entropy: None,
+                            rollout_logprobs: Some(targets.rollout_logprobs.view()),
+                        },
+                        scale,
+                    )?;
+                    match &mut stats {
+                        Some(s) => s.merge(&out.stats),
+                        None => stats = Some(out.stats.clone()),
+                    }
+                    // d loss / d logprob as per-token weights on the engine's log-probs.
+                    let mut weights = vec![0.0f32; rows.len() * cols];
+                    for i in 0..rows.len() {
+                        for j in 0..w.min(cols) {
+                            weights[i * cols + j] = out.grad_logprobs[(i, j)];
+                        }
+                    }
+                    let weights = tensor2(weights, rows.len(), cols, &model.device())?;
+                    let surrogate: Tensor<1> = (weights * scores.logprobs).sum();
+                    let grads = surrogate.backward();
+                    let grads = GradientsParams::from_grads(grads, model);
+                    accumulator.accumulate(model, grads);
+                }
+                let mut grads = accumulator.grads();
+                let norm = grad_norm_and_scale(self.model(), &mut grads, None);
+                grad_norm = norm;
+                if !norm.is_finite() {
+                    skipped += 1;
+                    tracing::warn!(step = self.step, "non-finite gradient norm; update skipped");
+                    continue;
+                }
+                let factor = grad_clip_factor(norm, self.config.optimizer.grad_clip)?;
+                if factor < 1.0 {
+                    grad_norm_and_scale(self.model(), &mut grads, Some(factor));
+                }
+                let model = self.model.take().expect("the model is present");
+                self.model = Some(self.optim.step(lr, model, grads));
+                optimizer_steps += 1;
+            }
+        }
+        let time_update_s = t.elapsed().as_secs_f64();
+        let stats = stats.unwrap_or_default();
+        let metrics = StepMetrics {
+            step: self.step,
+            rollout,
+            update: UpdateMetrics::from_loss(&stats, grad_norm, lr, optimizer_steps, skipped),
+            time: TimeSplit {
+                time_rollout_s,
+                time_reward_s,
+                time_logprob_s,
+                time_update_s,
+                time_step_s: started.elapsed().as_secs_f64(),
+            },
+        };
+        self.metrics.write(&metrics)?;
+        self.step += 1;
+        Ok(metrics)
+    }
+
+    /// The training engine's view of a trajectory: its tokens (one pad per image) and images.
+    fn sequence(&self, traj: &Trajectory) -> TrainResult<Sequence> {
+        let preprocess = self.preprocess();
+        let images = traj
+            .images
+            .iter()
+            .map(|im| preprocess_image(&im.image, &preprocess).map(ImageInput::from))
+            .collect::<deepeyes_core::Result<Vec<_>>>()?;
+        Ok(Sequence {
+            tokens: traj.tokens.clone(),
+            images,
+        })
+    }
+
+    fn preprocess(&self) -> deepeyes_core::PreprocessConfig {
+        let bundle = deepeyes_core::onnx::BundleConfig::load(&self.config.model.bundle);
+        bundle.map(|b| b.preprocess).unwrap_or_default()
+    }
+
+    /// Writes a bundle that runs the current weights into `out`: the source bundle's graphs,
+    /// tokenizer and maps, with the model's `config.json` and `model.safetensors`.
+    pub fn export(&self, out: &Path) -> TrainResult<PathBuf> {
+        export_bundle(self.model(), &self.config.model.bundle, out)
+    }
+}
+
+/// Writes `model`'s weights as a bundle in `out`, next to copies of the files of `source` (a
+/// bundle with a weight map).
+pub fn export_bundle(model: &Qwen25Vl, source: &Path, out: &Path) -> TrainResult<PathBuf> {
+    if !source
+        .join(deepeyes_core::onnx::weights::WEIGHT_MAP_FILE)
+        .is_file()
+    {
+        return Err(TrainError::Data {
+            path: source.to_path_buf(),
+            reason: "the bundle has no weights.json, so it cannot run new weights; re-export it"
+                .into(),
+        });
+    }
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let entries = std::fs::read_dir(source).map_err(io_err(source))?;
+    for entry in entries {
+        let entry = entry.map_err(io_err(source))?;
+        let name = entry.file_name();
+        if name == "model.safetensors" || name == "config.json" || !entry.path().is_file() {
+            continue;
+        }
+        let to = out.join(&name);
+        std::fs::copy(entry.path(), &to).map_err(io_err(&to))?;
+    }
+    model.save_pretrained(out)?;
+    Ok(out.to_path_buf())
+}
