@@ -47,4 +47,8 @@ pub(crate) enum Command {
     Eval(commands::eval::EvalArgs),
     /// Train a policy with GRPO from a TOML config; writes metrics and runnable bundles.
     Train(commands::train::TrainArgs),
+    /// Keep the items zooming helps on: drop always/never-solved ones, keep those the ground-truth crop turns right.
+    Select(commands::select::SelectArgs),
+    /// Write the model bundle of a training checkpoint (runs in ONNX Runtime as is).
+    Export(commands::export::ExportArgs),
 }

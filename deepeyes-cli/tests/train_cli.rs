@@ -16,10 +16,10 @@ fn deepeyes(args: &[&str]) -> Output {
         .expect("the deepeyes binary runs")
 }
 
-fn write_config(dir: &Path, extra: &str) -> PathBuf {
+fn write_config(dir: &Path, extra: &str, steps: u64, every: u64) -> PathBuf {
     let text = format!(
         r#"output-dir = "{out}"
-steps = 2
+steps = {steps}
 {extra}
 [data]
 kind = "vstar"
@@ -44,7 +44,7 @@ micro-batch = 4
 group-size = 2
 
 [checkpoint]
-every = 1
+every = {every}
 "#,
         out = dir.join("run").display(),
         data = repo().join("tests/data/datasets/vstar").display(),
@@ -58,7 +58,7 @@ every = 1
 #[test]
 fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    let config = write_config(dir.path(), "", 2, 1);
     let out = deepeyes(&[
         "train",
         "--config",
@@ -89,6 +89,23 @@ fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     let bundle = run.join("final");
     assert!(bundle.join("weights.json").is_file());
 
+    // A checkpoint exports to a bundle without the training state.
+    let exported = dir.path().join("exported");
+    let out = deepeyes(&[
+        "export",
+        "--checkpoint",
+        run.join("checkpoints/step-000001").to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(exported.join("weights.json").is_file());
+    assert!(!exported.join("optimizer.bpk").exists());
+
     let eval = deepeyes(&[
         "eval",
         "--model",
@@ -115,7 +132,7 @@ fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
 #[test]
 fn an_unknown_config_key_is_refused_by_name_before_any_work() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "bogus-key = 1\n");
+    let config = write_config(dir.path(), "bogus-key = 1\n", 2, 1);
     let out = deepeyes(&["train", "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -124,4 +141,104 @@ fn an_unknown_config_key_is_refused_by_name_before_any_work() {
         !dir.path().join("run").exists(),
         "nothing is written for a bad config"
     );
+}
+
+/// The metrics of a run without the wall-clock fields.
+fn metrics_without_times(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("time_"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_killed_mid_step_resumes_exactly() {
+    let steps = 4;
+    let whole = tempfile::tempdir().unwrap();
+    let config = write_config(whole.path(), "", steps, 2);
+    let out = deepeyes(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--no-judge",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let want = metrics_without_times(&whole.path().join("run"));
+    assert_eq!(want.len(), steps as usize);
+
+    let cut = tempfile::tempdir().unwrap();
+    let config = write_config(cut.path(), "", steps, 2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args([
+            "train",
+            "--config",
+            config.to_str().unwrap(),
+            "--threads",
+            "1",
+            "--no-judge",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run = cut.path().join("run");
+    let marker = run.join("checkpoints/step-000002/trainer-state.json");
+    let started = std::time::Instant::now();
+    while !marker.exists() {
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no checkpoint after 300 s"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Step 3 is under way: SIGKILL, no chance to clean up.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+
+    let out = deepeyes(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--threads",
+        "1",
+        "--no-judge",
+        "--resume",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = metrics_without_times(&run);
+    assert_eq!(got.len(), steps as usize);
+    assert_eq!(
+        got, want,
+        "the resumed run differs from the uninterrupted one"
+    );
+}
+
+#[test]
+fn resume_without_a_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", 2, 1);
+    let out = deepeyes(&["train", "--config", config.to_str().unwrap(), "--resume"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no checkpoint in"), "{stderr}");
 }

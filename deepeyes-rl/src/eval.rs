@@ -439,14 +439,35 @@ impl<'a> Evaluator<'a> {
 
     /// Answers and scores a batch of items (all their samples stepped together).
     pub fn evaluate(&self, items: &[PreparedItem]) -> EvalResult<Vec<ItemRecord>> {
-        let mut tasks = Vec::with_capacity(items.len());
+        let mut images = Vec::with_capacity(items.len());
         for p in items {
-            let images = p.item.decode_images(&self.limits)?;
-            tasks.push(Task {
+            images.push(p.item.decode_images(&self.limits)?);
+        }
+        self.evaluate_with_images(items, images)
+    }
+
+    /// Like [`Evaluator::evaluate`], with the images given instead of the items' own (e.g. a
+    /// crop of the ground-truth region, for data selection).
+    pub fn evaluate_with_images(
+        &self,
+        items: &[PreparedItem],
+        images: Vec<Vec<deepeyes_core::Image>>,
+    ) -> EvalResult<Vec<ItemRecord>> {
+        if images.len() != items.len() {
+            return Err(EvalError::Config(format!(
+                "{} image lists for {} items",
+                images.len(),
+                items.len()
+            )));
+        }
+        let tasks: Vec<Task> = items
+            .iter()
+            .zip(images)
+            .map(|(p, images)| Task {
                 question: p.question.clone(),
                 images,
-            });
-        }
+            })
+            .collect();
         let seeds: Vec<u64> = items.iter().map(|p| p.seed).collect();
         let groups = self
             .agent

@@ -8,6 +8,7 @@
 //! - [`metrics`]: per-step metrics, their JSONL file and the tool-collapse alarm;
 //! - [`checkpoint`]: atomic checkpoints of named blobs plus the training state;
 //! - [`trainer`]: the GRPO trainer (ORT rollouts with the current weights, burn updates);
+//! - [`select`]: DeepEyes' tool-use-oriented data selection;
 //! - [`eval`]: benchmark evaluation with the training agent loop (resumable, Avg@K, tool stats).
 
 pub mod checkpoint;
@@ -17,6 +18,7 @@ pub mod eval;
 pub mod grpo;
 pub mod metrics;
 pub mod schedule;
+pub mod select;
 pub mod synthv;
 pub mod trainer;
 

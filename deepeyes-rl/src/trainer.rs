@@ -37,7 +37,9 @@ use ndarray::Array2;
 
 use crate::config::{DatasetKind, DeviceKind, RewardSource, TrainConfig};
 use crate::eval::{PreparedItem, prepare_item};
-use crate::grpo::{PolicyLossInput, plan_updates, policy_loss, prepare_batch};
+use crate::grpo::{
+    DynamicSampler, PolicyLossInput, SamplerState, plan_updates, policy_loss, prepare_batch,
+};
 use crate::metrics::{
     JsonlWriter, RolloutMetrics, ScoredTrajectory, StepMetrics, TimeSplit, UpdateMetrics,
     rollout_metrics,
@@ -213,6 +215,7 @@ pub struct Trainer {
     tools: ToolRegistry,
     templates: PromptTemplates,
     model: Option<Qwen25Vl>,
+    reference: Option<Qwen25Vl>,
     optim: burn::optim::ModuleOptimizer,
     onnx: OnnxOptions,
     data_rng: Rng,
@@ -243,7 +246,29 @@ impl Trainer {
     /// Like [`Trainer::new`], with a reward pipeline built by the caller (e.g. without its
     /// judge).
     pub fn with_pipeline(config: TrainConfig, pipeline: Pipeline) -> TrainResult<Self> {
+        Self::build(config, pipeline, None)
+    }
+
+    /// Continues the run saved in `checkpoint` (a folder written by
+    /// [`Trainer::save_checkpoint`]): weights, optimizer state, data order and position, step.
+    /// Metrics of later steps (logged by a run killed after the checkpoint) are dropped, so the
+    /// next step is exactly the one an uninterrupted run would take.
+    pub fn resume(config: TrainConfig, pipeline: Pipeline, checkpoint: &Path) -> TrainResult<Self> {
+        Self::build(config, pipeline, Some(checkpoint))
+    }
+
+    fn build(
+        config: TrainConfig,
+        pipeline: Pipeline,
+        checkpoint: Option<&Path>,
+    ) -> TrainResult<Self> {
         config.validate("train config")?;
+        if config.model.rollout_engine != crate::config::RolloutEngine::Ort {
+            return Err(TrainError::Rl(crate::Error::invalid(
+                "model.rollout-engine",
+                "only \"ort\" is implemented (rollouts through ONNX Runtime with the current weights)",
+            )));
+        }
         let items = load_items(&config)?;
         let tools_text = toml::to_string(&config.tools)
             .map_err(|e| TrainError::Rl(crate::Error::invalid("tools", e.to_string())))?;
@@ -254,22 +279,74 @@ impl Trainer {
             DeviceKind::Cuda => ComputeDevice::Cuda(0),
         }
         .device(true)?;
-        let mut model = Qwen25Vl::from_pretrained(&config.model.bundle, &device)?;
+        let weights_dir = checkpoint.unwrap_or(&config.model.bundle);
+        let mut model = Qwen25Vl::from_pretrained(weights_dir, &device)?;
+        // The frozen reference of the KL term is the starting policy (the bundle's weights),
+        // on a device that records no gradients.
+        let reference = if config.grpo.needs_reference() {
+            let plain = match config.model.device {
+                DeviceKind::Cpu => ComputeDevice::Flex,
+                DeviceKind::Cuda => ComputeDevice::Cuda(0),
+            }
+            .device(false)?;
+            Some(Qwen25Vl::from_pretrained(&config.model.bundle, &plain)?)
+        } else {
+            None
+        };
         if config.model.freeze_vision {
             model = model.freeze_vision();
         }
         let o = &config.optimizer;
-        let optim = AdamWConfig::new()
+        let mut optim = AdamWConfig::new()
             .with_beta_1(o.betas[0] as f32)
             .with_beta_2(o.betas[1] as f32)
             .with_epsilon(o.eps as f32)
             .with_weight_decay(o.weight_decay as f32)
             .init();
         std::fs::create_dir_all(&config.output_dir).map_err(io_err(&config.output_dir))?;
-        let metrics_path = config.output_dir.join(&config.metrics.file);
-        let metrics = JsonlWriter::create(&metrics_path)?;
-        let data_rng = Rng::new(config.seeds.data);
-        let order = (0..items.len()).collect();
+        let metrics_path = config.metrics_path();
+        let state = match checkpoint {
+            Some(dir) => {
+                let path = dir.join(OPTIMIZER_FILE);
+                let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+                optim = optim
+                    .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+                    .map_err(|e| TrainError::Data {
+                        path: path.clone(),
+                        reason: format!("not an optimizer state: {e:?}"),
+                    })?;
+                let path = dir.join(STATE_FILE);
+                let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+                let state: TrainerState =
+                    serde_json::from_str(&text).map_err(|e| TrainError::Data {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if state.order.len() != items.len() {
+                    return Err(TrainError::Data {
+                        path,
+                        reason: format!(
+                            "the checkpoint's data has {} items, the configured data {}",
+                            state.order.len(),
+                            items.len()
+                        ),
+                    });
+                }
+                Some(state)
+            }
+            None => None,
+        };
+        let metrics = match &state {
+            Some(s) => JsonlWriter::resume(&metrics_path, s.step.checked_sub(1))?,
+            None => JsonlWriter::create(&metrics_path)?,
+        };
+        let fresh = state.is_none();
+        let state = state.unwrap_or_else(|| TrainerState {
+            step: 0,
+            data_rng: Rng::new(config.seeds.data),
+            order: (0..items.len()).collect(),
+            cursor: usize::MAX,
+        });
         let mut trainer = Self {
             config,
             items,
@@ -277,15 +354,18 @@ impl Trainer {
             tools,
             templates: PromptTemplates::default(),
             model: Some(model),
+            reference,
             optim,
             onnx: OnnxOptions::default(),
-            data_rng,
-            order,
-            cursor: 0,
-            step: 0,
+            data_rng: state.data_rng,
+            order: state.order,
+            cursor: state.cursor,
+            step: state.step,
             metrics,
         };
-        trainer.new_epoch();
+        if fresh {
+            trainer.new_epoch();
+        }
         Ok(trainer)
     }
 
@@ -347,18 +427,8 @@ impl Trainer {
     pub fn train_step(&mut self) -> TrainResult<StepMetrics> {
         let started = Instant::now();
         let group = self.config.grpo.group_size;
-        let prepared = self.next_items();
-        let limits = ImageLimits::default();
-        let mut tasks = Vec::with_capacity(prepared.len());
-        for p in &prepared {
-            tasks.push(Task {
-                question: p.question.clone(),
-                images: p.item.decode_images(&limits)?,
-            });
-        }
 
-        // Rollouts with the current weights.
-        let t = Instant::now();
+        // Rollouts with the current weights, scored.
         let rollout_model = OnnxModel::load_with_weights(
             &self.config.model.bundle,
             &self.onnx,
@@ -371,29 +441,54 @@ impl Trainer {
             self.templates.clone(),
             self.config.rollout.clone(),
         )?;
-        let seed = Rng::derive_seed(self.config.seeds.rollout, &[self.step]);
-        let groups = agent.run_batch(&tasks, group, seed)?;
-        let time_rollout_s = t.elapsed().as_secs_f64();
-
-        // Rewards.
-        let t = Instant::now();
-        let codec = rollout_model.codec();
-        let mut trajectories: Vec<&Trajectory> = Vec::with_capacity(prepared.len() * group);
-        let mut group_ids = Vec::with_capacity(prepared.len() * group);
-        let mut breakdowns: Vec<RewardBreakdown> = Vec::with_capacity(prepared.len() * group);
-        for (g, (p, trajs)) in prepared.iter().zip(&groups).enumerate() {
-            let truth = ground_truth(p);
-            for traj in trajs {
-                let response = codec.decode(traj.response_tokens())?;
-                let input = RewardInput {
-                    data_source: &p.item.data_source,
-                    question: &p.question,
-                    ground_truth: &truth,
-                    response: &response,
-                    trajectory: Some(traj),
-                };
-                breakdowns.push(self.pipeline.score(&input)?);
+        let (mut time_rollout_s, mut time_reward_s) = (0.0, 0.0);
+        let dynamic = self.config.grpo.dynamic_sampling.clone();
+        let rolled: Vec<RolledGroup> = if dynamic.enabled {
+            // DAPO: drop groups whose rewards are all equal (no advantage, no gradient) and
+            // sample more prompts until the step has its full count, within max-rounds.
+            let mut sampler =
+                DynamicSampler::new(self.config.batch.prompts_per_step, dynamic.max_rounds)?;
+            let mut round = 0;
+            loop {
+                let groups = self.roll_round(
+                    &agent,
+                    &rollout_model,
+                    round,
+                    &mut time_rollout_s,
+                    &mut time_reward_s,
+                )?;
+                for g in groups {
+                    let totals: Vec<f64> = g.rewards.iter().map(|b| b.total).collect();
+                    sampler.offer(g, &totals)?;
+                }
+                round += 1;
+                if !matches!(sampler.end_round(), SamplerState::NeedMore { .. }) {
+                    break;
+                }
+            }
+            tracing::debug!(
+                rounds = sampler.rounds(),
+                dropped = sampler.dropped(),
+                "dynamic sampling"
+            );
+            sampler.into_groups()
+        } else {
+            self.roll_round(
+                &agent,
+                &rollout_model,
+                0,
+                &mut time_rollout_s,
+                &mut time_reward_s,
+            )?
+        };
+        let prepared: Vec<&PreparedItem> = rolled.iter().map(|g| &g.item).collect();
+        let mut trajectories: Vec<&Trajectory> = Vec::with_capacity(rolled.len() * group);
+        let mut group_ids = Vec::with_capacity(rolled.len() * group);
+        let mut breakdowns: Vec<&RewardBreakdown> = Vec::with_capacity(rolled.len() * group);
+        for (g, r) in rolled.iter().enumerate() {
+            for (traj, reward) in r.trajectories.iter().zip(&r.rewards) {
                 trajectories.push(traj);
+                breakdowns.push(reward);
                 group_ids.push(g);
             }
         }
@@ -404,7 +499,7 @@ impl Trainer {
             .collect();
         let scored: Vec<ScoredTrajectory<'_>> = trajectories
             .iter()
-            .zip(&breakdowns)
+            .zip(breakdowns.iter().copied())
             .zip(&group_ids)
             .map(|((t, r), &g)| ScoredTrajectory {
                 trajectory: t,
@@ -414,7 +509,6 @@ impl Trainer {
             })
             .collect();
         let rollout: RolloutMetrics = rollout_metrics(&scored)?;
-        let time_reward_s = t.elapsed().as_secs_f64();
 
         // Advantages and targets.
         let batch = prepare_batch(&self.config.grpo, &trajectories, &rewards, &group_ids)?;
@@ -474,18 +568,37 @@ impl Trainer {
                     let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
                     let model = self.model();
                     let b = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-                    let scores = model.score_tokens(&b, false)?;
+                    let scores = model.score_tokens(&b, self.config.grpo.needs_entropy())?;
                     let w = targets.mask.ncols();
                     let cols = b.score_len;
-                    let host = to_host(scores.logprobs.clone().detach());
-                    let mut logp = Array2::<f32>::zeros((rows.len(), w));
+                    // `[rows, w]` host copy of a `[rows, cols]` engine tensor.
+                    let grid = |host: Vec<f32>| {
+                        let mut a = Array2::<f32>::zeros((rows.len(), w));
+                        for i in 0..rows.len() {
+                            for j in 0..w.min(cols) {
+                                a[(i, j)] = host[i * cols + j];
+                            }
+                        }
+                        a
+                    };
+                    let logp = grid(to_host(scores.logprobs.clone().detach()));
                     let mut old_rows = Array2::<f32>::zeros((rows.len(), w));
                     for (i, &r) in rows.iter().enumerate() {
-                        for j in 0..w.min(cols) {
-                            logp[(i, j)] = host[i * cols + j];
+                        for j in 0..w {
                             old_rows[(i, j)] = old[(r, j)];
                         }
                     }
+                    let entropy = scores
+                        .entropy
+                        .as_ref()
+                        .map(|e| grid(to_host(e.clone().detach())));
+                    let reference = match &self.reference {
+                        Some(r) => {
+                            let rb = Batch::new(&r.config, &seqs, PadLayout::OnePerImage)?;
+                            Some(grid(to_host(r.score_tokens(&rb, false)?.logprobs)))
+                        }
+                        None => None,
+                    };
                     let out = policy_loss(
                         &self.config.grpo,
                         &PolicyLossInput {
@@ -493,8 +606,8 @@ impl Trainer {
                             old_logprobs: old_rows.view(),
                             advantages: targets.advantages.view(),
                             mask: targets.mask.view(),
-                            ref_logprobs: None,
-                            entropy: None,
+                            ref_logprobs: reference.as_ref().map(|a| a.view()),
+                            entropy: entropy.as_ref().map(|a| a.view()),
                             rollout_logprobs: Some(targets.rollout_logprobs.view()),
                         },
                         scale,
@@ -511,7 +624,17 @@ impl Trainer {
                         }
                     }
                     let weights = tensor2(weights, rows.len(), cols, &model.device())?;
-                    let surrogate: Tensor<1> = (weights * scores.logprobs).sum();
+                    let mut surrogate: Tensor<1> = (weights * scores.logprobs).sum();
+                    if let (Some(grad), Some(ent)) = (&out.grad_entropy, scores.entropy) {
+                        let mut we = vec![0.0f32; rows.len() * cols];
+                        for i in 0..rows.len() {
+                            for j in 0..w.min(cols) {
+                                we[i * cols + j] = grad[(i, j)];
+                            }
+                        }
+                        let we = tensor2(we, rows.len(), cols, &model.device())?;
+                        surrogate = surrogate + (we * ent).sum();
+                    }
                     let grads = surrogate.backward();
                     let grads = GradientsParams::from_grads(grads, model);
                     accumulator.accumulate(model, grads);
@@ -552,6 +675,62 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// Samples one group per next item and scores it; round `r > 0` (dynamic sampling) draws
+    /// from its own seed stream.
+    fn roll_round(
+        &mut self,
+        agent: &Agent<'_>,
+        rollout_model: &OnnxModel,
+        round: u64,
+        time_rollout_s: &mut f64,
+        time_reward_s: &mut f64,
+    ) -> TrainResult<Vec<RolledGroup>> {
+        let t = Instant::now();
+        let prepared = self.next_items();
+        let limits = ImageLimits::default();
+        let mut tasks = Vec::with_capacity(prepared.len());
+        for p in &prepared {
+            tasks.push(Task {
+                question: p.question.clone(),
+                images: p.item.decode_images(&limits)?,
+            });
+        }
+        let path: &[u64] = if round == 0 {
+            &[self.step]
+        } else {
+            &[self.step, round]
+        };
+        let seed = Rng::derive_seed(self.config.seeds.rollout, path);
+        let groups = agent.run_batch(&tasks, self.config.grpo.group_size, seed)?;
+        *time_rollout_s += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let codec = rollout_model.codec();
+        let mut out = Vec::with_capacity(prepared.len());
+        for (p, trajectories) in prepared.into_iter().zip(groups) {
+            let truth = ground_truth(&p);
+            let mut rewards = Vec::with_capacity(trajectories.len());
+            for traj in &trajectories {
+                let response = codec.decode(traj.response_tokens())?;
+                let input = RewardInput {
+                    data_source: &p.item.data_source,
+                    question: &p.question,
+                    ground_truth: &truth,
+                    response: &response,
+                    trajectory: Some(traj),
+                };
+                rewards.push(self.pipeline.score(&input)?);
+            }
+            out.push(RolledGroup {
+                item: p,
+                trajectories,
+                rewards,
+            });
+        }
+        *time_reward_s += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
     /// The training engine's view of a trajectory: its tokens (one pad per image) and images.
     fn sequence(&self, traj: &Trajectory) -> TrainResult<Sequence> {
         let preprocess = self.preprocess();
@@ -571,11 +750,107 @@ impl Trainer {
         bundle.map(|b| b.preprocess).unwrap_or_default()
     }
 
+    /// Writes a checkpoint of the run after the steps done so far into
+    /// `checkpoint.dir/step-NNNNNN`: a bundle that runs the current weights (so any checkpoint can
+    /// be evaluated), the optimizer state and the trainer state. It is written in a temporary
+    /// folder renamed into place, so a kill never leaves a half-written checkpoint; older ones
+    /// beyond `checkpoint.keep-last` are removed.
+    pub fn save_checkpoint(&self) -> TrainResult<PathBuf> {
+        let root = self.config.checkpoint_dir();
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let name = format!("step-{:06}", self.step);
+        let dir = root.join(&name);
+        let tmp = root.join(format!(".{name}.partial"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        export_bundle(self.model(), &self.config.model.bundle, &tmp)?;
+        let bytes = self.optim.into_bytes().map_err(|e| TrainError::Data {
+            path: tmp.join(OPTIMIZER_FILE),
+            reason: format!("cannot serialise the optimizer state: {e:?}"),
+        })?;
+        let path = tmp.join(OPTIMIZER_FILE);
+        std::fs::write(&path, &bytes[..]).map_err(io_err(&path))?;
+        let state = TrainerState {
+            step: self.step,
+            data_rng: self.data_rng.clone(),
+            order: self.order.clone(),
+            cursor: self.cursor,
+        };
+        let path = tmp.join(STATE_FILE);
+        let text = serde_json::to_string_pretty(&state).expect("the state serialises");
+        std::fs::write(&path, text).map_err(io_err(&path))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        let keep = self.config.checkpoint.keep_last;
+        if keep > 0 {
+            let all = checkpoints(&root)?;
+            for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+                std::fs::remove_dir_all(old).map_err(io_err(old))?;
+            }
+        }
+        Ok(dir)
+    }
+
     /// Writes a bundle that runs the current weights into `out`: the source bundle's graphs,
     /// tokenizer and maps, with the model's `config.json` and `model.safetensors`.
     pub fn export(&self, out: &Path) -> TrainResult<PathBuf> {
         export_bundle(self.model(), &self.config.model.bundle, out)
     }
+}
+
+/// One prompt's sampled group with its rewards.
+#[derive(Debug)]
+struct RolledGroup {
+    item: PreparedItem,
+    trajectories: Vec<Trajectory>,
+    rewards: Vec<RewardBreakdown>,
+}
+
+/// The optimizer state inside a checkpoint.
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+/// The trainer state inside a checkpoint.
+pub const STATE_FILE: &str = "trainer-state.json";
+
+/// Where a run stands, saved with each checkpoint.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainerState {
+    /// RL steps completed.
+    step: u64,
+    /// The data-order stream.
+    data_rng: Rng,
+    /// The current epoch's item order.
+    order: Vec<usize>,
+    /// The next position in `order`.
+    cursor: usize,
+}
+
+/// The complete checkpoints in `root`, oldest first, with their step.
+pub fn checkpoints(root: &Path) -> TrainResult<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(io_err(root)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_err(root))?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if entry.path().join(STATE_FILE).is_file() {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Writes `model`'s weights as a bundle in `out`, next to copies of the files of `source` (a

@@ -40,7 +40,7 @@ fn low_token_share(input: &RewardInput<'_>) -> deepeyes_core::Result<RewardBreak
     }]))
 }
 
-fn config(out: &std::path::Path, steps: u64) -> TrainConfig {
+fn config(out: &std::path::Path, steps: u64, extra_grpo: &str) -> TrainConfig {
     let text = format!(
         r#"
 output-dir = "{out}"
@@ -72,6 +72,7 @@ logprob-micro-batch = 16
 
 [grpo]
 group-size = 8
+{extra_grpo}
 
 [optimizer]
 lr = 2e-2
@@ -101,7 +102,7 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     rewards
         .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
         .unwrap();
-    let mut trainer = Trainer::new(config(&out, 8), &rewards)
+    let mut trainer = Trainer::new(config(&out, 8, ""), &rewards)
         .unwrap_or_else(|e| panic!("{e}"))
         .with_onnx_options(OnnxOptions {
             threads: 1,
@@ -170,4 +171,48 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     assert_eq!(got[0].len(), want.len());
     assert!(diff <= 1e-4, "ORT and burn disagree by {diff}");
     assert!(moved > 1e-3, "training did not change the weights ORT runs");
+}
+
+/// Like [`low_token_share`], but constant for one V* item, so its groups carry no signal.
+fn low_share_except_one_item(input: &RewardInput<'_>) -> deepeyes_core::Result<RewardBreakdown> {
+    if input.question.contains("left or right side") {
+        return Ok(RewardBreakdown::from_terms(vec![RewardTerm {
+            name: "low_tokens".into(),
+            value: 1.0,
+            weight: 1.0,
+        }]));
+    }
+    low_token_share(input)
+}
+
+#[test]
+fn kl_entropy_and_dynamic_sampling_enter_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn(
+            "low_token_share",
+            Bounds::new(0.0, 1.0),
+            low_share_except_one_item,
+        )
+        .unwrap();
+    let extra = "kl-coef = 0.1\nentropy-coef = 0.01\n[grpo.dynamic-sampling]\nenabled = true\nmax-rounds = 4";
+    let mut trainer = Trainer::new(config(&dir.path().join("run"), 2, extra), &rewards)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_onnx_options(OnnxOptions {
+            threads: 1,
+            ..OnnxOptions::default()
+        });
+    let first = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
+    let second = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
+    for m in [&first, &second] {
+        // Groups without reward variance were replaced: a full batch, all informative.
+        assert_eq!(m.rollout.trajectories, 16);
+        assert_eq!(m.rollout.zero_variance_group_share, 0.0);
+        let entropy = m.update.entropy.expect("entropy is reported");
+        assert!(entropy > 0.0, "{entropy}");
+    }
+    // The policy starts as the reference, then moves away from it.
+    assert!(first.update.kl.expect("kl is reported").abs() < 1e-6);
+    assert!(second.update.kl.expect("kl is reported") > 0.0);
 }

@@ -6,11 +6,13 @@ use crate::cli::Command;
 
 pub(crate) mod doctor;
 pub(crate) mod eval;
+pub(crate) mod export;
 pub(crate) mod plot;
 pub(crate) mod preprocess;
 pub(crate) mod prompt;
 pub(crate) mod reward;
 pub(crate) mod run;
+pub(crate) mod select;
 pub(crate) mod tools;
 pub(crate) mod train;
 
@@ -26,5 +28,7 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Reward(args) => reward::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run(args),
+        Command::Select(args) => select::run(args),
+        Command::Export(args) => export::run(args),
     }
 }

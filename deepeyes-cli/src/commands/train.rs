@@ -14,7 +14,7 @@ use deepeyes_core::onnx::OnnxOptions;
 use deepeyes_reward::Registry;
 use deepeyes_rl::TrainConfig;
 use deepeyes_rl::metrics::{StepMetrics, ToolCollapseDetector};
-use deepeyes_rl::trainer::{Trainer, reward_config};
+use deepeyes_rl::trainer::{Trainer, checkpoints, reward_config};
 
 /// Arguments of `deepeyes train`.
 #[derive(Debug, Args)]
@@ -29,6 +29,10 @@ pub(crate) struct TrainArgs {
     /// without the LLM judge the pipeline configures.
     #[arg(long)]
     no_judge: bool,
+    /// Continue the run from its newest checkpoint (weights, optimizer, data position); the
+    /// next steps equal those of an uninterrupted run.
+    #[arg(long)]
+    resume: bool,
     /// Threads per ONNX Runtime graph during rollouts (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
@@ -61,7 +65,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     }
     let steps = config.steps;
     let every = config.checkpoint.every;
-    let checkpoints = config.checkpoint_dir();
+    let checkpoint_root = config.checkpoint_dir();
     let out = config.output_dir.clone();
     let collapse = ToolCollapseDetector::new(
         config.metrics.tool_collapse_threshold,
@@ -74,13 +78,27 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let pipeline = rewards
         .build(&Registry::new())
         .context("building the reward pipeline")?;
-    let mut trainer = Trainer::with_pipeline(config, pipeline)
-        .context("setting up training")?
-        .with_onnx_options(OnnxOptions {
-            threads: args.threads,
-            ..OnnxOptions::default()
-        });
-    train_loop(&mut trainer, steps, every, &checkpoints, collapse)?;
+    let trainer = if args.resume {
+        let Some((step, dir)) = checkpoints(&checkpoint_root)
+            .context("listing checkpoints")?
+            .pop()
+        else {
+            anyhow::bail!(
+                "--resume: no checkpoint in {}; start without --resume",
+                checkpoint_root.display()
+            );
+        };
+        tracing::info!(step, path = %dir.display(), "resuming");
+        Trainer::resume(config, pipeline, &dir)
+            .with_context(|| format!("resuming from {}", dir.display()))?
+    } else {
+        Trainer::with_pipeline(config, pipeline).context("setting up training")?
+    };
+    let mut trainer = trainer.with_onnx_options(OnnxOptions {
+        threads: args.threads,
+        ..OnnxOptions::default()
+    });
+    train_loop(&mut trainer, steps, every, collapse)?;
     let final_dir = trainer
         .export(&out.join("final"))
         .context("writing the final bundle")?;
@@ -99,7 +117,6 @@ pub(crate) fn train_loop(
     trainer: &mut Trainer,
     steps: u64,
     every: u64,
-    checkpoints: &std::path::Path,
     mut collapse: ToolCollapseDetector,
 ) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
@@ -117,11 +134,10 @@ pub(crate) fn train_loop(
             );
         }
         let done = trainer.step_count();
-        if every > 0 && done.is_multiple_of(every) && done < steps {
-            let dir = checkpoints.join(format!("step-{done:06}"));
-            trainer
-                .export(&dir)
-                .with_context(|| format!("writing checkpoint {}", dir.display()))?;
+        if (every > 0 && done.is_multiple_of(every)) || done == steps {
+            let dir = trainer
+                .save_checkpoint()
+                .with_context(|| format!("writing the checkpoint of step {done}"))?;
             tracing::info!(path = %dir.display(), "checkpoint written");
         }
     }

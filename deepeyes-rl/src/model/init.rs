@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::Param;
+use burn::module::{Param, ParamId};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use deepeyes_core::Rng;
 use safetensors::SafeTensors;
@@ -41,28 +41,44 @@ pub(crate) trait ParamSource {
     fn weight(&mut self, name: &str, rows: usize, cols: usize) -> Result<Param<Tensor<2>>> {
         let std = 1.0 / (cols.max(1) as f32).sqrt();
         let v = self.fetch(name, &[rows, cols], None, InitKind::Normal { std })?;
-        Ok(param2(v, [rows, cols], self.device()))
+        Ok(param2(name, v, [rows, cols], self.device()))
     }
 
     /// A bias vector.
     fn bias(&mut self, name: &str, n: usize) -> Result<Param<Tensor<1>>> {
         let v = self.fetch(name, &[n], None, InitKind::Zeros)?;
-        Ok(param1(v, n, self.device()))
+        Ok(param1(name, v, n, self.device()))
     }
 
     /// A norm scale.
     fn norm(&mut self, name: &str, n: usize) -> Result<Param<Tensor<1>>> {
         let v = self.fetch(name, &[n], None, InitKind::Ones)?;
-        Ok(param1(v, n, self.device()))
+        Ok(param1(name, v, n, self.device()))
     }
 }
 
-fn param2(v: Vec<f32>, shape: [usize; 2], device: &Device) -> Param<Tensor<2>> {
-    Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
+/// The id of parameter `name`: a stable hash (FNV-1a) of its Hugging Face name, so that every
+/// load of a model gives each parameter the same id and an optimizer state saved in a checkpoint
+/// (keyed by id) fits the model reloaded from that checkpoint.
+pub(crate) fn param_id(name: &str) -> ParamId {
+    ParamId::from(name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    }))
 }
 
-fn param1(v: Vec<f32>, n: usize, device: &Device) -> Param<Tensor<1>> {
-    Param::from_tensor(Tensor::from_data(TensorData::new(v, [n]), device))
+/// A trainable parameter named `name` holding `value`.
+pub(crate) fn named_param<const D: usize>(name: &str, value: Tensor<D>) -> Param<Tensor<D>> {
+    let mut param = Param::from_tensor(value);
+    param.id = param_id(name);
+    param
+}
+
+fn param2(name: &str, v: Vec<f32>, shape: [usize; 2], device: &Device) -> Param<Tensor<2>> {
+    named_param(name, Tensor::from_data(TensorData::new(v, shape), device))
+}
+
+fn param1(name: &str, v: Vec<f32>, n: usize, device: &Device) -> Param<Tensor<1>> {
+    named_param(name, Tensor::from_data(TensorData::new(v, [n]), device))
 }
 
 /// Seeded random values: normal matrices (std `1/sqrt(fan_in)` unless given), zero biases, unit

@@ -300,7 +300,10 @@ impl VisionTower {
         let device = src.device().clone();
         let patch_embed = PatchEmbed {
             proj: Linear {
-                weight: burn::module::Param::from_tensor(tensor_from(w, [c, pd], &device)),
+                weight: super::init::named_param(
+                    "visual.patch_embed.proj.weight",
+                    tensor_from(w, [c, pd], &device),
+                ),
                 bias: None,
             },
         };
