@@ -16,6 +16,23 @@ fn deepeyes(args: &[&str]) -> Output {
         .expect("the deepeyes binary runs")
 }
 
+/// `deepeyes train` on `config`, single-threaded, rules-only reward, plus `extra` arguments.
+fn train_command(config: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_deepeyes"));
+    command
+        .args(["train", "--config"])
+        .arg(config)
+        .args(["--threads", "1", "--no-judge"])
+        .args(extra);
+    command
+}
+
+fn train(config: &Path, extra: &[&str]) -> Output {
+    train_command(config, extra)
+        .output()
+        .expect("the deepeyes binary runs")
+}
+
 fn write_config(dir: &Path, extra: &str, steps: u64, every: u64) -> PathBuf {
     let text = format!(
         r#"output-dir = "{out}"
@@ -59,14 +76,7 @@ every = {every}
 fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", 2, 1);
-    let out = deepeyes(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--threads",
-        "1",
-        "--no-judge",
-    ]);
+    let out = train(&config, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -88,6 +98,15 @@ fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     );
     let bundle = run.join("final");
     assert!(bundle.join("weights.json").is_file());
+
+    // The curves of the run draw.
+    let plot = deepeyes(&["plot", run.to_str().unwrap()]);
+    assert!(
+        plot.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plot.stderr)
+    );
+    assert!(run.join("plots/curves.png").is_file());
 
     // A checkpoint exports to a bundle without the training state.
     let exported = dir.path().join("exported");
@@ -163,14 +182,7 @@ fn a_run_killed_mid_step_resumes_exactly() {
     let steps = 4;
     let whole = tempfile::tempdir().unwrap();
     let config = write_config(whole.path(), "", steps, 2);
-    let out = deepeyes(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--threads",
-        "1",
-        "--no-judge",
-    ]);
+    let out = train(&config, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -181,15 +193,7 @@ fn a_run_killed_mid_step_resumes_exactly() {
 
     let cut = tempfile::tempdir().unwrap();
     let config = write_config(cut.path(), "", steps, 2);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
-        .args([
-            "train",
-            "--config",
-            config.to_str().unwrap(),
-            "--threads",
-            "1",
-            "--no-judge",
-        ])
+    let mut child = train_command(&config, &[])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -211,15 +215,7 @@ fn a_run_killed_mid_step_resumes_exactly() {
     let status = child.wait().unwrap();
     assert!(!status.success());
 
-    let out = deepeyes(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--threads",
-        "1",
-        "--no-judge",
-        "--resume",
-    ]);
+    let out = train(&config, &["--resume"]);
     assert!(
         out.status.success(),
         "{}",

@@ -517,31 +517,9 @@ impl Trainer {
             .map(|t| self.sequence(t))
             .collect::<TrainResult<_>>()?;
 
-        // Old log-probs, recomputed by the training engine.
-        let t = Instant::now();
         let n = trajectories.len();
         let width = batch.targets.mask.ncols();
         let micro = self.config.batch.micro_batch.max(1);
-        let mut old = Array2::<f32>::zeros((n, width));
-        for rows in (0..n)
-            .collect::<Vec<_>>()
-            .chunks(self.config.batch.logprob_micro_batch.max(1))
-        {
-            let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
-            let b = Batch::new(&self.model().config, &seqs, PadLayout::OnePerImage)?;
-            let scores = self.model().score_tokens(&b, false)?;
-            let host = to_host(scores.logprobs.detach());
-            for (i, &r) in rows.iter().enumerate() {
-                let len = sequences[r].tokens.len().min(b.score_len);
-                for j in 0..len {
-                    old[(r, j)] = host[i * b.score_len + j];
-                }
-            }
-        }
-        let time_logprob_s = t.elapsed().as_secs_f64();
-
-        // Updates.
-        let t = Instant::now();
         let plan = plan_updates(
             n,
             self.config.batch.mini_batch_trajectories(group),
@@ -549,6 +527,34 @@ impl Trainer {
             self.config.batch.epochs,
             None,
         )?;
+        // Old log-probs, recomputed by the training engine. With a single optimizer step the
+        // policy does not change before every micro-batch has been scored, so the log-probs of
+        // the update's own forward pass are the old ones (the ratio is exactly 1) and the
+        // separate pass is skipped.
+        let t = Instant::now();
+        let single_update = plan.optimizer_steps() == 1;
+        let mut old = Array2::<f32>::zeros((n, width));
+        if !single_update {
+            for rows in (0..n)
+                .collect::<Vec<_>>()
+                .chunks(self.config.batch.logprob_micro_batch.max(1))
+            {
+                let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
+                let b = Batch::new(&self.model().config, &seqs, PadLayout::OnePerImage)?;
+                let scores = self.model().score_tokens(&b, false)?;
+                let host = to_host(scores.logprobs.detach());
+                for (i, &r) in rows.iter().enumerate() {
+                    let len = sequences[r].tokens.len().min(b.score_len);
+                    for j in 0..len {
+                        old[(r, j)] = host[i * b.score_len + j];
+                    }
+                }
+            }
+        }
+        let time_logprob_s = t.elapsed().as_secs_f64();
+
+        // Updates.
+        let t = Instant::now();
         let lr = self
             .config
             .schedule
@@ -582,12 +588,17 @@ impl Trainer {
                         a
                     };
                     let logp = grid(to_host(scores.logprobs.clone().detach()));
-                    let mut old_rows = Array2::<f32>::zeros((rows.len(), w));
-                    for (i, &r) in rows.iter().enumerate() {
-                        for j in 0..w {
-                            old_rows[(i, j)] = old[(r, j)];
+                    let old_rows = if single_update {
+                        logp.clone()
+                    } else {
+                        let mut a = Array2::<f32>::zeros((rows.len(), w));
+                        for (i, &r) in rows.iter().enumerate() {
+                            for j in 0..w {
+                                a[(i, j)] = old[(r, j)];
+                            }
                         }
-                    }
+                        a
+                    };
                     let entropy = scores
                         .entropy
                         .as_ref()

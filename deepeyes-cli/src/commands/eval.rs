@@ -12,11 +12,9 @@ use anyhow::Context;
 use clap::Args;
 use deepeyes_core::dataset::{self, DatasetKind, LoadOptions};
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
-use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
 use deepeyes_reward::judge::Verifier;
 use deepeyes_reward::{HttpJudge, JudgeConfig};
 use deepeyes_rl::eval::{EvalConfig, EvalHeader, EvalSummary, Evaluator, run_eval};
-use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `deepeyes eval`.
@@ -76,17 +74,8 @@ pub(crate) struct EvalArgs {
 
 /// Runs the evaluation and prints its summary.
 pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let templates = match &args.templates {
-        Some(path) => PromptTemplates::from_toml_file(path)
-            .with_context(|| format!("loading prompt templates from {}", path.display()))?,
-        None => PromptTemplates::default(),
-    };
-    let tools_config = match &args.tools_config {
-        Some(path) => ToolsConfig::from_toml_file(path)
-            .with_context(|| format!("loading the tools config {}", path.display()))?,
-        None => ToolsConfig::default(),
-    };
-    let registry = ToolRegistry::from_config(&tools_config).context("setting up the tools")?;
+    let templates = super::load_templates(args.templates.as_deref())?;
+    let (tools_config, registry) = super::load_tools(args.tools_config.as_deref())?;
     let judge = match &args.judge {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -104,15 +93,7 @@ pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let mut agent = AgentConfig {
-        max_turns: args.max_turns,
-        max_new_tokens: args.max_new_tokens,
-        ..AgentConfig::default()
-    };
-    agent.sampling = SamplingParams {
-        temperature: args.temperature,
-        ..agent.sampling
-    };
+    let agent = super::agent_config(args.max_turns, args.max_new_tokens, args.temperature);
     let config = EvalConfig {
         samples: args.samples,
         seed: args.seed,

@@ -1,6 +1,11 @@
 //! One module per subcommand.
 
+use std::path::Path;
 use std::process::ExitCode;
+
+use anyhow::Context;
+use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 use crate::cli::Command;
 
@@ -30,5 +35,43 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train::run(args),
         Command::Select(args) => select::run(args),
         Command::Export(args) => export::run(args),
+    }
+}
+
+/// The prompt templates from `path`, or the built-in ones.
+pub(crate) fn load_templates(path: Option<&Path>) -> anyhow::Result<PromptTemplates> {
+    match path {
+        Some(path) => PromptTemplates::from_toml_file(path)
+            .with_context(|| format!("loading prompt templates from {}", path.display())),
+        None => Ok(PromptTemplates::default()),
+    }
+}
+
+/// The tools config from `path` (or the defaults) and the registry built from it.
+pub(crate) fn load_tools(path: Option<&Path>) -> anyhow::Result<(ToolsConfig, ToolRegistry)> {
+    let config = match path {
+        Some(path) => ToolsConfig::from_toml_file(path)
+            .with_context(|| format!("loading the tools config {}", path.display()))?,
+        None => ToolsConfig::default(),
+    };
+    let registry = ToolRegistry::from_config(&config).context("setting up the tools")?;
+    Ok((config, registry))
+}
+
+/// The agent loop's defaults with the limits and temperature given on the command line.
+pub(crate) fn agent_config(
+    max_turns: usize,
+    max_new_tokens: usize,
+    temperature: f32,
+) -> AgentConfig {
+    let defaults = AgentConfig::default();
+    AgentConfig {
+        max_turns,
+        max_new_tokens,
+        sampling: SamplingParams {
+            temperature,
+            ..defaults.sampling
+        },
+        ..defaults
     }
 }

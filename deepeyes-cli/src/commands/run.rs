@@ -14,10 +14,9 @@ use clap::Args;
 use deepeyes_core::model::FinishReason;
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
 use deepeyes_core::{
-    Agent, AgentConfig, Image, ImageLimits, ImageSource, PreprocessConfig, PromptTemplates,
-    SamplingParams, StopReason, Task, ToolCall, ToolOutcome, Trajectory, VisionLanguageModel,
+    Agent, AgentConfig, Image, ImageLimits, ImageSource, PreprocessConfig, SamplingParams,
+    StopReason, Task, ToolCall, ToolOutcome, Trajectory, VisionLanguageModel,
 };
-use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use serde::Serialize;
 
 /// Arguments of `deepeyes run`.
@@ -325,17 +324,8 @@ fn save_crops(traj: &Trajectory, trace: &Path) -> anyhow::Result<Vec<Option<Stri
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let image = Image::open(&args.image, &ImageLimits::default())
         .with_context(|| format!("reading the image {}", args.image.display()))?;
-    let templates = match &args.templates {
-        Some(path) => PromptTemplates::from_toml_file(path)
-            .with_context(|| format!("loading prompt templates from {}", path.display()))?,
-        None => PromptTemplates::default(),
-    };
-    let tools_config = match &args.tools_config {
-        Some(path) => ToolsConfig::from_toml_file(path)
-            .with_context(|| format!("loading the tools config {}", path.display()))?,
-        None => ToolsConfig::default(),
-    };
-    let registry = ToolRegistry::from_config(&tools_config).context("setting up the tools")?;
+    let templates = super::load_templates(args.templates.as_deref())?;
+    let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
     let config = AgentConfig {
         max_turns: args.max_turns,
         max_new_tokens: args.max_new_tokens,

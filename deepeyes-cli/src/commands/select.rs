@@ -13,10 +13,8 @@ use anyhow::Context;
 use clap::Args;
 use deepeyes_core::dataset::{self, DatasetKind, LoadOptions, ReadError};
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
-use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
 use deepeyes_rl::eval::{EvalConfig, Evaluator};
 use deepeyes_rl::select::{SelectionReport, select};
-use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 /// Arguments of `deepeyes select`.
 #[derive(Debug, Args)]
@@ -61,17 +59,8 @@ pub(crate) struct SelectArgs {
 
 /// Runs the selection and prints the counts of each stage.
 pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
-    let tools_config = ToolsConfig::default();
-    let registry = ToolRegistry::from_config(&tools_config).context("setting up the tools")?;
-    let mut agent = AgentConfig {
-        max_turns: args.max_turns,
-        max_new_tokens: args.max_new_tokens,
-        ..AgentConfig::default()
-    };
-    agent.sampling = SamplingParams {
-        temperature: args.temperature,
-        ..agent.sampling
-    };
+    let (tools_config, registry) = super::load_tools(None)?;
+    let agent = super::agent_config(args.max_turns, args.max_new_tokens, args.temperature);
     let config = EvalConfig {
         samples: args.k,
         seed: args.seed,
@@ -107,7 +96,7 @@ pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         &model,
         registry.tools(),
         &tools_config.zoom_in,
-        PromptTemplates::default(),
+        deepeyes_core::PromptTemplates::default(),
         config,
         None,
     )

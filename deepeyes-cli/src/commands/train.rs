@@ -15,6 +15,7 @@ use deepeyes_reward::Registry;
 use deepeyes_rl::TrainConfig;
 use deepeyes_rl::metrics::{StepMetrics, ToolCollapseDetector};
 use deepeyes_rl::trainer::{Trainer, checkpoints, reward_config};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `deepeyes train`.
 #[derive(Debug, Args)]
@@ -119,14 +120,30 @@ pub(crate) fn train_loop(
     every: u64,
     mut collapse: ToolCollapseDetector,
 ) -> anyhow::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{TABLE_HEADER}")?;
+    let bar = ProgressBar::new(steps);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} step {pos}/{len}  {elapsed_precise} < {eta_precise}",
+        )
+        .expect("the template is valid"),
+    );
+    bar.set_position(trainer.step_count());
+    bar.reset_eta();
+    // The table goes to stdout, the bar to stderr; the bar steps aside while a row prints.
+    let print = |line: &str| -> std::io::Result<()> {
+        bar.suspend(|| {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{line}")?;
+            stdout.flush()
+        })
+    };
+    print(TABLE_HEADER)?;
     while trainer.step_count() < steps {
         let m = trainer
             .train_step()
             .with_context(|| format!("training step {}", trainer.step_count() + 1))?;
-        writeln!(stdout, "{}", table_row(&m))?;
-        stdout.flush()?;
+        print(&table_row(&m))?;
+        bar.set_position(trainer.step_count());
         if let Some(w) = collapse.observe(m.step, m.rollout.tool_calls_mean) {
             tracing::warn!(
                 ?w,
@@ -141,5 +158,6 @@ pub(crate) fn train_loop(
             tracing::info!(path = %dir.display(), "checkpoint written");
         }
     }
+    bar.finish_and_clear();
     Ok(())
 }
