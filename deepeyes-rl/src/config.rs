@@ -54,7 +54,7 @@ pub enum RolloutEngine {
     /// ONNX Runtime, refreshed with the new weights every step (fast).
     #[default]
     Ort,
-    /// The training engine itself.
+    /// The training engine itself (not implemented yet: the trainer refuses it).
     Burn,
 }
 
