@@ -29,6 +29,8 @@ use deepeyes_reward::judge::{JudgeRequest, Verifier};
 use deepeyes_reward::rules::{self, Verdict};
 use deepeyes_tools::geometry::parse_bbox;
 use deepeyes_tools::{ZoomInConfig, ZoomInTool};
+
+use crate::metrics::iou;
 use serde::{Deserialize, Serialize};
 
 /// Name of the zoom tool whose boxes are compared with ground-truth boxes.
@@ -371,16 +373,6 @@ pub struct ItemRecord {
     pub samples: Vec<SampleRecord>,
     /// The share of correct samples (Avg@K for this item).
     pub score: f64,
-}
-
-/// Intersection over union of two `[left, top, right, bottom]` boxes.
-pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// Runs the agent on items and scores them.

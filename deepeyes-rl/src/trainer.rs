@@ -216,6 +216,8 @@ pub struct Trainer {
     templates: PromptTemplates,
     model: Option<Qwen25Vl>,
     reference: Option<Qwen25Vl>,
+    /// The bundle's image preprocessing, read once (the engine must see what ORT saw).
+    preprocess: deepeyes_core::PreprocessConfig,
     optim: burn::optim::ModuleOptimizer,
     onnx: OnnxOptions,
     data_rng: Rng,
@@ -270,6 +272,7 @@ impl Trainer {
             )));
         }
         let items = load_items(&config)?;
+        let preprocess = deepeyes_core::onnx::BundleConfig::load(&config.model.bundle)?.preprocess;
         let tools_text = toml::to_string(&config.tools)
             .map_err(|e| TrainError::Rl(crate::Error::invalid("tools", e.to_string())))?;
         let tools =
@@ -355,6 +358,7 @@ impl Trainer {
             templates: PromptTemplates::default(),
             model: Some(model),
             reference,
+            preprocess,
             optim,
             onnx: OnnxOptions::default(),
             data_rng: state.data_rng,
@@ -744,7 +748,7 @@ impl Trainer {
 
     /// The training engine's view of a trajectory: its tokens (one pad per image) and images.
     fn sequence(&self, traj: &Trajectory) -> TrainResult<Sequence> {
-        let preprocess = self.preprocess();
+        let preprocess = self.preprocess;
         let images = traj
             .images
             .iter()
@@ -754,11 +758,6 @@ impl Trainer {
             tokens: traj.tokens.clone(),
             images,
         })
-    }
-
-    fn preprocess(&self) -> deepeyes_core::PreprocessConfig {
-        let bundle = deepeyes_core::onnx::BundleConfig::load(&self.config.model.bundle);
-        bundle.map(|b| b.preprocess).unwrap_or_default()
     }
 
     /// Writes a checkpoint of the run after the steps done so far into
