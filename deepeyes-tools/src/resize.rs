@@ -106,13 +106,41 @@ pub fn crop(image: &Image, rect: CropRect) -> Result<Image> {
     Ok(Image::from_raw(rect.width, rect.height, out)?)
 }
 
-/// Crops `rect` out of `image` and resizes it to `width × height` in one pass.
+/// Output images smaller than this many pixels are resized on the calling thread only: below it,
+/// starting a second thread costs more than it saves.
+const PARALLEL_MIN_PIXELS: u64 = 1 << 18;
+
+/// The fewest output rows worth giving a thread of their own.
+const MIN_STRIPE_ROWS: usize = 128;
+
+/// The number of threads [`crop_resize`] uses for large outputs: the cores the process may use,
+/// at most 8 (the resize is memory-bound beyond that).
+pub fn default_resize_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Crops `rect` out of `image` and resizes it to `width × height` in one pass, splitting large
+/// outputs across [`default_resize_threads`] threads.
 pub fn crop_resize(
     image: &Image,
     rect: CropRect,
     width: u32,
     height: u32,
     filter: Filter,
+) -> Result<Image> {
+    crop_resize_threads(image, rect, width, height, filter, default_resize_threads())
+}
+
+/// [`crop_resize`] with an explicit thread count (1 = the calling thread only). The output is
+/// identical for every thread count: each thread resizes a horizontal stripe of output rows, and
+/// a stripe reads the source pixels beyond its edges exactly as the whole resize would.
+pub fn crop_resize_threads(
+    image: &Image,
+    rect: CropRect,
+    width: u32,
+    height: u32,
+    filter: Filter,
+    threads: usize,
 ) -> Result<Image> {
     check_rect("crop-resize", image, rect)?;
     check_output("crop-resize", width, height)?;
@@ -126,33 +154,81 @@ pub fn crop_resize(
         fir::PixelType::U8x3,
     )
     .map_err(|e| Error::image("crop-resize", format!("source image: {e}")))?;
-    let mut dst = fir::images::Image::new(width, height, fir::PixelType::U8x3);
+    let row_bytes = width as usize * 3;
+    let mut out = vec![0u8; row_bytes * height as usize];
+    let threads = if u64::from(width) * u64::from(height) < PARALLEL_MIN_PIXELS {
+        1
+    } else {
+        // Each stripe re-reads a few source rows beyond its edges; keep stripes tall enough
+        // that this stays negligible (a 3000×84 strip is faster on one thread).
+        threads.clamp(1, (height as usize / MIN_STRIPE_ROWS).max(1))
+    };
+    if threads == 1 {
+        resize_stripe(&src, rect, width, height, 0, &mut out, filter)?;
+    } else {
+        let rows_per_thread = (height as usize).div_ceil(threads);
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = out
+                .chunks_mut(rows_per_thread * row_bytes)
+                .enumerate()
+                .map(|(i, stripe)| {
+                    let src = &src;
+                    let first_row = (i * rows_per_thread) as u32;
+                    scope.spawn(move || {
+                        resize_stripe(src, rect, width, height, first_row, stripe, filter)
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker
+                    .join()
+                    .map_err(|_| Error::image("crop-resize", "a resize thread panicked"))??;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(Image::from_raw(width, height, out)?)
+}
+
+/// Resizes the output rows `first_row..first_row + stripe.len() / (3·width)` of the crop-resize
+/// of `rect` to `width × height` into `stripe`.
+fn resize_stripe(
+    src: &fir::images::ImageRef<'_>,
+    rect: CropRect,
+    width: u32,
+    height: u32,
+    first_row: u32,
+    stripe: &mut [u8],
+    filter: Filter,
+) -> Result<()> {
+    let rows = (stripe.len() / (width as usize * 3)) as u32;
+    let mut dst = fir::images::Image::from_slice_u8(width, rows, stripe, fir::PixelType::U8x3)
+        .map_err(|e| Error::image("crop-resize", e.to_string()))?;
     // Cache blocking: resize in bands of output rows so the intermediate (horizontally resampled)
     // rows of a band stay in cache instead of streaming a whole-image buffer through memory.
     // Each band is the same resize restricted to a sub-box of the source, and the filter reads
     // source pixels beyond a box edge just as beyond a crop edge, so the bands join seamlessly.
     let scale_y = f64::from(rect.height) / f64::from(height);
-    let band = band_rows(width, scale_y).min(height);
+    let band = band_rows(width, scale_y).min(rows);
     RESIZER.with(|r| -> Result<()> {
         let mut resizer = r.borrow_mut();
         let mut r0 = 0;
-        while r0 < height {
-            let r1 = (r0 + band).min(height);
-            let top = f64::from(rect.y) + f64::from(r0) * scale_y;
-            let bottom = f64::from(rect.y) + f64::from(r1) * scale_y;
+        while r0 < rows {
+            let r1 = (r0 + band).min(rows);
+            let top = f64::from(rect.y) + f64::from(first_row + r0) * scale_y;
+            let bottom = f64::from(rect.y) + f64::from(first_row + r1) * scale_y;
             let options = fir::ResizeOptions::new()
                 .resize_alg(filter.algorithm())
                 .crop(f64::from(rect.x), top, f64::from(rect.width), bottom - top);
             let mut view = fir::images::CroppedImageMut::new(&mut dst, 0, r0, width, r1 - r0)
                 .map_err(|e| Error::image("crop-resize", e.to_string()))?;
             resizer
-                .resize(&src, &mut view, &options)
+                .resize(src, &mut view, &options)
                 .map_err(|e| Error::image("crop-resize", e.to_string()))?;
             r0 = r1;
         }
         Ok(())
-    })?;
-    Ok(Image::from_raw(width, height, dst.into_vec())?)
+    })
 }
 
 /// Resizes the whole of `image` to `width × height`.
@@ -223,6 +299,24 @@ mod tests {
             height: 3,
         };
         assert!(crop(&img, empty).is_err());
+    }
+
+    #[test]
+    fn threaded_crop_resize_equals_single_threaded() {
+        // Above PARALLEL_MIN_PIXELS, so 2 and 3 threads really split the output into stripes.
+        let img = pattern(900, 700);
+        let rect = CropRect::from_edges(37, 21, 837, 661).unwrap();
+        for (w, h) in [(812, 644), (560, 476)] {
+            let one = crop_resize_threads(&img, rect, w, h, Filter::CatmullRom, 1).unwrap();
+            for threads in [2, 3] {
+                let many =
+                    crop_resize_threads(&img, rect, w, h, Filter::CatmullRom, threads).unwrap();
+                assert!(
+                    one.as_raw() == many.as_raw(),
+                    "{threads} threads differ from one at {w}×{h}"
+                );
+            }
+        }
     }
 
     #[test]
