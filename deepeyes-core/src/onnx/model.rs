@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::image::Image;
 use crate::model::HfTokenizer;
-use crate::preprocess::{PixelValues, preprocess_image};
+use crate::preprocess::{PixelValues, Preprocessor};
 use crate::protocol::IMAGE_PAD;
 use crate::vision::{RopeIndex, VisionGeometry, rope_index, vision_inputs};
 
@@ -196,6 +196,9 @@ pub struct OnnxModel {
     past_names: Vec<String>,
     present_names: Vec<String>,
     cache: Mutex<FeatureCache>,
+    /// The preprocessor and pixel buffer, reused image after image: a fresh multi-megabyte
+    /// buffer per image costs a page fault per 4 KiB, as much as the rest of preprocessing.
+    pixels: Mutex<(Preprocessor, Vec<f32>)>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -471,6 +474,7 @@ impl OnnxModel {
             seconds = started.elapsed().as_secs_f64(),
             "loaded model bundle"
         );
+        let preprocessor = Preprocessor::new(config.preprocess)?;
         Ok(Self {
             dir,
             config,
@@ -485,6 +489,7 @@ impl OnnxModel {
             past_names,
             present_names,
             cache: Mutex::new(FeatureCache::default()),
+            pixels: Mutex::new((preprocessor, Vec::new())),
         })
     }
 
@@ -524,15 +529,20 @@ impl OnnxModel {
 
     /// Runs the vision encoder on one preprocessed image: `[tokens, hidden]` features, row-major.
     pub fn encode_image(&self, pixels: &PixelValues) -> OnnxResult<Vec<f32>> {
+        self.encode_pixels(pixels.grid_thw, &pixels.data)
+    }
+
+    /// [`encode_image`](Self::encode_image) on pixel values held elsewhere (a reused buffer).
+    fn encode_pixels(&self, grid_thw: [u32; 3], data: &[f32]) -> OnnxResult<Vec<f32>> {
         let geo = self.geometry();
-        let inputs = vision_inputs(&[pixels.grid_thw], &geo)?;
+        let inputs = vision_inputs(&[grid_thw], &geo)?;
         let n = inputs.patches;
         let d = self.config.vision.patch_dim();
-        if pixels.data.len() != n * d {
+        if data.len() != n * d {
             return Err(crate::Error::Model(format!(
                 "pixel values hold {} numbers; grid {:?} needs {n} patches of {d}",
-                pixels.data.len(),
-                pixels.grid_thw
+                data.len(),
+                grid_thw
             ))
             .into());
         }
@@ -546,7 +556,7 @@ impl OnnxModel {
                 (
                     Cow::from("pixel_values"),
                     SessionInputValue::from(
-                        TensorRef::from_array_view(([n, d], &pixels.data[..])).map_err(&err)?,
+                        TensorRef::from_array_view(([n, d], data)).map_err(&err)?,
                     ),
                 ),
                 (
@@ -591,7 +601,7 @@ impl OnnxModel {
                 message: format!("image_embeds has shape {shape:?}, expected [{m}, {hidden}]"),
             });
         }
-        tracing::debug!(grid = ?pixels.grid_thw, ms = started.elapsed().as_secs_f64() * 1e3, "vision encoder");
+        tracing::debug!(grid = ?grid_thw, ms = started.elapsed().as_secs_f64() * 1e3, "vision encoder");
         Ok(data.to_vec())
     }
 
@@ -613,11 +623,15 @@ impl OnnxModel {
                 return Ok(enc);
             }
         }
-        let pixels = preprocess_image(image, &self.config.preprocess)?;
-        let enc = Arc::new(Encoded {
-            grid: pixels.grid_thw,
-            features: self.encode_image(&pixels)?,
-        });
+        let enc = {
+            let mut guard = lock(&self.pixels);
+            let (preprocessor, buffer) = &mut *guard;
+            let grid = preprocessor.preprocess_into(std::slice::from_ref(image), buffer)?[0];
+            Arc::new(Encoded {
+                grid,
+                features: self.encode_pixels(grid, buffer)?,
+            })
+        };
         if cap > 0 {
             let mut cache = lock(&self.cache);
             cache.entries.push_front((key, dims, Arc::clone(&enc)));

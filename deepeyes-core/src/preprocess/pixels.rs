@@ -68,21 +68,83 @@ fn scratch(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
 }
 
 /// One single-direction (or same-size) resize pass of packed RGB bytes into `dst`.
+///
+/// Outputs of at least [`PARALLEL_MIN_PIXELS`] are split into horizontal stripes of output rows,
+/// one per thread (up to `threads`). A stripe is the same resize restricted to a sub-box of the
+/// source, and the filter reads source rows beyond a box edge just as the whole resize does, so
+/// the result is byte-identical to one pass (unit-tested).
 fn resize_pass(
     resizer: &mut fir::Resizer,
-    options: &fir::ResizeOptions,
+    alg: fir::ResizeAlg,
     src: (&[u8], u32, u32),
     dst: (&mut [u8], u32, u32),
+    threads: usize,
 ) -> Result<()> {
     let (src, sw, sh) = src;
     let (dst, dw, dh) = dst;
     let src =
         fir::images::ImageRef::new(sw, sh, src, fir::PixelType::U8x3).map_err(resize_error)?;
-    let mut dst = fir::images::Image::from_slice_u8(dw, dh, dst, fir::PixelType::U8x3)
-        .map_err(resize_error)?;
-    resizer
-        .resize(&src, &mut dst, options)
-        .map_err(resize_error)
+    let threads = if u64::from(dw) * u64::from(dh) < PARALLEL_MIN_PIXELS {
+        1
+    } else {
+        threads.clamp(1, (dh as usize / MIN_STRIPE_ROWS).max(1))
+    };
+    if threads == 1 {
+        let mut dst = fir::images::Image::from_slice_u8(dw, dh, dst, fir::PixelType::U8x3)
+            .map_err(resize_error)?;
+        let options = fir::ResizeOptions::new().resize_alg(alg);
+        return resizer
+            .resize(&src, &mut dst, &options)
+            .map_err(resize_error);
+    }
+    let rows_per_thread = (dh as usize).div_ceil(threads);
+    let row_bytes = dw as usize * 3;
+    let scale_y = f64::from(sh) / f64::from(dh);
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = dst
+            .chunks_mut(rows_per_thread * row_bytes)
+            .enumerate()
+            .map(|(i, stripe)| {
+                let src = &src;
+                let first = (i * rows_per_thread) as f64;
+                scope.spawn(move || -> Result<()> {
+                    let rows = (stripe.len() / row_bytes) as u32;
+                    let mut dst =
+                        fir::images::Image::from_slice_u8(dw, rows, stripe, fir::PixelType::U8x3)
+                            .map_err(resize_error)?;
+                    let top = first * scale_y;
+                    let bottom = (first + f64::from(rows)) * scale_y;
+                    let options = fir::ResizeOptions::new().resize_alg(alg).crop(
+                        0.0,
+                        top,
+                        f64::from(sw),
+                        bottom - top,
+                    );
+                    fir::Resizer::new()
+                        .resize(src, &mut dst, &options)
+                        .map_err(resize_error)
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker
+                .join()
+                .map_err(|_| resize_error("a resize thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// Output images smaller than this many pixels are resized on one thread: below it, starting
+/// threads costs more than it saves.
+const PARALLEL_MIN_PIXELS: u64 = 1 << 18;
+
+/// The fewest output rows worth giving a thread of their own.
+const MIN_STRIPE_ROWS: usize = 128;
+
+/// Threads for the large-image parts of preprocessing: the available cores, at most 8.
+fn worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 /// Resizes `image` to `height × width` into `resized[..height * width * 3]`, using `rows` for
@@ -99,6 +161,7 @@ fn resize_into(
     filter: ResampleFilter,
     rows: &mut Vec<u8>,
     resized: &mut Vec<u8>,
+    threads: usize,
 ) -> Result<()> {
     if height == 0 || width == 0 {
         return Err(resize_error(format!(
@@ -107,31 +170,34 @@ fn resize_into(
             image.height()
         )));
     }
-    let options = fir::ResizeOptions::new().resize_alg(algorithm(filter));
+    let alg = algorithm(filter);
     let (sw, sh) = (image.width(), image.height());
     let out_len = height as usize * width as usize * 3;
     match (width == sw, height == sh) {
         (true, true) => scratch(resized, out_len).copy_from_slice(image.as_raw()),
         (false, true) | (true, false) => resize_pass(
             resizer,
-            &options,
+            alg,
             (image.as_raw(), sw, sh),
             (scratch(resized, out_len), width, height),
+            threads,
         )?,
         (false, false) => {
             let mid_len = width as usize * sh as usize * 3;
             let mid = scratch(rows, mid_len);
             resize_pass(
                 resizer,
-                &options,
+                alg,
                 (image.as_raw(), sw, sh),
                 (&mut *mid, width, sh),
+                threads,
             )?;
             resize_pass(
                 resizer,
-                &options,
+                alg,
                 (mid, width, sh),
                 (scratch(resized, out_len), width, height),
+                threads,
             )?;
         }
     }
@@ -158,6 +224,7 @@ pub fn resize_rgb(
         filter,
         &mut Vec::new(),
         &mut out,
+        worker_threads(),
     )?;
     image::RgbImage::from_raw(width, height, out)
         .ok_or_else(|| resize_error("the resizer returned a buffer of the wrong size"))
@@ -319,6 +386,7 @@ impl Preprocessor {
                     self.cfg.resample,
                     &mut self.rows,
                     &mut self.resized,
+                    worker_threads(),
                 )?;
                 let len = dims.0 as usize * dims.1 as usize * 3;
                 (&self.resized[..len], dims)
@@ -426,9 +494,7 @@ fn write_patches_parallel(
     let band = (cfg.factor() as usize) * width * 3; // bytes of one merge-block row
     let block_rows = height / cfg.factor() as usize;
     let patches = out.len() / cfg.patch_dim();
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8)
+    let threads = worker_threads()
         .min(patches / PATCHES_PER_THREAD)
         .min(block_rows);
     if threads <= 1 {
@@ -462,6 +528,32 @@ mod tests {
         let (bh, mh, bw, mw) = (gy / m, gy % m, gx / m, gx % m);
         let patch = ((bh * (grid_w / m) + bw) * m + mh) * m + mw;
         patch * (3 * t * p * p) + ((c * t + frame) * p + py) * p + px
+    }
+
+    #[test]
+    fn threaded_resize_equals_one_thread() {
+        let image = test_pattern(700, 900, PatternKind::Mixed, 5).unwrap();
+        // Both directions, a single direction, upscale and downscale, all above the threshold.
+        for (h, w) in [(644, 812), (700, 560), (560, 900), (980, 1204)] {
+            let run = |threads| {
+                let mut out = Vec::new();
+                resize_into(
+                    &mut fir::Resizer::new(),
+                    &image,
+                    (h, w),
+                    ResampleFilter::Bicubic,
+                    &mut Vec::new(),
+                    &mut out,
+                    threads,
+                )
+                .unwrap();
+                out
+            };
+            let one = run(1);
+            for threads in [2, 3] {
+                assert!(one == run(threads), "{threads} threads differ at {w}×{h}");
+            }
+        }
     }
 
     #[test]
