@@ -967,6 +967,9 @@ def write_bundle(model, src: Path, out: Path, external: bool) -> None:
     if not tokenizer.exists():
         raise SystemExit(f"{tokenizer} not found: the bundle needs the checkpoint's tokenizer.json")
     shutil.copyfile(tokenizer, out / "tokenizer.json")
+    # The prompt templates the checkpoint was trained with (deepeyes init-tinyeyes writes them).
+    if (src / "templates.toml").exists():
+        shutil.copyfile(src / "templates.toml", out / "templates.toml")
     cfg = bundle_config(model, src, external)
     (out / "bundle.json").write_text(json.dumps(cfg, indent=2) + "\n")
     log(f"wrote {out / 'bundle.json'}")

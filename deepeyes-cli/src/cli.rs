@@ -29,6 +29,10 @@ pub(crate) struct GlobalArgs {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
+    /// The main job: TinyEyes learns to zoom by GRPO on SynthV* (base eval, live table, trained eval, curves, a traced episode).
+    Demo(commands::demo::DemoArgs),
+    /// Write SynthV* splits (PNG images and a JSONL index per split).
+    Synthv(commands::synthv::SynthVArgs),
     /// Render the prompt a model sees for a question and images, with the tools listed.
     Prompt(commands::prompt::PromptArgs),
     /// Draw a training run's curves (reward, accuracy, tool calls, IoU, …) to PNG and SVG.
@@ -51,4 +55,8 @@ pub(crate) enum Command {
     Select(commands::select::SelectArgs),
     /// Write the model bundle of a training checkpoint (runs in ONNX Runtime as is).
     Export(commands::export::ExportArgs),
+    /// Write an untrained TinyEyes checkpoint (own tokenizer, tiny Qwen2.5-VL) from a seed.
+    InitTinyeyes(commands::init_tinyeyes::InitTinyEyesArgs),
+    /// Train TinyEyes' supervised base (grounding, crop perception, answer and call formats) on SynthV*.
+    PretrainSynthetic(commands::pretrain::PretrainArgs),
 }

@@ -29,6 +29,9 @@ pub const ANSWER_START: &str = "<answer>";
 /// Closes the final answer.
 pub const ANSWER_END: &str = "</answer>";
 
+/// The file in a model bundle that holds the prompt templates it was trained with.
+pub const BUNDLE_TEMPLATES_FILE: &str = "templates.toml";
+
 /// The wording of every prompt the protocol renders. Placeholders in braces are filled in; every
 /// field can be overridden from a TOML file (for instance with the prompt a released checkpoint
 /// was trained with).
@@ -88,6 +91,22 @@ impl PromptTemplates {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The templates a model bundle was trained with: its [`BUNDLE_TEMPLATES_FILE`] when
+    /// present, else the built-in ones.
+    pub fn for_bundle(dir: impl AsRef<Path>) -> Result<Self> {
+        let path = dir.as_ref().join(BUNDLE_TEMPLATES_FILE);
+        if path.is_file() {
+            Self::from_toml_file(path)
+        } else {
+            Ok(Self::default())
+        }
+    }
+
+    /// The templates as TOML text (what [`from_toml_str`](Self::from_toml_str) reads back).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("templates are plain strings")
     }
 
     /// Parses templates from TOML text; `origin` names the source in errors.

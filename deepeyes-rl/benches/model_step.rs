@@ -81,8 +81,43 @@ fn multimodal_batch(cfg: &Qwen25VlConfig, rows: usize) -> Batch {
     Batch::new(cfg, &seqs, PadLayout::OnePerImage).expect("multimodal batch")
 }
 
+/// Rows shaped like a TinyEyes zoom episode: 70 tokens, two 8×8-patch images (16 merged tokens
+/// each), so 100 expanded positions.
+fn tinyeyes_batch(cfg: &Qwen25VlConfig, rows: usize) -> Batch {
+    let pd = cfg.vision.patch_dim();
+    let image = |r: usize, k: usize| ImageInput {
+        grid: [1, 8, 8],
+        patches: (0..64 * pd)
+            .map(|i| ((i + 7 * r + 131 * k) as f32 * 0.013).sin())
+            .collect(),
+    };
+    let text = |r: usize, n: usize, salt: usize| {
+        (0..n).map(move |i| (20 + (r * 37 + i * 11 + salt) % 600) as u32)
+    };
+    let seqs: Vec<Sequence> = (0..rows)
+        .map(|r| {
+            let marker = [
+                cfg.vision_start_token_id,
+                cfg.image_token_id,
+                cfg.vision_end_token_id,
+            ];
+            let mut tokens: Vec<u32> = text(r, 3, 0).collect();
+            tokens.extend(marker);
+            tokens.extend(text(r, 40, 1));
+            tokens.extend(marker);
+            tokens.extend(text(r, 21, 2));
+            Sequence {
+                tokens,
+                images: vec![image(r, 0), image(r, 1)],
+            }
+        })
+        .collect();
+    Batch::new(cfg, &seqs, PadLayout::OnePerImage).expect("TinyEyes batch")
+}
+
 fn cases() -> Vec<Case> {
     let tiny = Qwen25VlConfig::tiny();
+    let tinyeyes = deepeyes_rl::tinyeyes::tinyeyes_model_config(688);
     let probe = probe_sized();
     vec![
         Case {
@@ -99,6 +134,11 @@ fn cases() -> Vec<Case> {
             name: "tiny Qwen2.5-VL, 8x(48 text + 16 image)",
             batch: multimodal_batch(&tiny, 8),
             config: tiny,
+        },
+        Case {
+            name: "TinyEyes, 32x(70 tokens + 2 images)",
+            batch: tinyeyes_batch(&tinyeyes, 32),
+            config: tinyeyes,
         },
     ]
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod schedule;
 pub mod select;
 pub mod synthv;
+pub mod tinyeyes;
 pub mod trainer;
 
 pub use config::TrainConfig;

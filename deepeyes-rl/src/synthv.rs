@@ -132,7 +132,7 @@ pub struct SynthVItem {
     pub dot_box: [u32; 4],
 }
 
-const QUESTIONS: [&str; 3] = [
+pub(crate) const QUESTIONS: [&str; 3] = [
     "What colour is the dot on the small white card?",
     "The image contains one small white card with a dot in its middle. Which colour is that dot?",
     "Find the little white card. What is the colour of the mark at its centre?",
@@ -384,7 +384,8 @@ pub fn write_split(
         let row = IndexRow {
             id: &item.id,
             image: rel,
-            question: &item.question,
+            // The question alone: readers render the options from `options` themselves.
+            question: item.question.split('\n').next().unwrap_or_default(),
             options: &item.options,
             answer: &item.options[item.answer_index],
             answer_index: item.answer_index,

@@ -177,7 +177,11 @@ fn ground_truth(p: &PreparedItem) -> String {
 }
 
 /// Global L2 norm of accumulated gradients, and the same gradients scaled by `factor`.
-fn grad_norm_and_scale(model: &Qwen25Vl, grads: &mut GradientsParams, factor: Option<f64>) -> f64 {
+pub(crate) fn grad_norm_and_scale(
+    model: &Qwen25Vl,
+    grads: &mut GradientsParams,
+    factor: Option<f64>,
+) -> f64 {
     fn visit<const D: usize>(
         grads: &mut GradientsParams,
         id: burn::module::ParamId,
@@ -350,12 +354,14 @@ impl Trainer {
             order: (0..items.len()).collect(),
             cursor: usize::MAX,
         });
+        // The prompts the starting bundle was trained with (its templates.toml), if it says.
+        let templates = PromptTemplates::for_bundle(&config.model.bundle)?;
         let mut trainer = Self {
             config,
             items,
             pipeline,
             tools,
-            templates: PromptTemplates::default(),
+            templates,
             model: Some(model),
             reference,
             preprocess,

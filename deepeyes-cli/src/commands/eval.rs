@@ -18,63 +18,71 @@ use deepeyes_rl::eval::{EvalConfig, EvalHeader, EvalSummary, Evaluator, run_eval
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `deepeyes eval`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub(crate) struct EvalArgs {
     /// The model bundle directory.
     #[arg(long, value_name = "DIR")]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// The benchmark format: vstar (a folder per category), hrbench (TSV), synthv or jsonl
     /// (JSONL index), verl (parquet).
     #[arg(long, value_name = "KIND")]
-    bench: DatasetKind,
+    pub(crate) bench: DatasetKind,
     /// The benchmark file or folder.
     #[arg(long, value_name = "PATH")]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
     /// Answers per item; the score is Avg@K.
     #[arg(long, default_value_t = 1, value_name = "K")]
-    samples: usize,
+    pub(crate) samples: usize,
     /// Seed of the option order and of sampling.
     #[arg(long, default_value_t = 0, value_name = "S")]
-    seed: u64,
+    pub(crate) seed: u64,
     /// A TOML file with the judge's settings (base-url, model, timeout, …), asked when the rules
     /// cannot decide.
     #[arg(long, value_name = "CONFIG")]
-    judge: Option<PathBuf>,
+    pub(crate) judge: Option<PathBuf>,
     /// The output directory (traces, summary); an interrupted eval there is resumed.
     #[arg(long, default_value = "runs/eval", value_name = "DIR")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Keep the options in stored order (V* stores the answer first, which inflates scores).
     #[arg(long)]
-    no_shuffle: bool,
+    pub(crate) no_shuffle: bool,
     /// Evaluate at most N items.
     #[arg(long, value_name = "N")]
-    limit: Option<usize>,
+    pub(crate) limit: Option<usize>,
     /// Most model turns per answer.
     #[arg(long, default_value_t = 5, value_name = "N")]
-    max_turns: usize,
+    pub(crate) max_turns: usize,
     /// Most tokens per turn.
     #[arg(long, default_value_t = 2048, value_name = "N")]
-    max_new_tokens: usize,
+    pub(crate) max_new_tokens: usize,
     /// Sampling temperature; 0 is greedy (DeepEyes evaluates greedily).
     #[arg(long, default_value_t = 0.0, value_name = "T")]
-    temperature: f32,
+    pub(crate) temperature: f32,
     /// Items stepped together (batched generation).
     #[arg(long, default_value_t = 4, value_name = "N")]
-    batch: usize,
+    pub(crate) batch: usize,
     /// Threads per graph (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
-    threads: usize,
+    pub(crate) threads: usize,
     /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
     #[arg(long, value_name = "FILE")]
-    tools_config: Option<PathBuf>,
+    pub(crate) tools_config: Option<PathBuf>,
     /// A TOML file overriding the prompt templates.
     #[arg(long, value_name = "FILE")]
-    templates: Option<PathBuf>,
+    pub(crate) templates: Option<PathBuf>,
 }
 
 /// Runs the evaluation and prints its summary.
 pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
-    let templates = super::load_templates(args.templates.as_deref())?;
+    let summary = evaluate(&args)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(render(&summary, &args.out.display().to_string()).as_bytes())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs the evaluation (with a progress bar) and returns its summary.
+pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
+    let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
     let (tools_config, registry) = super::load_tools(args.tools_config.as_deref())?;
     let judge = match &args.judge {
         Some(path) => {
@@ -163,9 +171,7 @@ pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     })
     .with_context(|| format!("evaluating into {}", args.out.display()))?;
     bar.finish_and_clear();
-    let mut out = std::io::stdout().lock();
-    out.write_all(render(&summary, &args.out.display().to_string()).as_bytes())?;
-    Ok(ExitCode::SUCCESS)
+    Ok(summary)
 }
 
 /// The summary as a short table.

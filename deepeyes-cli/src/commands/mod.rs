@@ -9,21 +9,27 @@ use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 use crate::cli::Command;
 
+pub(crate) mod demo;
 pub(crate) mod doctor;
 pub(crate) mod eval;
 pub(crate) mod export;
+pub(crate) mod init_tinyeyes;
 pub(crate) mod plot;
 pub(crate) mod preprocess;
+pub(crate) mod pretrain;
 pub(crate) mod prompt;
 pub(crate) mod reward;
 pub(crate) mod run;
 pub(crate) mod select;
+pub(crate) mod synthv;
 pub(crate) mod tools;
 pub(crate) mod train;
 
 /// Runs the chosen subcommand.
 pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Demo(args) => demo::run(args),
+        Command::Synthv(args) => synthv::run(args),
         Command::Prompt(args) => prompt::run(args),
         Command::Plot(args) => plot::run(args),
         Command::Preprocess(args) => preprocess::run(args),
@@ -35,15 +41,23 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Train(args) => train::run(args),
         Command::Select(args) => select::run(args),
         Command::Export(args) => export::run(args),
+        Command::InitTinyeyes(args) => init_tinyeyes::run(args),
+        Command::PretrainSynthetic(args) => pretrain::run(args),
     }
 }
 
-/// The prompt templates from `path`, or the built-in ones.
-pub(crate) fn load_templates(path: Option<&Path>) -> anyhow::Result<PromptTemplates> {
-    match path {
-        Some(path) => PromptTemplates::from_toml_file(path)
+/// The prompt templates from `path`; else those the model bundle `model` was trained with
+/// (its `templates.toml`); else the built-in ones.
+pub(crate) fn load_templates(
+    path: Option<&Path>,
+    model: Option<&Path>,
+) -> anyhow::Result<PromptTemplates> {
+    match (path, model) {
+        (Some(path), _) => PromptTemplates::from_toml_file(path)
             .with_context(|| format!("loading prompt templates from {}", path.display())),
-        None => Ok(PromptTemplates::default()),
+        (None, Some(dir)) => PromptTemplates::for_bundle(dir)
+            .with_context(|| format!("loading the prompt templates of {}", dir.display())),
+        (None, None) => Ok(PromptTemplates::default()),
     }
 }
 

@@ -394,6 +394,16 @@ fn write_svg(path: &Path, title: &str, panels: &[Panel]) -> anyhow::Result<()> {
     std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Draws the curves of the metrics JSONL at `metrics` into the PNG `path`.
+pub(crate) fn write_curves_png(metrics: &Path, path: &Path, title: &str) -> anyhow::Result<()> {
+    let records = read_records(metrics)?;
+    let panels = panels(&records);
+    if panels.is_empty() {
+        bail!("{}: no plottable metrics", metrics.display());
+    }
+    write_png(path, title, &panels)
+}
+
 /// Draws the curves of a run.
 pub(crate) fn run(args: PlotArgs) -> anyhow::Result<ExitCode> {
     let metrics = args

@@ -324,7 +324,7 @@ fn save_crops(traj: &Trajectory, trace: &Path) -> anyhow::Result<Vec<Option<Stri
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let image = Image::open(&args.image, &ImageLimits::default())
         .with_context(|| format!("reading the image {}", args.image.display()))?;
-    let templates = super::load_templates(args.templates.as_deref())?;
+    let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
     let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
     let config = AgentConfig {
         max_turns: args.max_turns,

@@ -96,7 +96,7 @@ pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         &model,
         registry.tools(),
         &tools_config.zoom_in,
-        deepeyes_core::PromptTemplates::default(),
+        super::load_templates(None, Some(&args.model))?,
         config,
         None,
     )

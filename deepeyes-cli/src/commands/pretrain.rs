@@ -1,0 +1,132 @@
+//! `deepeyes pretrain-synthetic`: TinyEyes' supervised base stage on SynthV* (grounding,
+//! perception of crops, the answer and tool-call formats), from a seed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use deepeyes_rl::tinyeyes::{BaseStage, BaseStageConfig, init_checkpoint};
+
+/// Arguments of `deepeyes pretrain-synthetic`.
+#[derive(Debug, Args)]
+pub(crate) struct PretrainArgs {
+    /// Output directory: `checkpoint/` (the trained weights, a Hugging Face directory),
+    /// `base-metrics.jsonl`, and `bundle/` when `--bundle-template` is given.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Start from this checkpoint instead of a fresh one (`init-tinyeyes` output, or an earlier
+    /// run's `checkpoint/`).
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
+    /// A TinyEyes ONNX bundle whose graphs run the trained weights (`bundle/` is written).
+    #[arg(long, value_name = "BUNDLE")]
+    bundle_template: Option<PathBuf>,
+    /// Seed of the fresh checkpoint, the canvases and the sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = BaseStageConfig::default().steps)]
+    steps: u64,
+    /// Conversations per step.
+    #[arg(long, default_value_t = BaseStageConfig::default().batch_size)]
+    batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = BaseStageConfig::default().lr)]
+    lr: f64,
+    /// Steps between held-out evaluations (and checkpoint saves).
+    #[arg(long, default_value_t = BaseStageConfig::default().eval_every)]
+    eval_every: u64,
+    /// Training canvases generated up front.
+    #[arg(long, default_value_t = BaseStageConfig::default().pool_size)]
+    pool_size: usize,
+}
+
+/// Runs the base stage.
+pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let source = match &args.from {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = args.out.join("init");
+            init_checkpoint(&dir, args.seed)
+                .with_context(|| format!("initialising TinyEyes in {}", dir.display()))?;
+            dir
+        }
+    };
+    let config = BaseStageConfig {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        eval_every: args.eval_every,
+        pool_size: args.pool_size,
+        seed: args.seed,
+        ..BaseStageConfig::default()
+    };
+    let mut stage = BaseStage::new(&source, config.clone())
+        .with_context(|| format!("setting up the base stage from {}", source.display()))?;
+    let checkpoint = args.out.join("checkpoint");
+    let metrics_path = args.out.join("base-metrics.jsonl");
+    let mut metrics = std::io::BufWriter::new(
+        std::fs::File::create(&metrics_path)
+            .with_context(|| format!("creating {}", metrics_path.display()))?,
+    );
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "{:>6} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "step", "loss", "lr", "grad", "box IoU", "box hit", "percept", "p(zoom)", "s/step"
+    )?;
+    let mut window = (0.0, 0.0, 0usize);
+    for _ in 0..config.steps {
+        let step = stage.train_step()?;
+        window.0 += step.loss;
+        window.1 += step.seconds;
+        window.2 += 1;
+        let done = stage.step_count();
+        let eval_now = (config.eval_every > 0 && done.is_multiple_of(config.eval_every))
+            || done == config.steps;
+        if eval_now {
+            let e = stage.evaluate()?;
+            let loss = window.0 / window.2 as f64;
+            writeln!(
+                stdout,
+                "{done:>6} {loss:>8.4} {:>9.2e} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2}",
+                step.lr,
+                step.grad_norm,
+                e.ground_iou,
+                e.ground_hit,
+                e.perception_acc,
+                e.zoom_prob,
+                window.1 / window.2 as f64
+            )?;
+            writeln!(
+                metrics,
+                "{}",
+                serde_json::json!({
+                    "step": done, "loss": loss, "lr": step.lr, "grad_norm": step.grad_norm,
+                    "ground_iou": e.ground_iou, "ground_hit": e.ground_hit,
+                    "perception_acc": e.perception_acc, "zoom_prob": e.zoom_prob,
+                    "seconds_per_step": window.1 / window.2 as f64,
+                })
+            )?;
+            metrics.flush()?;
+            window = (0.0, 0.0, 0);
+            stage
+                .save(&source, &checkpoint)
+                .with_context(|| format!("saving {}", checkpoint.display()))?;
+        }
+    }
+    stage.save(&source, &checkpoint)?;
+    if let Some(template) = &args.bundle_template {
+        let bundle = args.out.join("bundle");
+        deepeyes_rl::trainer::export_bundle(stage.model(), template, &bundle)
+            .with_context(|| format!("writing the bundle {}", bundle.display()))?;
+        // The template's bundle config stays; only the weights are new.
+        writeln!(stdout, "wrote {}", bundle.display())?;
+    }
+    writeln!(stdout, "wrote {}", checkpoint.display())?;
+    Ok(ExitCode::SUCCESS)
+}

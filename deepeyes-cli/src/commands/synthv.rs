@@ -1,0 +1,56 @@
+//! `deepeyes synthv --out DIR`: write SynthV* splits (PNG images and a JSONL index per split,
+//! in the row format `deepeyes eval --bench synthv` and `deepeyes train` read).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use deepeyes_rl::synthv::{SynthVConfig, write_split};
+
+/// Arguments of `deepeyes synthv`.
+#[derive(Debug, Args)]
+pub(crate) struct SynthVArgs {
+    /// The directory to write (`images/`, `train.jsonl`, `test.jsonl`).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) out: PathBuf,
+    /// Training items.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub(crate) train: u64,
+    /// Held-out test items (drawn from a seed stream disjoint from training's).
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub(crate) test: u64,
+    /// Seed of both splits.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+}
+
+/// Writes both splits and returns their index paths.
+pub(crate) fn write(args: &SynthVArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let config = SynthVConfig::default();
+    let mut paths = Vec::new();
+    for (split, count) in [("train", args.train), ("test", args.test)] {
+        let path = write_split(&config, &args.out, split, count, args.seed)
+            .with_context(|| format!("writing the {split} split into {}", args.out.display()))?;
+        paths.push(path);
+    }
+    let test = paths.pop().expect("two splits");
+    let train = paths.pop().expect("two splits");
+    Ok((train, test))
+}
+
+/// Writes the splits and says where.
+pub(crate) fn run(args: SynthVArgs) -> anyhow::Result<ExitCode> {
+    let (train, test) = write(&args)?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "wrote {} training items to {} and {} test items to {}",
+        args.train,
+        train.display(),
+        args.test,
+        test.display()
+    )?;
+    Ok(ExitCode::SUCCESS)
+}

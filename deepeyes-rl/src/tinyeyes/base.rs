@@ -1,0 +1,809 @@
+//! The supervised base stage: what the paper's base model already knew, taught to TinyEyes from
+//! scratch on SynthV* canvases, and nothing more.
+//!
+//! Every training sample is one conversation in [`TinyEyesFormat`], with the loss on some of the
+//! assistant's tokens only:
+//! - **grounding**: "Where is the small white card?" → `<answer>[x1, y1, x2, y2]</answer>`, the
+//!   card's box on the 16 px grid the zoom calls use;
+//! - **perception**: the colour question, a zoom call on a random box around the card, the crop
+//!   as the tool returns it, then `<answer>colour</answer>`, with the loss on the answer only (so
+//!   it teaches reading a crop, not when to zoom). The dot is repainted with a random answer
+//!   colour in every crop, and the label follows, so the model cannot memorise canvases;
+//! - **action format**: most often a direct `<answer>` with a uniformly guessed colour (the
+//!   global view cannot tell), sometimes a zoom call on a *noisy* card box (shifted up to one bin
+//!   per edge) followed by the answer the crop supports (the true colour when the crop shows the
+//!   dot, else a guess). The loss covers the call and the answer: the base learns the tool-call
+//!   format and uses it rarely and imprecisely. GRPO must teach when and where to zoom.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::optim::AdamWConfig;
+use burn::tensor::Tensor;
+use deepeyes_core::preprocess::Preprocessor;
+use deepeyes_core::{Image, Rng};
+use deepeyes_tools::geometry::CropRect;
+use tokenizers::Tokenizer;
+
+use super::format::{COORDINATE_STEP, TinyEyesFormat};
+use crate::model::{
+    Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, tensor2, to_host,
+};
+use crate::schedule::{ScheduleConfig, ScheduleKind, grad_clip_factor};
+use crate::synthv::{SynthVConfig, generate};
+use crate::trainer::{TrainError, TrainResult, grad_norm_and_scale};
+
+/// The grounding question.
+pub const GROUND_QUESTION: &str = "Where is the small white card? Give its box.";
+
+/// Settings of the base stage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BaseStageConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Conversations per step.
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW, β = (0.9, 0.98), weight decay 0.01).
+    pub lr: f64,
+    /// Linear warm-up steps before the cosine decay.
+    pub warmup_steps: u64,
+    /// Global gradient-norm clip.
+    pub grad_clip: f64,
+    /// Training canvases generated up front (samples are drawn from them with fresh boxes,
+    /// crops and colours every time).
+    pub pool_size: usize,
+    /// Held-out canvases for the evaluation printed every `eval_every` steps.
+    pub eval_items: usize,
+    /// Steps between evaluations (0: only at the end).
+    pub eval_every: u64,
+    /// Shares of grounding, perception and action-format samples.
+    pub mix: [f64; 3],
+    /// Share of action-format samples that zoom (the rest answer directly).
+    pub zoom_share: f64,
+    /// Seed of the canvases and of the sampling.
+    pub seed: u64,
+}
+
+impl Default for BaseStageConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 32,
+            lr: 1e-3,
+            warmup_steps: 100,
+            grad_clip: 1.0,
+            pool_size: 600,
+            eval_items: 64,
+            eval_every: 100,
+            mix: [0.4, 0.25, 0.35],
+            zoom_share: 0.25,
+            seed: 0,
+        }
+    }
+}
+
+/// One canvas, kept small: its global view (already preprocessed), and the pixels around the
+/// card that every crop is cut from.
+struct Canvas {
+    view: ImageInput,
+    /// The canvas pixels within [`REGION`] px of the card, and where they sit on the canvas.
+    region: Image,
+    region_origin: (u32, u32),
+    canvas: (u32, u32),
+    card: [u32; 4],
+    dot: [u32; 4],
+    colour: usize,
+    question_stem: String,
+}
+
+/// The widest perception crop, in bins.
+const MAX_PERCEPTION_BINS: u32 = 5;
+
+/// How far around the card crops may reach (the widest crop plus a bin of slack).
+const REGION: u32 = (MAX_PERCEPTION_BINS + 1) * COORDINATE_STEP;
+
+/// The teacher-forced quality of the base, on held-out canvases.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BaseEval {
+    /// Mean IoU of the grounding box (argmax coordinates) with the card.
+    pub ground_iou: f64,
+    /// Share of grounding boxes that contain the dot's centre.
+    pub ground_hit: f64,
+    /// Accuracy of the answer after a crop that contains the card.
+    pub perception_acc: f64,
+    /// Mean probability of `<tool_call>` as the first token of a colour question.
+    pub zoom_prob: f64,
+}
+
+/// One step's numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BaseStep {
+    /// Step index (from 0).
+    pub step: u64,
+    /// Mean negative log-likelihood per supervised token.
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Wall time of the step.
+    pub seconds: f64,
+}
+
+/// A sample: the sequence and which of its tokens carry the loss.
+struct Sample {
+    sequence: Sequence,
+    supervised: Vec<bool>,
+}
+
+/// The base stage in progress.
+pub struct BaseStage {
+    config: BaseStageConfig,
+    synthv: SynthVConfig,
+    format: TinyEyesFormat,
+    tokenizer: Tokenizer,
+    preprocessor: Preprocessor,
+    model: Option<Qwen25Vl>,
+    optim: burn::optim::ModuleOptimizer,
+    train: Vec<Canvas>,
+    eval: Vec<Canvas>,
+    step: u64,
+    colour_tokens: Vec<u32>,
+    coordinate_tokens: Vec<(u32, u32)>,
+}
+
+impl std::fmt::Debug for BaseStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaseStage")
+            .field("config", &self.config)
+            .field("step", &self.step)
+            .finish_non_exhaustive()
+    }
+}
+
+fn data_err(path: &Path, reason: impl std::fmt::Display) -> TrainError {
+    TrainError::Data {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
+}
+
+impl BaseStage {
+    /// Loads the checkpoint in `dir` (from `init-tinyeyes`, or an earlier base stage) and
+    /// generates the canvases.
+    pub fn new(dir: &Path, config: BaseStageConfig) -> TrainResult<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tokenizer_path).map_err(|e| data_err(&tokenizer_path, e))?;
+        let device = ComputeDevice::Flex.device(true)?;
+        let model = Qwen25Vl::from_pretrained(dir, &device)?;
+        let format = TinyEyesFormat::default();
+        let synthv = SynthVConfig::default();
+        let mut preprocessor = Preprocessor::new(format.preprocess)?;
+        let started = Instant::now();
+        let make = |split: &str, n: usize, pre: &mut Preprocessor| {
+            let seed = crate::synthv::split_seed(config.seed, split);
+            (0..n as u64)
+                .map(|i| canvas(&synthv, seed, i, split, pre))
+                .collect::<TrainResult<Vec<_>>>()
+        };
+        let train = make("base-train", config.pool_size, &mut preprocessor)?;
+        let eval = make("base-eval", config.eval_items, &mut preprocessor)?;
+        tracing::info!(
+            train = train.len(),
+            eval = eval.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "generated base-stage canvases"
+        );
+        let single = |text: &str| -> TrainResult<u32> {
+            let enc = tokenizer
+                .encode(text, false)
+                .map_err(|e| data_err(&tokenizer_path, e))?;
+            match enc.get_ids() {
+                [id] => Ok(*id),
+                ids => Err(data_err(
+                    &tokenizer_path,
+                    format!("{text:?} is {} tokens, expected one", ids.len()),
+                )),
+            }
+        };
+        let colour_tokens = synthv
+            .colours
+            .iter()
+            .map(|c| single(&c.name))
+            .collect::<TrainResult<Vec<_>>>()?;
+        // Coordinates follow `[` (a left or top edge, no space: at most 2 bins from the far side) or `, `
+        // (with a space).
+        let last = 1024 / COORDINATE_STEP;
+        let coordinate_tokens = (0..=last)
+            .map(|k| {
+                let v = k * COORDINATE_STEP;
+                let bare = if k + 2 <= last {
+                    single(&v.to_string())?
+                } else {
+                    u32::MAX
+                };
+                Ok((bare, single(&format!(" {v}"))?))
+            })
+            .collect::<TrainResult<Vec<_>>>()?;
+        let optim = AdamWConfig::new()
+            .with_beta_2(0.98)
+            .with_weight_decay(0.01)
+            .init();
+        Ok(Self {
+            config,
+            synthv,
+            format,
+            tokenizer,
+            preprocessor,
+            model: Some(model),
+            optim,
+            train,
+            eval,
+            step: 0,
+            colour_tokens,
+            coordinate_tokens,
+        })
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &Qwen25Vl {
+        self.model
+            .as_ref()
+            .expect("the model is present between steps")
+    }
+
+    /// Steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn encode(&self, text: &str) -> TrainResult<Vec<u32>> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| data_err(Path::new("tokenizer.json"), e))
+    }
+
+    /// Appends `text` to `sample`, supervised or not.
+    fn push(&self, sample: &mut Sample, text: &str, supervised: bool) -> TrainResult<()> {
+        let ids = self.encode(text)?;
+        sample
+            .supervised
+            .extend(std::iter::repeat_n(supervised, ids.len()));
+        sample.sequence.tokens.extend(ids);
+        Ok(())
+    }
+
+    fn start(&self, c: &Canvas, question: &str) -> TrainResult<Sample> {
+        let mut s = Sample {
+            sequence: Sequence {
+                tokens: Vec::new(),
+                images: vec![c.view.clone()],
+            },
+            supervised: Vec::new(),
+        };
+        self.push(&mut s, &self.format.prompt(question), false)?;
+        Ok(s)
+    }
+
+    /// The colour question with shuffled options.
+    fn colour_question(&self, c: &Canvas, rng: &mut Rng) -> String {
+        let mut names: Vec<&str> = self
+            .synthv
+            .colours
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        rng.shuffle(&mut names);
+        let listed: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{}. {n}", (b'A' + i as u8) as char))
+            .collect();
+        // Exactly as `crate::eval::prepare_item` renders a SynthV* item for training and eval.
+        format!(
+            "Question: {}\nOptions:\n{}",
+            c.question_stem,
+            listed.join("\n")
+        )
+    }
+
+    /// A random box on the grid that contains the card, 2–5 bins a side (larger crops shrink
+    /// the dot's fine checkerboard until its colour averages away).
+    fn box_around(&self, c: &Canvas, rng: &mut Rng) -> [u32; 4] {
+        let step = COORDINATE_STEP;
+        let bins = |extent: u32| extent / step;
+        let axis = |lo: u32, hi: u32, extent: u32, rng: &mut Rng| {
+            let (first, last) = (lo / step, hi.div_ceil(step));
+            let need = (last - first).max(2);
+            let side =
+                need + rng.below(u64::from(MAX_PERCEPTION_BINS.saturating_sub(need) + 1)) as u32;
+            let max_start = bins(extent).saturating_sub(side);
+            let lo_start = last.saturating_sub(side);
+            let start = (lo_start + rng.below(u64::from(first - lo_start.min(first)) + 1) as u32)
+                .min(max_start);
+            (start * step, ((start + side) * step).min(extent))
+        };
+        let (x1, x2) = axis(c.card[0], c.card[2], c.canvas.0, rng);
+        let (y1, y2) = axis(c.card[1], c.card[3], c.canvas.1, rng);
+        [x1, y1, x2, y2]
+    }
+
+    /// The card's box on the grid (edges rounded to the nearest bin, at least 2 bins a side).
+    fn grid_box(c: &Canvas) -> [u32; 4] {
+        let step = COORDINATE_STEP;
+        let round = |v: u32| ((v + step / 2) / step) * step;
+        let [x1, y1, x2, y2] = c.card.map(round);
+        let widen = |lo: u32, hi: u32, extent: u32| {
+            if hi >= lo + 2 * step {
+                (lo, hi)
+            } else {
+                let hi = (lo + 2 * step).min(extent);
+                (hi - 2 * step, hi)
+            }
+        };
+        let (x1, x2) = widen(x1, x2, c.canvas.0);
+        let (y1, y2) = widen(y1, y2, c.canvas.1);
+        [x1, y1, x2, y2]
+    }
+
+    fn box_text(bbox: [u32; 4]) -> String {
+        let [x1, y1, x2, y2] = bbox;
+        format!("[{x1}, {y1}, {x2}, {y2}]")
+    }
+
+    fn ground_sample(&self, c: &Canvas) -> TrainResult<Sample> {
+        let mut s = self.start(c, GROUND_QUESTION)?;
+        let target = TinyEyesFormat::answer(&Self::box_text(Self::grid_box(c)));
+        self.push(&mut s, &target, true)?;
+        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        Ok(s)
+    }
+
+    fn perceive_sample(&mut self, ci: usize, rng: &mut Rng, held_out: bool) -> TrainResult<Sample> {
+        let pool = if held_out { &self.eval } else { &self.train };
+        let c = &pool[ci];
+        let question = self.colour_question(c, rng);
+        let bbox = self.box_around(c, rng);
+        // Training crops get a random dot colour (and that label); held-out ones keep theirs.
+        let colour = if held_out {
+            c.colour
+        } else {
+            rng.below(self.synthv.colours.len() as u64) as usize
+        };
+        let crop = crop_view(
+            &mut self.preprocessor,
+            &self.synthv,
+            c,
+            bbox,
+            (!held_out).then_some(colour),
+            rng,
+        )?;
+        let c = if held_out {
+            &self.eval[ci]
+        } else {
+            &self.train[ci]
+        };
+        let mut s = self.start(c, &question)?;
+        self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
+        self.push(&mut s, &self.format.crop_returned(), false)?;
+        s.sequence.images.push(crop);
+        let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
+        self.push(&mut s, &answer, true)?;
+        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        Ok(s)
+    }
+
+    fn act_sample(&mut self, ci: usize, rng: &mut Rng) -> TrainResult<Sample> {
+        let question = self.colour_question(&self.train[ci], rng);
+        let guess = rng.below(self.synthv.colours.len() as u64) as usize;
+        if rng.next_f64() >= self.config.zoom_share {
+            let mut s = self.start(&self.train[ci], &question)?;
+            let answer = TinyEyesFormat::answer(&self.synthv.colours[guess].name);
+            self.push(&mut s, &answer, true)?;
+            self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+            return Ok(s);
+        }
+        let c = &self.train[ci];
+        let shift = |v: u32, rng: &mut Rng| {
+            let d = rng.range_inclusive(-1, 1) * i64::from(COORDINATE_STEP);
+            (i64::from(v) + d).max(0) as u32
+        };
+        let mut bbox = Self::grid_box(c).map(|v| shift(v, rng));
+        bbox = clamp_box(bbox, c.canvas);
+        if bbox[2] < bbox[0] + 2 * COORDINATE_STEP {
+            bbox[2] = bbox[0] + 2 * COORDINATE_STEP;
+        }
+        if bbox[3] < bbox[1] + 2 * COORDINATE_STEP {
+            bbox[3] = bbox[1] + 2 * COORDINATE_STEP;
+        }
+        let centre = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
+        let shows_dot =
+            bbox[0] <= centre.0 && centre.0 < bbox[2] && bbox[1] <= centre.1 && centre.1 < bbox[3];
+        let colour = if shows_dot { c.colour } else { guess };
+        let crop = crop_view(&mut self.preprocessor, &self.synthv, c, bbox, None, rng)?;
+        let mut s = self.start(&self.train[ci], &question)?;
+        self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
+        self.push(&mut s, &self.format.crop_returned(), false)?;
+        s.sequence.images.push(crop);
+        let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
+        self.push(&mut s, &answer, true)?;
+        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        Ok(s)
+    }
+
+    /// One optimizer step on a fresh batch.
+    pub fn train_step(&mut self) -> TrainResult<BaseStep> {
+        let started = Instant::now();
+        let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[1, self.step]));
+        let mut samples = Vec::with_capacity(self.config.batch_size);
+        let [g, p, _] = self.config.mix;
+        for _ in 0..self.config.batch_size {
+            let ci = rng.below(self.train.len() as u64) as usize;
+            let r = rng.next_f64();
+            let sample = if r < g {
+                self.ground_sample(&self.train[ci])?
+            } else if r < g + p {
+                self.perceive_sample(ci, &mut rng, false)?
+            } else {
+                self.act_sample(ci, &mut rng)?
+            };
+            samples.push(sample);
+        }
+        let schedule = ScheduleConfig {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: self.config.warmup_steps,
+            min_lr_ratio: 0.1,
+        };
+        let lr = schedule.lr(self.config.lr, self.step, self.config.steps);
+        let model = self
+            .model
+            .take()
+            .expect("the model is present between steps");
+        let seqs: Vec<Sequence> = samples.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let scores = model.score_tokens(&batch, false)?;
+        let cols = batch.score_len;
+        let mut weights = vec![0.0f32; samples.len() * cols];
+        let mut count = 0usize;
+        for (i, s) in samples.iter().enumerate() {
+            // Column t scores token t given the tokens before it.
+            for (t, &sup) in s.supervised.iter().enumerate().skip(1) {
+                if sup {
+                    weights[i * cols + t] = 1.0;
+                    count += 1;
+                }
+            }
+        }
+        let scale = 1.0 / count.max(1) as f32;
+        weights.iter_mut().for_each(|w| *w *= scale);
+        let weights = tensor2(weights, samples.len(), cols, &model.device())?;
+        let nll: Tensor<1> = (weights * scores.logprobs).sum().neg();
+        let loss = f64::from(to_host(nll.clone().detach())[0]);
+        let grads = nll.backward();
+        let mut grads = burn::optim::GradientsParams::from_grads(grads, &model);
+        let grad_norm = grad_norm_and_scale(&model, &mut grads, None);
+        let model = if grad_norm.is_finite() {
+            let factor = grad_clip_factor(grad_norm, Some(self.config.grad_clip))?;
+            if factor < 1.0 {
+                grad_norm_and_scale(&model, &mut grads, Some(factor));
+            }
+            self.optim.step(lr, model, grads)
+        } else {
+            tracing::warn!(step = self.step, "non-finite gradient norm; update skipped");
+            model
+        };
+        self.model = Some(model);
+        let out = BaseStep {
+            step: self.step,
+            loss,
+            lr,
+            grad_norm,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        self.step += 1;
+        Ok(out)
+    }
+
+    /// Teacher-forced evaluation on the held-out canvases (see [`BaseEval`]).
+    pub fn evaluate(&mut self) -> TrainResult<BaseEval> {
+        let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[2]));
+        let n = self.eval.len();
+        let mut out = BaseEval::default();
+        if n == 0 {
+            return Ok(out);
+        }
+        let model = self.model.take().expect("the model is present");
+        let result = (|| -> TrainResult<BaseEval> {
+            let mut ground = Vec::new();
+            let mut perceive = Vec::new();
+            let mut first = Vec::new();
+            for ci in 0..n {
+                ground.push(self.ground_sample(&self.eval[ci])?);
+                perceive.push(self.perceive_sample(ci, &mut rng, true)?);
+                let q = self.colour_question(&self.eval[ci], &mut rng);
+                first.push(self.start(&self.eval[ci], &q)?);
+            }
+            let mut e = BaseEval::default();
+            // Grounding: the argmax of each coordinate given the true ones before it.
+            let picks = argmax_at(&model, &ground, |s| {
+                // The four coordinates are the supervised tokens after `<answer>[`.
+                let sup: Vec<usize> = (0..s.supervised.len())
+                    .filter(|&t| s.supervised[t])
+                    .collect();
+                sup.iter()
+                    .copied()
+                    .filter(|&t| self.is_coordinate(s.sequence.tokens[t]))
+                    .collect()
+            })?;
+            for (ci, pick) in picks.iter().enumerate() {
+                let c = &self.eval[ci];
+                let values: Vec<Option<u32>> =
+                    pick.iter().map(|&id| self.coordinate_value(id)).collect();
+                if let [Some(x1), Some(y1), Some(x2), Some(y2)] = values[..] {
+                    e.ground_iou +=
+                        crate::metrics::iou([x1, y1, x2, y2].map(f64::from), c.card.map(f64::from));
+                    let centre = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
+                    if x1 <= centre.0 && centre.0 < x2 && y1 <= centre.1 && centre.1 < y2 {
+                        e.ground_hit += 1.0;
+                    }
+                }
+            }
+            // Perception: the colour token right after `<answer>`.
+            let picks = argmax_at(&model, &perceive, |s| {
+                let t = s
+                    .sequence
+                    .tokens
+                    .iter()
+                    .rposition(|&id| id == 11)
+                    .map_or(0, |p| p + 1);
+                vec![t]
+            })?;
+            for (ci, pick) in picks.iter().enumerate() {
+                if pick.first() == Some(&self.colour_tokens[self.eval[ci].colour]) {
+                    e.perception_acc += 1.0;
+                }
+            }
+            // Zoom propensity: p(<tool_call>) as the first assistant token.
+            e.zoom_prob = first_token_prob(&model, &first, 7)?;
+            e.ground_iou /= n as f64;
+            e.ground_hit /= n as f64;
+            e.perception_acc /= n as f64;
+            Ok(e)
+        })();
+        self.model = Some(model);
+        out = result?;
+        Ok(out)
+    }
+
+    fn is_coordinate(&self, id: u32) -> bool {
+        self.coordinate_value(id).is_some()
+    }
+
+    fn coordinate_value(&self, id: u32) -> Option<u32> {
+        self.coordinate_tokens
+            .iter()
+            .position(|&(a, b)| a == id || b == id)
+            .map(|k| k as u32 * COORDINATE_STEP)
+    }
+
+    /// Saves the weights as a Hugging Face checkpoint in `dir` (the tokenizer and configs copied
+    /// from `source`).
+    pub fn save(&self, source: &Path, dir: &Path) -> TrainResult<()> {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
+        for file in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "preprocessor_config.json",
+            "generation_config.json",
+            deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE,
+        ] {
+            let from = source.join(file);
+            if from.is_file() && source != dir {
+                std::fs::copy(&from, dir.join(file)).map_err(|e| TrainError::Io {
+                    path: from.clone(),
+                    source: e,
+                })?;
+            }
+        }
+        // Keep the token ids transformers needs (save_pretrained writes the architecture only).
+        let keep = std::fs::read_to_string(source.join("config.json")).ok();
+        self.model().save_pretrained(dir)?;
+        if let Some(text) = keep {
+            std::fs::write(dir.join("config.json"), text).map_err(|e| TrainError::Io {
+                path: dir.join("config.json"),
+                source: e,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The crop of `bbox` as the zoom tool returns it, preprocessed, with the dot repainted in
+/// `colour` (an index into `synthv.colours`) when given.
+fn crop_view(
+    pre: &mut Preprocessor,
+    synthv: &SynthVConfig,
+    c: &Canvas,
+    bbox: [u32; 4],
+    colour: Option<usize>,
+    rng: &mut Rng,
+) -> TrainResult<ImageInput> {
+    let [x1, y1, x2, y2] = clamp_box(bbox, c.canvas);
+    let (ox, oy) = c.region_origin;
+    // Boxes are drawn around the card, inside the region; clamp for safety.
+    let rx1 = x1.saturating_sub(ox).min(c.region.width() - 1);
+    let ry1 = y1.saturating_sub(oy).min(c.region.height() - 1);
+    let rx2 = x2.saturating_sub(ox).clamp(rx1 + 1, c.region.width());
+    let ry2 = y2.saturating_sub(oy).clamp(ry1 + 1, c.region.height());
+    let rect = CropRect::from_edges(rx1, ry1, rx2, ry2).expect("a non-empty box");
+    let mut crop = deepeyes_tools::resize::crop(&c.region, rect)?;
+    if let Some(colour) = colour {
+        let colour = &synthv.colours[colour];
+        let (a, b) = (colour.rgb, colour.partner());
+        let noise = i64::from(synthv.noise);
+        let (w, h) = (crop.width(), crop.height());
+        let mut px = crop.as_raw().to_vec();
+        for y in c.dot[1]..c.dot[3] {
+            for x in c.dot[0]..c.dot[2] {
+                let (Some(cx), Some(cy)) = (x.checked_sub(ox + rx1), y.checked_sub(oy + ry1))
+                else {
+                    continue;
+                };
+                if cx >= w || cy >= h {
+                    continue;
+                }
+                let on =
+                    ((x - c.dot[0]) / synthv.cell + (y - c.dot[1]) / synthv.cell).is_multiple_of(2);
+                let rgb = if on { a } else { b };
+                let i = ((cy * w + cx) * 3) as usize;
+                for k in 0..3 {
+                    px[i + k] = (i64::from(rgb[k]) + rng.range_inclusive(-noise, noise))
+                        .clamp(0, 255) as u8;
+                }
+            }
+        }
+        crop = Image::from_raw(w, h, px)?;
+    }
+    Ok(ImageInput::from(pre.preprocess(&crop)?))
+}
+
+/// For each sample, the argmax token at the positions `which` picks (token indices whose
+/// prediction is read: the model's guess for token `t` given tokens `..t`).
+fn argmax_at(
+    model: &Qwen25Vl,
+    samples: &[Sample],
+    which: impl Fn(&Sample) -> Vec<usize>,
+) -> TrainResult<Vec<Vec<u32>>> {
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(16) {
+        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let logits = model.logits(&batch)?.detach();
+        let [b, seq, vocab] = logits.dims();
+        let host = to_host(logits);
+        for (i, s) in chunk.iter().enumerate() {
+            let mut picks = Vec::new();
+            for t in which(s) {
+                if t == 0 {
+                    continue;
+                }
+                // Expanded position of token t-1 (each earlier image pad expands to its tokens).
+                let e = expanded_index(&batch, i, t - 1);
+                if e >= seq {
+                    continue;
+                }
+                let row = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
+                let best = row
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |(k, _)| k as u32);
+                picks.push(best);
+            }
+            out.push(picks);
+        }
+        let _ = b;
+    }
+    Ok(out)
+}
+
+/// Mean probability of token `id` right after each sample's prompt.
+fn first_token_prob(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResult<f64> {
+    let mut total = 0.0;
+    for chunk in samples.chunks(16) {
+        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let logits = model.logits(&batch)?.detach();
+        let [_, seq, vocab] = logits.dims();
+        let host = to_host(logits);
+        for (i, s) in chunk.iter().enumerate() {
+            let e = expanded_index(&batch, i, s.sequence.tokens.len() - 1);
+            let row = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
+            total += f64::from(row[id as usize] - max).exp() / z;
+        }
+    }
+    Ok(total / samples.len().max(1) as f64)
+}
+
+/// The expanded position of unexpanded token `t` of row `i`.
+fn expanded_index(batch: &Batch, i: usize, t: usize) -> usize {
+    // Image pads before `t` each expand to their merged tokens; the batch records the expanded
+    // ids, so walk them: count unexpanded tokens until `t` is reached.
+    let ids = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
+    let mut unexpanded = 0;
+    let mut e = 0;
+    while e < ids.len() {
+        let pad_run = if batch_is_pad(batch, ids[e]) {
+            ids[e..]
+                .iter()
+                .take_while(|&&x| batch_is_pad(batch, x))
+                .count()
+        } else {
+            1
+        };
+        if unexpanded == t {
+            return e + pad_run - 1;
+        }
+        unexpanded += 1;
+        e += pad_run;
+    }
+    ids.len()
+}
+
+fn batch_is_pad(_batch: &Batch, id: u32) -> bool {
+    id == 5
+}
+
+fn clamp_box(b: [u32; 4], (w, h): (u32, u32)) -> [u32; 4] {
+    [b[0].min(w - 1), b[1].min(h - 1), b[2].min(w), b[3].min(h)]
+}
+
+/// Generates canvas `i` of a split and keeps only what the base stage needs.
+fn canvas(
+    synthv: &SynthVConfig,
+    seed: u64,
+    i: u64,
+    split: &str,
+    pre: &mut Preprocessor,
+) -> TrainResult<Canvas> {
+    let item = generate(synthv, seed, i, split)?;
+    let (w, h) = (item.image.width(), item.image.height());
+    let view = ImageInput::from(pre.preprocess(&item.image)?);
+    let [x1, y1, x2, y2] = item.card_box;
+    let region = CropRect::from_edges(
+        x1.saturating_sub(REGION),
+        y1.saturating_sub(REGION),
+        (x2 + REGION).min(w),
+        (y2 + REGION).min(h),
+    )
+    .expect("the card lies inside the canvas");
+    let name = &item.options[item.answer_index];
+    let colour = synthv
+        .colours
+        .iter()
+        .position(|c| &c.name == name)
+        .expect("the answer is a colour");
+    let stem = item
+        .question
+        .split('\n')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok(Canvas {
+        view,
+        region: deepeyes_tools::resize::crop(&item.image, region)?,
+        region_origin: (region.x, region.y),
+        canvas: (w, h),
+        card: item.card_box,
+        dot: item.dot_box,
+        colour,
+        question_stem: stem,
+    })
+}

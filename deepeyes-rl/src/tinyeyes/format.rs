@@ -1,0 +1,259 @@
+//! TinyEyes' architecture and conversation format.
+//!
+//! TinyEyes is exactly Qwen2.5-VL (same export, ONNX backend and burn engine), shrunk: a
+//! 128-wide, 4-layer language model and a 2-block vision tower, about 1.3M parameters. Every
+//! image, the whole canvas and each zoomed crop alike, is resized to about 112×112 px (16
+//! merged visual tokens): the global view is too coarse to read the dot of a SynthV* card, a
+//! crop around the card reads it plainly. The conversation is the DeepEyes protocol with a short
+//! prompt: no system prompt (the tiny model learns the tool from its base stage, not from a
+//! schema it could not read), the question, then either `<answer>colour</answer>` or a zoom-in
+//! call whose crop comes back as `<tool_response><image></tool_response>`.
+
+use deepeyes_core::protocol::{
+    ANSWER_END, ANSWER_START, PromptTemplates, TOOL_CALL_END, TOOL_CALL_START, render_observation,
+    render_prompt,
+};
+use deepeyes_core::{PreprocessConfig, Rng};
+
+use super::tokenizer::{PROTOCOL_SPECIAL_TOKENS, ZOOM_CALL_HEAD, ZOOM_CALL_TAIL};
+use crate::model::{Qwen25VlConfig, TextConfig, VisionConfig};
+use crate::synthv::{QUESTIONS, SynthVConfig};
+
+/// The side of TinyEyes' square view in pixels: every image becomes about 112×112.
+pub const VIEW_SIDE: u32 = 112;
+
+/// Coordinates TinyEyes writes are multiples of this many canvas pixels (64 bins on a 1024 px
+/// canvas), so each coordinate is one token.
+pub const COORDINATE_STEP: u32 = 16;
+
+/// TinyEyes' architecture for a tokenizer of `vocab_size` ids, whose first ids are
+/// [`PROTOCOL_SPECIAL_TOKENS`].
+pub fn tinyeyes_model_config(vocab_size: usize) -> Qwen25VlConfig {
+    let id = |token: &str| {
+        PROTOCOL_SPECIAL_TOKENS
+            .iter()
+            .position(|t| *t == token)
+            .expect("a protocol token") as u32
+    };
+    Qwen25VlConfig {
+        text: TextConfig {
+            vocab_size,
+            hidden_size: 128,
+            intermediate_size: 384,
+            num_hidden_layers: 4,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            // head_dim 32 → 16 rotary pairs: temporal, height, width.
+            mrope_section: [8, 4, 4],
+        },
+        vision: VisionConfig {
+            depth: 2,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_heads: 2,
+            in_channels: 3,
+            patch_size: 14,
+            temporal_patch_size: 2,
+            spatial_merge_size: 2,
+            window_size: 112,
+            out_hidden_size: 128,
+            fullatt_block_indexes: vec![1],
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+        },
+        image_token_id: id("<|image_pad|>"),
+        video_token_id: id("<|video_pad|>"),
+        vision_start_token_id: id("<|vision_start|>"),
+        vision_end_token_id: id("<|vision_end|>"),
+        tie_word_embeddings: false,
+    }
+}
+
+/// The prompts and image sizes TinyEyes is trained and run with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyEyesFormat {
+    /// The agent's prompt templates.
+    pub templates: PromptTemplates,
+    /// Image preprocessing: every image resized to about [`VIEW_SIDE`]².
+    pub preprocess: PreprocessConfig,
+}
+
+impl Default for TinyEyesFormat {
+    fn default() -> Self {
+        let view = u64::from(VIEW_SIDE * VIEW_SIDE);
+        Self {
+            templates: PromptTemplates {
+                system: String::new(),
+                user: "{images}{question}".into(),
+                tool_response: "<tool_response>{images}{text}</tool_response>".into(),
+                tool_error: "<tool_response>{error}</tool_response>".into(),
+            },
+            preprocess: PreprocessConfig {
+                min_pixels: view,
+                max_pixels: view,
+                ..PreprocessConfig::default()
+            },
+        }
+    }
+}
+
+impl TinyEyesFormat {
+    /// The prompt of a question about one image, up to the assistant's first token.
+    pub fn prompt(&self, question: &str) -> String {
+        render_prompt(
+            &self.templates.render_system(&[]),
+            &self.templates.render_user(question, 1),
+        )
+    }
+
+    /// A zoom-in call on `bbox` (canvas pixels), as TinyEyes writes it.
+    pub fn zoom_call(bbox: [u32; 4]) -> String {
+        let [x1, y1, x2, y2] = bbox;
+        format!(
+            "{TOOL_CALL_START}{ZOOM_CALL_HEAD}{x1}, {y1}, {x2}, {y2}{ZOOM_CALL_TAIL}{TOOL_CALL_END}"
+        )
+    }
+
+    /// A final answer.
+    pub fn answer(text: &str) -> String {
+        format!("{ANSWER_START}{text}{ANSWER_END}")
+    }
+
+    /// What follows a zoom call whose crop came back: the observation turn and the next
+    /// assistant header.
+    pub fn crop_returned(&self) -> String {
+        render_observation(&self.templates.render_tool_response(1, None), true)
+    }
+
+    /// What follows a rejected zoom call.
+    pub fn call_rejected(&self, error: &str) -> String {
+        render_observation(&self.templates.render_tool_error(error), true)
+    }
+
+    /// Text to train the tokenizer on: `count` conversations in this format over the SynthV*
+    /// questions and colours (direct answers, zooms with their crop, rejected zooms), drawn from
+    /// `seed`. Only text is generated; no image is drawn.
+    pub fn tokenizer_corpus(&self, synthv: &SynthVConfig, seed: u64, count: usize) -> Vec<String> {
+        let mut rng = Rng::new(seed);
+        let bins = 1024 / COORDINATE_STEP;
+        let colours: Vec<&str> = synthv.colours.iter().map(|c| c.name.as_str()).collect();
+        (0..count)
+            .map(|_| {
+                let mut names = colours.clone();
+                rng.shuffle(&mut names);
+                let listed: Vec<String> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| format!("{}. {n}", (b'A' + i as u8) as char))
+                    .collect();
+                // As `deepeyes_rl::eval::prepare_item` renders a multiple-choice item.
+                let question = format!(
+                    "Question: {}\nOptions:\n{}",
+                    QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize],
+                    listed.join("\n")
+                );
+                let mut text = self.prompt(&question);
+                let answer = Self::answer(names[rng.below(names.len() as u64) as usize]);
+                let kind = rng.below(4);
+                // A box on the 16 px grid inside a 1024 px canvas, at least 2 bins a side.
+                let mut edge = |lo: u32| {
+                    let first = lo / COORDINATE_STEP;
+                    let start = first + rng.below(u64::from(bins - 1 - first)) as u32;
+                    let end = start + 2 + rng.below(u64::from(bins - 1 - start)) as u32;
+                    (start * COORDINATE_STEP, end.min(bins) * COORDINATE_STEP)
+                };
+                let (x1, x2) = edge(0);
+                let (y1, y2) = edge(0);
+                let bbox = [x1, y1, x2, y2];
+                match kind {
+                    0 => text.push_str(&answer),
+                    3 => {
+                        text = self.prompt(super::base::GROUND_QUESTION);
+                        text.push_str(&Self::answer(&format!("[{x1}, {y1}, {x2}, {y2}]")));
+                    }
+                    kind => {
+                        text.push_str(&Self::zoom_call(bbox));
+                        if kind == 1 {
+                            text.push_str(&self.crop_returned());
+                        } else {
+                            text.push_str(
+                                &self.call_rejected(
+                                    "the box's shorter side must be longer than 30 px",
+                                ),
+                            );
+                        }
+                        text.push_str(&answer);
+                    }
+                }
+                text.push_str(deepeyes_core::protocol::IM_END);
+                text
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tinyeyes::tokenizer::{TokenizerTraining, train_tokenizer};
+
+    #[test]
+    fn model_config_is_valid_and_small() {
+        let cfg = tinyeyes_model_config(768);
+        cfg.validate().unwrap();
+        assert_eq!(cfg.image_token_id, 5);
+        assert_eq!(cfg.vision_start_token_id, 3);
+        let text = &cfg.text;
+        assert_eq!(
+            text.mrope_section.iter().sum::<usize>() * 2,
+            text.head_dim(),
+            "mRoPE sections cover the head"
+        );
+    }
+
+    #[test]
+    fn every_view_is_sixteen_tokens() {
+        let f = TinyEyesFormat::default();
+        // The canvas and crops from the tool's smallest box to the whole canvas.
+        for (h, w) in [(1024, 1024), (32, 32), (48, 64), (300, 200), (1024, 40)] {
+            let (rh, rw) = f.preprocess.smart_resize(h, w).unwrap();
+            let tokens = (rh / 28) * (rw / 28);
+            assert!(
+                (12..=20).contains(&tokens),
+                "{w}×{h} → {rw}×{rh}: {tokens} tokens"
+            );
+        }
+    }
+
+    #[test]
+    fn a_zoom_conversation_is_short_once_tokenized() {
+        let f = TinyEyesFormat::default();
+        let corpus = f.tokenizer_corpus(&SynthVConfig::default(), 7, 400);
+        let tok = train_tokenizer(&corpus, &TokenizerTraining::default()).unwrap();
+        let call = TinyEyesFormat::zoom_call([448, 320, 512, 384]);
+        let ids = tok.encode(call.as_str(), false).unwrap();
+        // <tool_call>, head, 4 coordinates, 3 separators, tail, </tool_call>.
+        assert_eq!(ids.len(), 11, "{:?}", ids.get_tokens());
+        let answer = tok
+            .encode(TinyEyesFormat::answer("yellow").as_str(), false)
+            .unwrap();
+        assert_eq!(answer.len(), 3, "{:?}", answer.get_tokens());
+        // A whole zoom episode (prompt with one image pad per image, call, crop, answer).
+        let episode = format!(
+            "{}{call}{}{}",
+            f.prompt(
+                "What colour is the dot on the small white card?\nOptions:\nA. red\nB. \
+                      green\nC. blue\nD. yellow"
+            ),
+            f.crop_returned(),
+            TinyEyesFormat::answer("red")
+        );
+        let n = tok.encode(episode.as_str(), false).unwrap().len();
+        // 70 today: the question with its options is 30, the protocol markers most of the rest
+        // (BPE never merges across the pre-tokenizer's word boundaries).
+        let toks = tok.encode(episode.as_str(), false).unwrap();
+        assert!(n <= 72, "{n} tokens: {:?}", toks.get_tokens());
+    }
+}
