@@ -258,6 +258,34 @@ impl Qwen25Vl {
         Ok(self.head(self.hidden_states(batch)?))
     }
 
+    /// Log-probs of chosen tokens at chosen positions: for each `(flat expanded position
+    /// b·seq + e, token)`, `log p(token | the batch row up to e)`. Unlike
+    /// [`score_tokens`](Self::score_tokens) the positions are free: any expanded position,
+    /// image tokens included (auxiliary objectives during supervised training). Carries the
+    /// autodiff graph on an autodiff device.
+    pub fn score_positions(&self, batch: &Batch, picks: &[(usize, u32)]) -> Result<Tensor<1>> {
+        let device = self.device();
+        let h = self.config.text.hidden_size;
+        let plane = batch.batch * batch.seq;
+        if let Some(&(p, _)) = picks.iter().find(|(p, _)| *p >= plane) {
+            return Err(input_err(format!(
+                "position {p} is outside the batch ({} rows × {})",
+                batch.batch, batch.seq
+            )));
+        }
+        let k = picks.len();
+        let hidden = self.hidden_states(batch)?;
+        let src: Vec<i64> = picks.iter().map(|&(p, _)| p as i64).collect();
+        let tgt: Vec<i64> = picks.iter().map(|&(_, t)| i64::from(t)).collect();
+        let rows = hidden.reshape([plane, h]).select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(src, [k]), &device),
+        );
+        let logp = log_softmax(self.head(rows), 1);
+        let tgt = Tensor::<2, Int>::from_data(TensorData::new(tgt, [k, 1]), &device);
+        Ok(logp.gather(1, tgt).reshape([k]))
+    }
+
     /// Per-token log-probs of each next token (and, with `entropy`, the predictive entropy),
     /// aligned with the input tokens: `logprobs[b][t] = log p(tokens[b][t] | tokens[b][..t])`.
     /// Only the positions that predict a scored token go through `lm_head`. On an autodiff

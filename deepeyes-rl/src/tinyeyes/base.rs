@@ -26,9 +26,7 @@ use deepeyes_tools::geometry::CropRect;
 use tokenizers::Tokenizer;
 
 use super::format::{COORDINATE_STEP, TinyEyesFormat};
-use crate::model::{
-    Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, tensor2, to_host,
-};
+use crate::model::{Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, to_host};
 use crate::schedule::{ScheduleConfig, ScheduleKind, grad_clip_factor};
 use crate::synthv::{SynthVConfig, generate};
 use crate::trainer::{TrainError, TrainResult, grad_norm_and_scale};
@@ -134,7 +132,15 @@ pub struct BaseStep {
 struct Sample {
     sequence: Sequence,
     supervised: Vec<bool>,
+    /// The merged cell of the global view that holds the card (raster order).
+    card_cell: Option<usize>,
 }
+
+/// Weight of the auxiliary objectives relative to the main loss.
+const AUX_WEIGHT: f32 = 1.0;
+
+/// The `<|image_pad|>` id of TinyEyes' tokenizer.
+const IMAGE_PAD: u32 = 5;
 
 /// The base stage in progress.
 pub struct BaseStage {
@@ -282,6 +288,7 @@ impl BaseStage {
                 images: vec![c.view.clone()],
             },
             supervised: Vec::new(),
+            card_cell: Some(card_cell(c)),
         };
         self.push(&mut s, &self.format.prompt(question), false)?;
         Ok(s)
@@ -296,17 +303,14 @@ impl BaseStage {
             .map(|c| c.name.as_str())
             .collect();
         rng.shuffle(&mut names);
-        let listed: Vec<String> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| format!("{}. {n}", (b'A' + i as u8) as char))
-            .collect();
-        // Exactly as `crate::eval::prepare_item` renders a SynthV* item for training and eval.
-        format!(
-            "Question: {}\nOptions:\n{}",
-            c.question_stem,
-            listed.join("\n")
-        )
+        TinyEyesFormat::multiple_choice(&c.question_stem, &names)
+    }
+
+    /// Appends `<answer>colour</answer><|im_end|>`, supervised.
+    fn finish(&self, s: &mut Sample, colour: usize) -> TrainResult<()> {
+        let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
+        self.push(s, &answer, true)?;
+        self.push(s, deepeyes_core::protocol::IM_END, true)
     }
 
     /// A random box on the grid that contains the card, 2–5 bins a side (larger crops shrink
@@ -389,9 +393,7 @@ impl BaseStage {
         self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
         s.sequence.images.push(crop);
-        let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
-        self.push(&mut s, &answer, true)?;
-        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        self.finish(&mut s, colour)?;
         Ok(s)
     }
 
@@ -400,9 +402,7 @@ impl BaseStage {
         let guess = rng.below(self.synthv.colours.len() as u64) as usize;
         if rng.next_f64() >= self.config.zoom_share {
             let mut s = self.start(&self.train[ci], &question)?;
-            let answer = TinyEyesFormat::answer(&self.synthv.colours[guess].name);
-            self.push(&mut s, &answer, true)?;
-            self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+            self.finish(&mut s, guess)?;
             return Ok(s);
         }
         let c = &self.train[ci];
@@ -427,9 +427,7 @@ impl BaseStage {
         self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
         s.sequence.images.push(crop);
-        let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
-        self.push(&mut s, &answer, true)?;
-        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        self.finish(&mut s, colour)?;
         Ok(s)
     }
 
@@ -463,23 +461,30 @@ impl BaseStage {
             .expect("the model is present between steps");
         let seqs: Vec<Sequence> = samples.iter().map(|s| s.sequence.clone()).collect();
         let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-        let scores = model.score_tokens(&batch, false)?;
+        // The supervised tokens: `batch.targets` says which expanded position predicts each.
+        let mut picks = Vec::new();
+        let mut weights = Vec::new();
         let cols = batch.score_len;
-        let mut weights = vec![0.0f32; samples.len() * cols];
-        let mut count = 0usize;
-        for (i, s) in samples.iter().enumerate() {
-            // Column t scores token t given the tokens before it.
-            for (t, &sup) in s.supervised.iter().enumerate().skip(1) {
-                if sup {
-                    weights[i * cols + t] = 1.0;
-                    count += 1;
-                }
+        for &(cell, position, token) in &batch.targets {
+            let (i, t) = (cell / cols, cell % cols);
+            if samples[i].supervised.get(t).copied().unwrap_or(false) {
+                picks.push((position, token));
             }
         }
-        let scale = 1.0 / count.max(1) as f32;
-        weights.iter_mut().for_each(|w| *w *= scale);
-        let weights = tensor2(weights, samples.len(), cols, &model.device())?;
-        let nll: Tensor<1> = (weights * scores.logprobs).sum().neg();
+        let main = picks.len().max(1) as f32;
+        weights.resize(picks.len(), 1.0 / main);
+        // Auxiliary objectives on the global view (base stage only; they read the image tokens'
+        // hidden states through the language-model head, at positions that never generate).
+        let aux = self.aux_picks(&batch, &samples);
+        let aux_weight = AUX_WEIGHT / aux.len().max(1) as f32;
+        weights.extend(std::iter::repeat_n(aux_weight, aux.len()));
+        picks.extend(aux);
+        let logp = model.score_positions(&batch, &picks)?;
+        let w = Tensor::<1>::from_data(
+            burn::tensor::TensorData::new(weights, [picks.len()]),
+            &model.device(),
+        );
+        let nll: Tensor<1> = (w * logp).sum().neg();
         let loss = f64::from(to_host(nll.clone().detach())[0]);
         let grads = nll.backward();
         let mut grads = burn::optim::GradientsParams::from_grads(grads, &model);
@@ -504,6 +509,41 @@ impl BaseStage {
         };
         self.step += 1;
         Ok(out)
+    }
+
+    /// The auxiliary targets of a batch, as `(flat expanded position, token)`: each merged
+    /// token of the global view predicts its own cell index `k` (as the coordinate token of
+    /// `64·k`), teaching the image tokens where they are; the `<|vision_end|>` after it predicts
+    /// the index of the cell holding the card, teaching the model to find it.
+    fn aux_picks(&self, batch: &Batch, samples: &[Sample]) -> Vec<(usize, u32)> {
+        let mut out = Vec::new();
+        for (i, s) in samples.iter().enumerate() {
+            let row = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
+            let Some(start) = row.iter().position(|&id| id == IMAGE_PAD) else {
+                continue;
+            };
+            let run = row[start..]
+                .iter()
+                .take_while(|&&id| id == IMAGE_PAD)
+                .count();
+            for k in 0..run {
+                out.push((i * batch.seq + start + k, self.cell_token(k, run)));
+            }
+            if let Some(cell) = s.card_cell {
+                let end = start + run;
+                if end < batch.seq {
+                    out.push((i * batch.seq + end, self.cell_token(cell, run)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The coordinate token naming cell `k` of `cells`: `64·k` on the 16-cell view.
+    fn cell_token(&self, k: usize, cells: usize) -> u32 {
+        let last = self.coordinate_tokens.len() - 1;
+        let idx = (k * last / cells.max(1)).min(last);
+        self.coordinate_tokens[idx].1
     }
 
     /// Teacher-forced evaluation on the held-out canvases (see [`BaseEval`]).
@@ -758,7 +798,18 @@ fn expanded_index(batch: &Batch, i: usize, t: usize) -> usize {
 }
 
 fn batch_is_pad(_batch: &Batch, id: u32) -> bool {
-    id == 5
+    id == IMAGE_PAD
+}
+
+/// The merged cell of the global view (raster order over its grid) that holds the card centre.
+fn card_cell(c: &Canvas) -> usize {
+    let [_, gh, gw] = c.view.grid;
+    let (mh, mw) = (gh / 2, gw / 2);
+    let cx = f64::from(c.card[0] + c.card[2]) / 2.0 / f64::from(c.canvas.0);
+    let cy = f64::from(c.card[1] + c.card[3]) / 2.0 / f64::from(c.canvas.1);
+    let col = ((cx * mw as f64) as usize).min(mw - 1);
+    let row = ((cy * mh as f64) as usize).min(mh - 1);
+    row * mw + col
 }
 
 fn clamp_box(b: [u32; 4], (w, h): (u32, u32)) -> [u32; 4] {

@@ -108,6 +108,17 @@ impl TinyEyesFormat {
         )
     }
 
+    /// A multiple-choice question with its options lettered A, B, …, exactly as
+    /// `crate::eval::prepare_item` renders a SynthV* item for training and evaluation.
+    pub fn multiple_choice(stem: &str, options: &[&str]) -> String {
+        let listed: Vec<String> = options
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{}. {n}", (b'A' + i as u8) as char))
+            .collect();
+        format!("Question: {stem}\nOptions:\n{}", listed.join("\n"))
+    }
+
     /// A zoom-in call on `bbox` (canvas pixels), as TinyEyes writes it.
     pub fn zoom_call(bbox: [u32; 4]) -> String {
         let [x1, y1, x2, y2] = bbox;
@@ -143,17 +154,8 @@ impl TinyEyesFormat {
             .map(|_| {
                 let mut names = colours.clone();
                 rng.shuffle(&mut names);
-                let listed: Vec<String> = names
-                    .iter()
-                    .enumerate()
-                    .map(|(i, n)| format!("{}. {n}", (b'A' + i as u8) as char))
-                    .collect();
-                // As `deepeyes_rl::eval::prepare_item` renders a multiple-choice item.
-                let question = format!(
-                    "Question: {}\nOptions:\n{}",
-                    QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize],
-                    listed.join("\n")
-                );
+                let stem = QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize];
+                let question = Self::multiple_choice(stem, &names);
                 let mut text = self.prompt(&question);
                 let answer = Self::answer(names[rng.below(names.len() as u64) as usize]);
                 let kind = rng.below(4);
