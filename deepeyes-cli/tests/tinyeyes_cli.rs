@@ -134,3 +134,50 @@ fn pretrain_then_demo_run_end_to_end() {
     assert!(demo.join("trace/input-with-zoom.png").is_file());
     assert!(demo.join("train/final/templates.toml").is_file());
 }
+
+#[test]
+fn pretrain_resume_continues_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &Path, steps: &str, resume: bool| {
+        let mut args = vec![
+            "pretrain-synthetic",
+            "--out",
+            path(out),
+            "--steps",
+            steps,
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "4",
+            "--pool-size",
+            "6",
+        ];
+        if resume {
+            args.push("--resume");
+        }
+        deepeyes(&args);
+    };
+    let (whole, split) = (dir.path().join("whole"), dir.path().join("split"));
+    run(&whole, "4", false);
+    // Stopped after step 2 (as a kill after the step-2 save leaves it), then resumed to 4.
+    run(&split, "2", false);
+    run(&split, "4", true);
+    let weights = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    assert!(weights(&whole) == weights(&split), "resumed weights differ");
+    let metrics = |d: &Path| std::fs::read_to_string(d.join("base-metrics.jsonl")).unwrap();
+    let (a, b) = (metrics(&whole), metrics(&split));
+    let steps = |t: &str| {
+        t.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steps(&a), vec![2, 4]);
+    assert_eq!(steps(&b), vec![2, 4]);
+    let loss =
+        |t: &str| serde_json::from_str::<Value>(t.lines().last().unwrap()).unwrap()["loss"].clone();
+    assert_eq!(loss(&a), loss(&b));
+}

@@ -84,7 +84,10 @@ impl Default for SynthVConfig {
                 colour("red", [230, 60, 60]),
                 colour("green", [40, 150, 40]),
                 colour("blue", [70, 100, 250]),
-                colour("yellow", [200, 180, 20]),
+                // Not yellow: its partner would be blue-ish and blue's yellow-ish, so the two
+                // dots would hold the same pair of colours. Each answer's pair is its own:
+                // red/cyan, green/magenta, blue/yellow, black/white.
+                colour("black", [10, 10, 10]),
             ],
         }
     }

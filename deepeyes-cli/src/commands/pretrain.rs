@@ -38,6 +38,10 @@ pub(crate) struct PretrainArgs {
     /// Steps between held-out evaluations (and checkpoint saves).
     #[arg(long, default_value_t = BaseStageConfig::default().eval_every)]
     eval_every: u64,
+    /// Continue the run in `--out` from its last saved step (weights, optimizer, step); the
+    /// steps that follow equal those of an uninterrupted run. Give the same settings again.
+    #[arg(long)]
+    resume: bool,
     /// Training canvases generated up front.
     #[arg(long, default_value_t = BaseStageConfig::default().pool_size)]
     pool_size: usize,
@@ -47,7 +51,9 @@ pub(crate) struct PretrainArgs {
 pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let checkpoint = args.out.join("checkpoint");
     let source = match &args.from {
+        _ if args.resume => checkpoint.clone(),
         Some(dir) => dir.clone(),
         None => {
             let dir = args.out.join("init");
@@ -65,14 +71,37 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         seed: args.seed,
         ..BaseStageConfig::default()
     };
-    let mut stage = BaseStage::new(&source, config.clone())
-        .with_context(|| format!("setting up the base stage from {}", source.display()))?;
-    let checkpoint = args.out.join("checkpoint");
+    let stage = if args.resume {
+        BaseStage::resume(&checkpoint, config.clone())
+    } else {
+        BaseStage::new(&source, config.clone())
+    };
+    let mut stage =
+        stage.with_context(|| format!("setting up the base stage from {}", source.display()))?;
     let metrics_path = args.out.join("base-metrics.jsonl");
+    // On resume, keep the records up to the saved step (a killed run may have written more).
+    let kept: Vec<String> = if args.resume {
+        std::fs::read_to_string(&metrics_path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s <= stage.step_count())
+            })
+            .map(str::to_owned)
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut metrics = std::io::BufWriter::new(
         std::fs::File::create(&metrics_path)
             .with_context(|| format!("creating {}", metrics_path.display()))?,
     );
+    for line in kept {
+        writeln!(metrics, "{line}")?;
+    }
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
@@ -80,7 +109,7 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         "step", "loss", "lr", "grad", "box IoU", "box hit", "percept", "p(zoom)", "s/step"
     )?;
     let mut window = (0.0, 0.0, 0usize);
-    for _ in 0..config.steps {
+    while stage.step_count() < config.steps {
         let step = stage.train_step()?;
         window.0 += step.loss;
         window.1 += step.seconds;
@@ -119,7 +148,10 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("saving {}", checkpoint.display()))?;
         }
     }
-    stage.save(&source, &checkpoint)?;
+    // Every evaluation saves, the last step included; a run of zero steps saves the start.
+    if config.steps == 0 {
+        stage.save(&source, &checkpoint)?;
+    }
     if let Some(template) = &args.bundle_template {
         let bundle = args.out.join("bundle");
         deepeyes_rl::trainer::export_bundle(stage.model(), template, &bundle)

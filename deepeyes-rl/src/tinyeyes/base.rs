@@ -134,6 +134,9 @@ struct Sample {
     supervised: Vec<bool>,
     /// The merged cell of the global view that holds the card (raster order).
     card_cell: Option<usize>,
+    /// For a crop that shows the dot: the crop's merged cell holding the dot centre, and the
+    /// dot's colour (an index into the SynthV* colours).
+    crop_dot: Option<(usize, usize)>,
 }
 
 /// Weight of the auxiliary objectives relative to the main loss.
@@ -289,6 +292,7 @@ impl BaseStage {
             },
             supervised: Vec::new(),
             card_cell: Some(card_cell(c)),
+            crop_dot: None,
         };
         self.push(&mut s, &self.format.prompt(question), false)?;
         Ok(s)
@@ -315,7 +319,7 @@ impl BaseStage {
 
     /// A random box on the grid that contains the card, 2–5 bins a side (larger crops shrink
     /// the dot's fine checkerboard until its colour averages away).
-    fn box_around(&self, c: &Canvas, rng: &mut Rng) -> [u32; 4] {
+    fn box_around(c: &Canvas, rng: &mut Rng) -> [u32; 4] {
         let step = COORDINATE_STEP;
         let bins = |extent: u32| extent / step;
         let axis = |lo: u32, hi: u32, extent: u32, rng: &mut Rng| {
@@ -369,7 +373,7 @@ impl BaseStage {
         let pool = if held_out { &self.eval } else { &self.train };
         let c = &pool[ci];
         let question = self.colour_question(c, rng);
-        let bbox = self.box_around(c, rng);
+        let bbox = Self::box_around(c, rng);
         // Training crops get a random dot colour (and that label); held-out ones keep theirs.
         let colour = if held_out {
             c.colour
@@ -392,6 +396,7 @@ impl BaseStage {
         let mut s = self.start(c, &question)?;
         self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
+        s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, colour));
         s.sequence.images.push(crop);
         self.finish(&mut s, colour)?;
         Ok(s)
@@ -426,6 +431,7 @@ impl BaseStage {
         let mut s = self.start(&self.train[ci], &question)?;
         self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
+        s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, c.colour));
         s.sequence.images.push(crop);
         self.finish(&mut s, colour)?;
         Ok(s)
@@ -535,6 +541,26 @@ impl BaseStage {
                     out.push((i * batch.seq + end, self.cell_token(cell, run)));
                 }
             }
+            // The crop: the token over the dot, and the `<|vision_end|>` after the crop, name
+            // the dot's colour.
+            if let Some((cell, colour)) = s.crop_dot {
+                let after = start + run;
+                let Some(second) = row[after..].iter().position(|&id| id == IMAGE_PAD) else {
+                    continue;
+                };
+                let second = after + second;
+                let run = row[second..]
+                    .iter()
+                    .take_while(|&&id| id == IMAGE_PAD)
+                    .count();
+                let token = self.colour_tokens[colour];
+                if cell < run {
+                    out.push((i * batch.seq + second + cell, token));
+                }
+                if second + run < batch.seq {
+                    out.push((i * batch.seq + second + run, token));
+                }
+            }
         }
         out
     }
@@ -628,13 +654,24 @@ impl BaseStage {
             .map(|k| k as u32 * COORDINATE_STEP)
     }
 
-    /// Saves the weights as a Hugging Face checkpoint in `dir` (the tokenizer and configs copied
-    /// from `source`).
+    /// Saves the run in `dir`, atomically (written beside it, then renamed): the weights as a
+    /// Hugging Face checkpoint (tokenizer, configs and prompt templates copied from `source`),
+    /// the AdamW state ([`BASE_OPTIMIZER_FILE`]) and the step ([`BASE_STATE_FILE`]), so
+    /// [`BaseStage::resume`] continues exactly where it stopped.
     pub fn save(&self, source: &Path, dir: &Path) -> TrainResult<()> {
-        std::fs::create_dir_all(dir).map_err(|e| TrainError::Io {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        let name = dir.file_name().map_or_else(
+            || "checkpoint".to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         for file in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -643,25 +680,74 @@ impl BaseStage {
             deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE,
         ] {
             let from = source.join(file);
-            if from.is_file() && source != dir {
-                std::fs::copy(&from, dir.join(file)).map_err(|e| TrainError::Io {
-                    path: from.clone(),
-                    source: e,
-                })?;
+            if from.is_file() {
+                std::fs::copy(&from, tmp.join(file)).map_err(io(&from))?;
             }
         }
         // Keep the token ids transformers needs (save_pretrained writes the architecture only).
         let keep = std::fs::read_to_string(source.join("config.json")).ok();
-        self.model().save_pretrained(dir)?;
+        self.model().save_pretrained(&tmp)?;
         if let Some(text) = keep {
-            std::fs::write(dir.join("config.json"), text).map_err(|e| TrainError::Io {
-                path: dir.join("config.json"),
-                source: e,
-            })?;
+            let path = tmp.join("config.json");
+            std::fs::write(&path, text).map_err(io(&path))?;
         }
-        Ok(())
+        let path = tmp.join(BASE_OPTIMIZER_FILE);
+        let bytes = self.optim.into_bytes().map_err(|e| TrainError::Data {
+            path: path.clone(),
+            reason: format!("cannot serialise the optimizer state: {e:?}"),
+        })?;
+        std::fs::write(&path, &bytes[..]).map_err(io(&path))?;
+        let path = tmp.join(BASE_STATE_FILE);
+        let state = serde_json::json!({"step": self.step, "seed": self.config.seed});
+        std::fs::write(&path, state.to_string()).map_err(io(&path))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(io(dir))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(io(dir))
+    }
+
+    /// Continues a run saved by [`BaseStage::save`] in `checkpoint`: its weights, optimizer
+    /// state and step. Canvases and batches are derived from the seed and the step, so the
+    /// steps that follow are those of an uninterrupted run with the same `config`.
+    pub fn resume(checkpoint: &Path, config: BaseStageConfig) -> TrainResult<Self> {
+        let path = checkpoint.join(BASE_STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let state: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| data_err(&path, e))?;
+        let (Some(step), Some(seed)) = (state["step"].as_u64(), state["seed"].as_u64()) else {
+            return Err(data_err(&path, "expected {\"step\": N, \"seed\": S}"));
+        };
+        if seed != config.seed {
+            return Err(data_err(
+                &path,
+                format!(
+                    "the run used seed {seed}, not {}; resume with --seed {seed}",
+                    config.seed
+                ),
+            ));
+        }
+        let mut stage = Self::new(checkpoint, config)?;
+        let path = checkpoint.join(BASE_OPTIMIZER_FILE);
+        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        stage.optim = stage
+            .optim
+            .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+            .map_err(|e| data_err(&path, format!("not an optimizer state: {e:?}")))?;
+        stage.step = step;
+        Ok(stage)
     }
 }
+
+/// The AdamW state inside a base-stage checkpoint.
+pub const BASE_OPTIMIZER_FILE: &str = "optimizer.bpk";
+/// The step (and seed) of a base-stage checkpoint.
+pub const BASE_STATE_FILE: &str = "base-state.json";
 
 /// The crop of `bbox` as the zoom tool returns it, preprocessed, with the dot repainted in
 /// `colour` (an index into `synthv.colours`) when given.
@@ -673,6 +759,18 @@ fn crop_view(
     colour: Option<usize>,
     rng: &mut Rng,
 ) -> TrainResult<ImageInput> {
+    let crop = crop_image(synthv, c, bbox, colour, rng)?;
+    Ok(ImageInput::from(pre.preprocess(&crop)?))
+}
+
+/// The pixels of [`crop_view`], before preprocessing.
+fn crop_image(
+    synthv: &SynthVConfig,
+    c: &Canvas,
+    bbox: [u32; 4],
+    colour: Option<usize>,
+    rng: &mut Rng,
+) -> TrainResult<Image> {
     let [x1, y1, x2, y2] = clamp_box(bbox, c.canvas);
     let (ox, oy) = c.region_origin;
     // Boxes are drawn around the card, inside the region; clamp for safety.
@@ -709,7 +807,7 @@ fn crop_view(
         }
         crop = Image::from_raw(w, h, px)?;
     }
-    Ok(ImageInput::from(pre.preprocess(&crop)?))
+    Ok(crop)
 }
 
 /// For each sample, the argmax token at the positions `which` picks (token indices whose
@@ -801,6 +899,22 @@ fn batch_is_pad(_batch: &Batch, id: u32) -> bool {
     id == IMAGE_PAD
 }
 
+/// The merged cell (raster order) of the crop of `bbox`, preprocessed to `grid`, that holds the
+/// dot's centre; `None` when the crop does not show it.
+fn dot_cell(c: &Canvas, bbox: [u32; 4], grid: [usize; 3]) -> Option<usize> {
+    let [x1, y1, x2, y2] = clamp_box(bbox, c.canvas);
+    let (cx, cy) = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
+    if !(x1 <= cx && cx < x2 && y1 <= cy && cy < y2) {
+        return None;
+    }
+    let (mh, mw) = (grid[1] / 2, grid[2] / 2);
+    let fx = f64::from(cx - x1) / f64::from(x2 - x1);
+    let fy = f64::from(cy - y1) / f64::from(y2 - y1);
+    let col = ((fx * mw as f64) as usize).min(mw.saturating_sub(1));
+    let row = ((fy * mh as f64) as usize).min(mh.saturating_sub(1));
+    Some(row * mw + col)
+}
+
 /// The merged cell of the global view (raster order over its grid) that holds the card centre.
 fn card_cell(c: &Canvas) -> usize {
     let [_, gh, gw] = c.view.grid;
@@ -857,4 +971,90 @@ fn canvas(
         colour,
         question_stem: stem,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canvases(n: u64) -> Vec<Canvas> {
+        let synthv = SynthVConfig::default();
+        let mut pre = Preprocessor::new(TinyEyesFormat::default().preprocess).unwrap();
+        (0..n)
+            .map(|i| canvas(&synthv, 9, i, "test", &mut pre).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_view_is_sixteen_cells_and_the_card_cell_holds_the_card() {
+        for c in canvases(6) {
+            assert_eq!(c.view.grid, [1, 8, 8]);
+            let cell = card_cell(&c);
+            let (cx, cy) = ((c.card[0] + c.card[2]) / 2, (c.card[1] + c.card[3]) / 2);
+            assert_eq!(
+                cell,
+                (cy / 256 * 4 + cx / 256) as usize,
+                "card at {cx},{cy}"
+            );
+        }
+    }
+
+    #[test]
+    fn perception_crops_show_the_repainted_dot_in_its_cell() {
+        let synthv = SynthVConfig::default();
+        let mut rng = Rng::new(4);
+        for c in canvases(6) {
+            let grid = BaseStage::grid_box(&c);
+            for colour in 0..synthv.colours.len() {
+                let crop = crop_image(&synthv, &c, grid, Some(colour), &mut rng).unwrap();
+                let (a, b) = (synthv.colours[colour].rgb, synthv.colours[colour].partner());
+                // Both checkerboard colours appear (within the noise) and no other answer's.
+                let near = |rgb: [u8; 3]| {
+                    crop.as_raw()
+                        .chunks_exact(3)
+                        .filter(|p| {
+                            p.iter()
+                                .zip(rgb)
+                                .all(|(&v, w)| (i32::from(v) - i32::from(w)).abs() <= 14)
+                        })
+                        .count()
+                };
+                assert!(
+                    near(a) >= 8 && near(b) >= 8,
+                    "colour {colour}: {} / {}",
+                    near(a),
+                    near(b)
+                );
+                let cell = dot_cell(&c, grid, [1, 8, 8]).expect("the card box shows the dot");
+                assert!(cell < 16);
+            }
+        }
+    }
+
+    #[test]
+    fn boxes_around_the_card_contain_it_on_the_grid() {
+        let mut rng = Rng::new(2);
+        for c in canvases(6) {
+            for _ in 0..20 {
+                let b = BaseStage::box_around(&c, &mut rng);
+                assert!(
+                    b[0] <= c.card[0] && c.card[2] <= b[2],
+                    "{b:?} vs {:?}",
+                    c.card
+                );
+                assert!(
+                    b[1] <= c.card[1] && c.card[3] <= b[3],
+                    "{b:?} vs {:?}",
+                    c.card
+                );
+                assert!(b.iter().all(|v| v % COORDINATE_STEP == 0));
+                let bins = (
+                    (b[2] - b[0]) / COORDINATE_STEP,
+                    (b[3] - b[1]) / COORDINATE_STEP,
+                );
+                assert!((2..=MAX_PERCEPTION_BINS).contains(&bins.0), "{bins:?}");
+                assert!((2..=MAX_PERCEPTION_BINS).contains(&bins.1), "{bins:?}");
+            }
+        }
+    }
 }

@@ -239,7 +239,7 @@ mod tests {
         // <tool_call>, head, 4 coordinates, 3 separators, tail, </tool_call>.
         assert_eq!(ids.len(), 11, "{:?}", ids.get_tokens());
         let answer = tok
-            .encode(TinyEyesFormat::answer("yellow").as_str(), false)
+            .encode(TinyEyesFormat::answer("black").as_str(), false)
             .unwrap();
         assert_eq!(answer.len(), 3, "{:?}", answer.get_tokens());
         // A whole zoom episode (prompt with one image pad per image, call, crop, answer).
@@ -247,7 +247,7 @@ mod tests {
             "{}{call}{}{}",
             f.prompt(
                 "What colour is the dot on the small white card?\nOptions:\nA. red\nB. \
-                      green\nC. blue\nD. yellow"
+                      green\nC. blue\nD. black"
             ),
             f.crop_returned(),
             TinyEyesFormat::answer("red")
