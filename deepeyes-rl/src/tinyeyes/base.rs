@@ -810,6 +810,31 @@ fn crop_image(
     Ok(crop)
 }
 
+/// Runs `samples` through the model in chunks and hands `visit` each sample with a lookup of
+/// the next-token logits after its unexpanded token `t` (`None` past the sequence).
+fn visit_logits(
+    model: &Qwen25Vl,
+    samples: &[Sample],
+    mut visit: impl FnMut(&Sample, &dyn Fn(usize) -> Option<Vec<f32>>),
+) -> TrainResult<()> {
+    for chunk in samples.chunks(16) {
+        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let logits = model.logits(&batch)?.detach();
+        let [_, seq, vocab] = logits.dims();
+        let host = to_host(logits);
+        for (i, s) in chunk.iter().enumerate() {
+            // Each earlier image pad expands to its tokens: find token t's expanded position.
+            let row = |t: usize| {
+                let e = expanded_index(&batch, i, t);
+                (e < seq).then(|| host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab].to_vec())
+            };
+            visit(s, &row);
+        }
+    }
+    Ok(())
+}
+
 /// For each sample, the argmax token at the positions `which` picks (token indices whose
 /// prediction is read: the model's guess for token `t` given tokens `..t`).
 fn argmax_at(
@@ -818,55 +843,33 @@ fn argmax_at(
     which: impl Fn(&Sample) -> Vec<usize>,
 ) -> TrainResult<Vec<Vec<u32>>> {
     let mut out = Vec::with_capacity(samples.len());
-    for chunk in samples.chunks(16) {
-        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
-        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-        let logits = model.logits(&batch)?.detach();
-        let [b, seq, vocab] = logits.dims();
-        let host = to_host(logits);
-        for (i, s) in chunk.iter().enumerate() {
-            let mut picks = Vec::new();
-            for t in which(s) {
-                if t == 0 {
-                    continue;
-                }
-                // Expanded position of token t-1 (each earlier image pad expands to its tokens).
-                let e = expanded_index(&batch, i, t - 1);
-                if e >= seq {
-                    continue;
-                }
-                let row = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
-                let best = row
-                    .iter()
+    visit_logits(model, samples, |s, logits_after| {
+        let picks = which(s)
+            .into_iter()
+            .filter(|&t| t > 0)
+            .filter_map(|t| logits_after(t - 1))
+            .map(|row| {
+                row.iter()
                     .enumerate()
                     .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |(k, _)| k as u32);
-                picks.push(best);
-            }
-            out.push(picks);
-        }
-        let _ = b;
-    }
+                    .map_or(0, |(k, _)| k as u32)
+            })
+            .collect();
+        out.push(picks);
+    })?;
     Ok(out)
 }
 
 /// Mean probability of token `id` right after each sample's prompt.
 fn first_token_prob(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResult<f64> {
     let mut total = 0.0;
-    for chunk in samples.chunks(16) {
-        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
-        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-        let logits = model.logits(&batch)?.detach();
-        let [_, seq, vocab] = logits.dims();
-        let host = to_host(logits);
-        for (i, s) in chunk.iter().enumerate() {
-            let e = expanded_index(&batch, i, s.sequence.tokens.len() - 1);
-            let row = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
+    visit_logits(model, samples, |s, logits_after| {
+        if let Some(row) = logits_after(s.sequence.tokens.len() - 1) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let z: f64 = row.iter().map(|&v| f64::from(v - max).exp()).sum();
             total += f64::from(row[id as usize] - max).exp() / z;
         }
-    }
+    })?;
     Ok(total / samples.len().max(1) as f64)
 }
 
