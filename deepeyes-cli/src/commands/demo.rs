@@ -97,6 +97,8 @@ fn evaluate(model: &Path, data: &Path, out: &Path, seed: u64) -> anyhow::Result<
         threads: 1,
         tools_config: None,
         templates: None,
+        // As the demo's training rollouts (configs/train/tinyeyes-demo.toml).
+        stop_at_tool_call_end: true,
     })
 }
 
@@ -165,7 +167,7 @@ fn annotated_trace(
         &model,
         registry.tools(),
         templates,
-        super::agent_config(2, 24, 0.0),
+        super::agent_config(2, 24, 0.0, true),
     )?;
     let task = Task {
         question: prepared.question.clone(),

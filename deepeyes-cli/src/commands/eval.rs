@@ -67,6 +67,10 @@ pub(crate) struct EvalArgs {
     /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
     #[arg(long, value_name = "FILE")]
     pub(crate) tools_config: Option<PathBuf>,
+    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
+    /// what follows a call).
+    #[arg(long)]
+    pub(crate) stop_at_tool_call_end: bool,
     /// A TOML file overriding the prompt templates.
     #[arg(long, value_name = "FILE")]
     pub(crate) templates: Option<PathBuf>,
@@ -101,7 +105,12 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
         }
         None => None,
     };
-    let agent = super::agent_config(args.max_turns, args.max_new_tokens, args.temperature);
+    let agent = super::agent_config(
+        args.max_turns,
+        args.max_new_tokens,
+        args.temperature,
+        args.stop_at_tool_call_end,
+    );
     let config = EvalConfig {
         samples: args.samples,
         seed: args.seed,

@@ -77,11 +77,13 @@ pub(crate) fn agent_config(
     max_turns: usize,
     max_new_tokens: usize,
     temperature: f32,
+    stop_at_tool_call_end: bool,
 ) -> AgentConfig {
     let defaults = AgentConfig::default();
     AgentConfig {
         max_turns,
         max_new_tokens,
+        stop_at_tool_call_end,
         sampling: SamplingParams {
             temperature,
             ..defaults.sampling

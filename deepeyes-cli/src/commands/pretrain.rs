@@ -38,6 +38,9 @@ pub(crate) struct PretrainArgs {
     /// Steps between held-out evaluations (and checkpoint saves).
     #[arg(long, default_value_t = BaseStageConfig::default().eval_every)]
     eval_every: u64,
+    /// Shares of grounding, perception and action-format samples, e.g. `0.4,0.25,0.35`.
+    #[arg(long, value_name = "G,P,A", value_delimiter = ',')]
+    mix: Option<Vec<f64>>,
     /// Continue the run in `--out` from its last saved step (weights, optimizer, step); the
     /// steps that follow equal those of an uninterrupted run. Give the same settings again.
     #[arg(long)]
@@ -69,6 +72,16 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         eval_every: args.eval_every,
         pool_size: args.pool_size,
         seed: args.seed,
+        mix: match args.mix.as_deref() {
+            Some(&[g, p, a]) if g >= 0.0 && p >= 0.0 && a >= 0.0 && g + p + a > 0.0 => {
+                let sum = g + p + a;
+                [g / sum, p / sum, a / sum]
+            }
+            Some(other) => {
+                anyhow::bail!("--mix needs three non-negative shares, not all zero; got {other:?}")
+            }
+            None => BaseStageConfig::default().mix,
+        },
         ..BaseStageConfig::default()
     };
     let stage = if args.resume {

@@ -61,6 +61,10 @@ pub(crate) struct RunArgs {
     /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
     #[arg(long, value_name = "FILE")]
     tools_config: Option<PathBuf>,
+    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
+    /// what follows a call).
+    #[arg(long)]
+    pub(crate) stop_at_tool_call_end: bool,
     /// A TOML file overriding the prompt templates.
     #[arg(long, value_name = "FILE")]
     templates: Option<PathBuf>,
@@ -329,6 +333,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let config = AgentConfig {
         max_turns: args.max_turns,
         max_new_tokens: args.max_new_tokens,
+        stop_at_tool_call_end: args.stop_at_tool_call_end,
         sampling: SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,

@@ -55,12 +55,21 @@ pub(crate) struct SelectArgs {
     /// Threads per graph (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
+    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
+    /// what follows a call).
+    #[arg(long)]
+    pub(crate) stop_at_tool_call_end: bool,
 }
 
 /// Runs the selection and prints the counts of each stage.
 pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
     let (tools_config, registry) = super::load_tools(None)?;
-    let agent = super::agent_config(args.max_turns, args.max_new_tokens, args.temperature);
+    let agent = super::agent_config(
+        args.max_turns,
+        args.max_new_tokens,
+        args.temperature,
+        args.stop_at_tool_call_end,
+    );
     let config = EvalConfig {
         samples: args.k,
         seed: args.seed,
