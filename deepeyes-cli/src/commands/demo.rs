@@ -366,7 +366,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         stdout,
-        "\ncurves: {}\nmetrics: {}\ntrained bundle: {} (try: deepeyes run --model {} --image <a SynthV* image> --question …)\nsummary: {}",
+        "\ncurves: {}\nmetrics: {}\ntrained bundle: {} (try: deepeyes run --model {} --stop-at-tool-call-end --image <a SynthV* image> --question …)\nsummary: {}",
         curves.display(),
         train_dir.join("metrics.jsonl").display(),
         trained.display(),
