@@ -48,20 +48,12 @@ pub fn tinyeyes_model_config(vocab_size: usize) -> Qwen25VlConfig {
             // head_dim 32 → 16 rotary pairs: temporal, height, width.
             mrope_section: [8, 4, 4],
         },
+        // The test fixture's tower (2 blocks, 2 heads, patch 14, window 112), twice as wide.
         vision: VisionConfig {
-            depth: 2,
             hidden_size: 64,
             intermediate_size: 128,
-            num_heads: 2,
-            in_channels: 3,
-            patch_size: 14,
-            temporal_patch_size: 2,
-            spatial_merge_size: 2,
-            window_size: 112,
             out_hidden_size: 128,
-            fullatt_block_indexes: vec![1],
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-6,
+            ..Qwen25VlConfig::tiny().vision
         },
         image_token_id: id("<|image_pad|>"),
         video_token_id: id("<|video_pad|>"),
