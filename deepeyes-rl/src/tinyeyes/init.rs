@@ -121,8 +121,8 @@ mod tests {
 
     #[test]
     fn init_writes_a_loadable_reproducible_checkpoint() {
-        let tmp = std::env::temp_dir().join(format!("tinyeyes-init-{}", std::process::id()));
-        let (a, b) = (tmp.join("a"), tmp.join("b"));
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
         let cfg = init_checkpoint(&a, 3).unwrap();
         init_checkpoint(&b, 3).unwrap();
         for file in ["tokenizer.json", "config.json", "model.safetensors"] {
@@ -149,6 +149,5 @@ mod tests {
             (1_000_000..=5_000_000).contains(&params),
             "{params} parameters"
         );
-        std::fs::remove_dir_all(&tmp).unwrap();
     }
 }
