@@ -19,6 +19,8 @@ fn base_stage_lowers_its_loss_and_saves_a_loadable_checkpoint() {
         pool_size: 12,
         eval_items: 6,
         seed: 1,
+        // Exercise soft coordinate labels (a Gaussian over neighbouring bins).
+        soft_coordinates: 1.0,
         ..BaseStageConfig::default()
     };
     let mut stage = BaseStage::new(&init, config).unwrap();

@@ -41,6 +41,9 @@ pub(crate) struct PretrainArgs {
     /// Shares of grounding, perception and action-format samples, e.g. `0.4,0.25,0.35`.
     #[arg(long, value_name = "G,P,A", value_delimiter = ',')]
     mix: Option<Vec<f64>>,
+    /// Spread coordinate labels over neighbouring bins (Gaussian σ in bins; 0: hard labels).
+    #[arg(long, default_value_t = 0.0, value_name = "SIGMA")]
+    soft_coordinates: f64,
     /// Continue the run in `--out` from its last saved step (weights, optimizer, step); the
     /// steps that follow equal those of an uninterrupted run. Give the same settings again.
     #[arg(long)]
@@ -72,6 +75,7 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         eval_every: args.eval_every,
         pool_size: args.pool_size,
         seed: args.seed,
+        soft_coordinates: args.soft_coordinates,
         mix: match args.mix.as_deref() {
             Some(&[g, p, a]) if g >= 0.0 && p >= 0.0 && a >= 0.0 && g + p + a > 0.0 => {
                 let sum = g + p + a;

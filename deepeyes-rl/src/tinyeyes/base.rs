@@ -58,6 +58,9 @@ pub struct BaseStageConfig {
     pub mix: [f64; 3],
     /// Share of action-format samples that zoom (the rest answer directly).
     pub zoom_share: f64,
+    /// Spread of the coordinate labels in bins (a Gaussian over neighbouring coordinates);
+    /// 0 keeps hard labels.
+    pub soft_coordinates: f64,
     /// Seed of the canvases and of the sampling.
     pub seed: u64,
 }
@@ -75,6 +78,7 @@ impl Default for BaseStageConfig {
             eval_every: 100,
             mix: [0.4, 0.25, 0.35],
             zoom_share: 0.25,
+            soft_coordinates: 0.0,
             seed: 0,
         }
     }
@@ -471,14 +475,21 @@ impl BaseStage {
         let mut picks = Vec::new();
         let mut weights = Vec::new();
         let cols = batch.score_len;
+        let mut supervised = 0usize;
         for &(cell, position, token) in &batch.targets {
             let (i, t) = (cell / cols, cell % cols);
-            if samples[i].supervised.get(t).copied().unwrap_or(false) {
+            if !samples[i].supervised.get(t).copied().unwrap_or(false) {
+                continue;
+            }
+            supervised += 1;
+            // A coordinate's target is spread over its neighbours (soft labels) when asked.
+            for (token, weight) in self.soft_targets(token) {
                 picks.push((position, token));
+                weights.push(weight);
             }
         }
-        let main = picks.len().max(1) as f32;
-        weights.resize(picks.len(), 1.0 / main);
+        let main = supervised.max(1) as f32;
+        weights.iter_mut().for_each(|w| *w /= main);
         // Auxiliary objectives on the global view (base stage only; they read the image tokens'
         // hidden states through the language-model head, at positions that never generate).
         let aux = self.aux_picks(&batch, &samples);
@@ -562,6 +573,38 @@ impl BaseStage {
                 }
             }
         }
+        out
+    }
+
+    /// The training targets of a supervised token with their weights (summing to 1): the token
+    /// itself, or for a coordinate with `soft_coordinates = σ > 0`, a Gaussian over the
+    /// coordinates within 2σ bins in the same form (bare or after a space).
+    fn soft_targets(&self, token: u32) -> Vec<(u32, f32)> {
+        let sigma = self.config.soft_coordinates;
+        let found = self
+            .coordinate_tokens
+            .iter()
+            .enumerate()
+            .find_map(|(k, &(bare, spaced))| {
+                (token == bare)
+                    .then_some((k, false))
+                    .or((token == spaced).then_some((k, true)))
+            });
+        let Some((k, spaced)) = found.filter(|_| sigma > 0.0) else {
+            return vec![(token, 1.0)];
+        };
+        let reach = (2.0 * sigma).ceil() as i64;
+        let mut out: Vec<(u32, f32)> = (-reach..=reach)
+            .filter_map(|d| {
+                let j = usize::try_from(k as i64 + d).ok()?;
+                let &(bare, with_space) = self.coordinate_tokens.get(j)?;
+                let id = if spaced { with_space } else { bare };
+                (id != u32::MAX)
+                    .then(|| (id, (-(d * d) as f64 / (2.0 * sigma * sigma)).exp() as f32))
+            })
+            .collect();
+        let total: f32 = out.iter().map(|(_, w)| w).sum();
+        out.iter_mut().for_each(|(_, w)| *w /= total);
         out
     }
 
