@@ -133,6 +133,27 @@ fn pretrain_then_demo_run_end_to_end() {
     assert!(demo.join("curves.png").is_file());
     assert!(demo.join("trace/input-with-zoom.png").is_file());
     assert!(demo.join("train/final/templates.toml").is_file());
+
+    // Data is reused only when it was written with the same settings.
+    let again = |seed: &str| {
+        deepeyes(&[
+            "demo",
+            "--model",
+            path(&bundle),
+            "--out",
+            path(&demo),
+            "--steps",
+            "1",
+            "--train-items",
+            "8",
+            "--eval-items",
+            "4",
+            "--seed",
+            seed,
+        ])
+    };
+    assert!(again("0").contains("reusing the SynthV* data"));
+    assert!(again("1").contains("writing 8 training and 4 held-out"));
 }
 
 #[test]

@@ -73,10 +73,9 @@ fn opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"))
 }
 
-/// Counts the lines of a JSONL file (0 when it is missing).
-fn lines(path: &Path) -> u64 {
-    std::fs::read_to_string(path).map_or(0, |t| t.lines().count() as u64)
-}
+/// The settings the data in `data/` was written with; written last, so a split interrupted
+/// half-way is never taken for finished.
+const DATA_STAMP: &str = "settings.json";
 
 /// Greedy evaluation of `model` on the held-out split.
 fn evaluate(model: &Path, data: &Path, out: &Path, seed: u64) -> anyhow::Result<EvalSummary> {
@@ -229,7 +228,11 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let data = args.out.join("data");
     let (train, test) = (data.join("train.jsonl"), data.join("test.jsonl"));
-    if lines(&train) == args.train_items && lines(&test) == args.eval_items {
+    let stamp = json!({"seed": args.seed, "train": args.train_items, "test": args.eval_items});
+    let written = std::fs::read_to_string(data.join(DATA_STAMP))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    if written.as_ref() == Some(&stamp) && train.is_file() && test.is_file() {
         writeln!(stdout, "reusing the SynthV* data in {}", data.display())?;
     } else {
         writeln!(
@@ -245,6 +248,16 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             test: args.eval_items,
             seed: args.seed,
         })?;
+        // Evaluations of earlier data would be resumed as if they were of this data.
+        for dir in ["eval-base", "eval-trained"] {
+            let dir = args.out.join(dir);
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing the stale {}", dir.display()))?;
+            }
+        }
+        std::fs::write(data.join(DATA_STAMP), stamp.to_string())
+            .with_context(|| format!("writing {}", data.join(DATA_STAMP).display()))?;
     }
 
     writeln!(

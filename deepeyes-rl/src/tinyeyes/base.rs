@@ -146,9 +146,6 @@ struct Sample {
 /// Weight of the auxiliary objectives relative to the main loss.
 const AUX_WEIGHT: f32 = 1.0;
 
-/// The `<|image_pad|>` id of TinyEyes' tokenizer.
-const IMAGE_PAD: u32 = 5;
-
 /// The base stage in progress.
 pub struct BaseStage {
     config: BaseStageConfig,
@@ -163,6 +160,9 @@ pub struct BaseStage {
     step: u64,
     colour_tokens: Vec<u32>,
     coordinate_tokens: Vec<(u32, u32)>,
+    /// `<answer>` and `<tool_call>` in the tokenizer.
+    answer_id: u32,
+    tool_call_id: u32,
 }
 
 impl std::fmt::Debug for BaseStage {
@@ -239,6 +239,8 @@ impl BaseStage {
                 Ok((bare, single(&format!(" {v}"))?))
             })
             .collect::<TrainResult<Vec<_>>>()?;
+        let answer_id = single(deepeyes_core::protocol::ANSWER_START)?;
+        let tool_call_id = single(deepeyes_core::protocol::TOOL_CALL_START)?;
         let optim = AdamWConfig::new()
             .with_beta_2(0.98)
             .with_weight_decay(0.01)
@@ -256,6 +258,8 @@ impl BaseStage {
             step: 0,
             colour_tokens,
             coordinate_tokens,
+            answer_id,
+            tool_call_id,
         })
     }
 
@@ -492,7 +496,7 @@ impl BaseStage {
         weights.iter_mut().for_each(|w| *w /= main);
         // Auxiliary objectives on the global view (base stage only; they read the image tokens'
         // hidden states through the language-model head, at positions that never generate).
-        let aux = self.aux_picks(&batch, &samples);
+        let aux = self.aux_picks(&batch, &samples, model.config.image_token_id);
         let aux_weight = AUX_WEIGHT / aux.len().max(1) as f32;
         weights.extend(std::iter::repeat_n(aux_weight, aux.len()));
         picks.extend(aux);
@@ -532,17 +536,14 @@ impl BaseStage {
     /// token of the global view predicts its own cell index `k` (as the coordinate token of
     /// `64·k`), teaching the image tokens where they are; the `<|vision_end|>` after it predicts
     /// the index of the cell holding the card, teaching the model to find it.
-    fn aux_picks(&self, batch: &Batch, samples: &[Sample]) -> Vec<(usize, u32)> {
+    fn aux_picks(&self, batch: &Batch, samples: &[Sample], pad: u32) -> Vec<(usize, u32)> {
         let mut out = Vec::new();
         for (i, s) in samples.iter().enumerate() {
             let row = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
-            let Some(start) = row.iter().position(|&id| id == IMAGE_PAD) else {
+            let Some(start) = row.iter().position(|&id| id == pad) else {
                 continue;
             };
-            let run = row[start..]
-                .iter()
-                .take_while(|&&id| id == IMAGE_PAD)
-                .count();
+            let run = row[start..].iter().take_while(|&&id| id == pad).count();
             for k in 0..run {
                 out.push((i * batch.seq + start + k, self.cell_token(k, run)));
             }
@@ -556,14 +557,11 @@ impl BaseStage {
             // the dot's colour.
             if let Some((cell, colour)) = s.crop_dot {
                 let after = start + run;
-                let Some(second) = row[after..].iter().position(|&id| id == IMAGE_PAD) else {
+                let Some(second) = row[after..].iter().position(|&id| id == pad) else {
                     continue;
                 };
                 let second = after + second;
-                let run = row[second..]
-                    .iter()
-                    .take_while(|&&id| id == IMAGE_PAD)
-                    .count();
+                let run = row[second..].iter().take_while(|&&id| id == pad).count();
                 let token = self.colour_tokens[colour];
                 if cell < run {
                     out.push((i * batch.seq + second + cell, token));
@@ -619,9 +617,8 @@ impl BaseStage {
     pub fn evaluate(&mut self) -> TrainResult<BaseEval> {
         let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[2]));
         let n = self.eval.len();
-        let mut out = BaseEval::default();
         if n == 0 {
-            return Ok(out);
+            return Ok(BaseEval::default());
         }
         let model = self.model.take().expect("the model is present");
         let result = (|| -> TrainResult<BaseEval> {
@@ -665,7 +662,7 @@ impl BaseStage {
                     .sequence
                     .tokens
                     .iter()
-                    .rposition(|&id| id == 11)
+                    .rposition(|&id| id == self.answer_id)
                     .map_or(0, |p| p + 1);
                 vec![t]
             })?;
@@ -675,15 +672,14 @@ impl BaseStage {
                 }
             }
             // Zoom propensity: p(<tool_call>) as the first assistant token.
-            e.zoom_prob = first_token_prob(&model, &first, 7)?;
+            e.zoom_prob = first_token_prob(&model, &first, self.tool_call_id)?;
             e.ground_iou /= n as f64;
             e.ground_hit /= n as f64;
             e.perception_acc /= n as f64;
             Ok(e)
         })();
         self.model = Some(model);
-        out = result?;
-        Ok(out)
+        result
     }
 
     fn is_coordinate(&self, id: u32) -> bool {
@@ -869,7 +865,7 @@ fn visit_logits(
         for (i, s) in chunk.iter().enumerate() {
             // Each earlier image pad expands to its tokens: find token t's expanded position.
             let row = |t: usize| {
-                let e = expanded_index(&batch, i, t);
+                let e = expanded_index(&batch, i, t, model.config.image_token_id);
                 (e < seq).then(|| host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab].to_vec())
             };
             visit(s, &row);
@@ -917,18 +913,15 @@ fn first_token_prob(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResul
 }
 
 /// The expanded position of unexpanded token `t` of row `i`.
-fn expanded_index(batch: &Batch, i: usize, t: usize) -> usize {
+fn expanded_index(batch: &Batch, i: usize, t: usize, image_pad: u32) -> usize {
     // Image pads before `t` each expand to their merged tokens; the batch records the expanded
     // ids, so walk them: count unexpanded tokens until `t` is reached.
     let ids = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
     let mut unexpanded = 0;
     let mut e = 0;
     while e < ids.len() {
-        let pad_run = if batch_is_pad(batch, ids[e]) {
-            ids[e..]
-                .iter()
-                .take_while(|&&x| batch_is_pad(batch, x))
-                .count()
+        let pad_run = if ids[e] == image_pad {
+            ids[e..].iter().take_while(|&&x| x == image_pad).count()
         } else {
             1
         };
@@ -939,10 +932,6 @@ fn expanded_index(batch: &Batch, i: usize, t: usize) -> usize {
         e += pad_run;
     }
     ids.len()
-}
-
-fn batch_is_pad(_batch: &Batch, id: u32) -> bool {
-    id == IMAGE_PAD
 }
 
 /// The merged cell (raster order) of the crop of `bbox`, preprocessed to `grid`, that holds the
