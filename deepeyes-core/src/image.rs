@@ -136,6 +136,12 @@ impl Image {
         &self.pixels
     }
 
+    /// An identity of the pixel buffer: clones of one image share it (and its id), images built
+    /// or decoded separately do not. Valid while the image is alive; for caching work per image.
+    pub fn buffer_id(&self) -> usize {
+        Arc::as_ptr(&self.pixels) as usize
+    }
+
     /// The tightly packed RGB bytes, row by row.
     pub fn as_raw(&self) -> &[u8] {
         self.pixels.as_raw()
@@ -163,6 +169,14 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clones_share_a_buffer_id_and_separate_images_do_not() {
+        let a = Image::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        let b = Image::from_raw(2, 1, vec![1, 2, 3, 4, 5, 6]).unwrap();
+        assert_eq!(a.clone().buffer_id(), a.buffer_id());
+        assert_ne!(a.buffer_id(), b.buffer_id());
+    }
 
     fn png_of(w: u32, h: u32) -> Vec<u8> {
         Image::from_rgb(image::RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30])))

@@ -522,9 +522,11 @@ impl Trainer {
 
         // Advantages and targets.
         let batch = prepare_batch(&self.config.grpo, &trajectories, &rewards, &group_ids)?;
+        // The samples of a group share their input image: preprocess each image once a step.
+        let mut preprocessed = std::collections::HashMap::new();
         let sequences: Vec<Sequence> = trajectories
             .iter()
-            .map(|t| self.sequence(t))
+            .map(|t| self.sequence(t, &mut preprocessed))
             .collect::<TrainResult<_>>()?;
 
         let n = trajectories.len();
@@ -752,14 +754,27 @@ impl Trainer {
         Ok(out)
     }
 
-    /// The training engine's view of a trajectory: its tokens (one pad per image) and images.
-    fn sequence(&self, traj: &Trajectory) -> TrainResult<Sequence> {
-        let preprocess = self.preprocess;
-        let images = traj
-            .images
-            .iter()
-            .map(|im| preprocess_image(&im.image, &preprocess).map(ImageInput::from))
-            .collect::<deepeyes_core::Result<Vec<_>>>()?;
+    /// The training engine's view of a trajectory: its tokens (one pad per image) and images,
+    /// each image preprocessed once per `cache` (keyed by its pixel buffer, which the
+    /// trajectories of a step keep alive).
+    fn sequence(
+        &self,
+        traj: &Trajectory,
+        cache: &mut std::collections::HashMap<usize, ImageInput>,
+    ) -> TrainResult<Sequence> {
+        let mut images = Vec::with_capacity(traj.images.len());
+        for im in &traj.images {
+            let input = match cache.entry(im.image.buffer_id()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(e) => e
+                    .insert(ImageInput::from(preprocess_image(
+                        &im.image,
+                        &self.preprocess,
+                    )?))
+                    .clone(),
+            };
+            images.push(input);
+        }
         Ok(Sequence {
             tokens: traj.tokens.clone(),
             images,
