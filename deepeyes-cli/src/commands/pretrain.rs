@@ -76,14 +76,10 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         pool_size: args.pool_size,
         seed: args.seed,
         soft_coordinates: args.soft_coordinates,
+        // The shares are checked (and normalised) by the base stage itself.
         mix: match args.mix.as_deref() {
-            Some(&[g, p, a]) if g >= 0.0 && p >= 0.0 && a >= 0.0 && g + p + a > 0.0 => {
-                let sum = g + p + a;
-                [g / sum, p / sum, a / sum]
-            }
-            Some(other) => {
-                anyhow::bail!("--mix needs three non-negative shares, not all zero; got {other:?}")
-            }
+            Some(&[g, p, a]) => [g, p, a],
+            Some(other) => anyhow::bail!("--mix needs three shares G,P,A; got {other:?}"),
             None => BaseStageConfig::default().mix,
         },
         ..BaseStageConfig::default()

@@ -84,6 +84,45 @@ impl Default for BaseStageConfig {
     }
 }
 
+impl BaseStageConfig {
+    /// Checks the values, naming the first one at fault.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |name: &'static str, reason: &str| {
+            Err(crate::Error::InvalidArgument {
+                name,
+                reason: reason.to_string(),
+            })
+        };
+        if self.batch_size == 0 {
+            return bad("batch-size", "must be at least 1");
+        }
+        if self.pool_size == 0 {
+            return bad("pool-size", "must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", "must be a positive number");
+        }
+        if !(self.grad_clip.is_finite() && self.grad_clip > 0.0) {
+            return bad("grad-clip", "must be a positive number");
+        }
+        let mix_ok = self.mix.iter().all(|m| m.is_finite() && *m >= 0.0)
+            && self.mix.iter().sum::<f64>() > 0.0;
+        if !mix_ok {
+            return bad("mix", "needs three non-negative shares, not all zero");
+        }
+        if !(0.0..=1.0).contains(&self.zoom_share) {
+            return bad("zoom-share", "must lie in [0, 1]");
+        }
+        if !(self.soft_coordinates.is_finite() && self.soft_coordinates >= 0.0) {
+            return bad(
+                "soft-coordinates",
+                "must be 0 (hard labels) or a positive spread",
+            );
+        }
+        Ok(())
+    }
+}
+
 /// One canvas, kept small: its global view (already preprocessed), and the pixels around the
 /// card that every crop is cut from.
 struct Canvas {
@@ -185,6 +224,7 @@ impl BaseStage {
     /// Loads the checkpoint in `dir` (from `init-tinyeyes`, or an earlier base stage) and
     /// generates the canvases.
     pub fn new(dir: &Path, config: BaseStageConfig) -> TrainResult<Self> {
+        config.validate()?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer =
             Tokenizer::from_file(&tokenizer_path).map_err(|e| data_err(&tokenizer_path, e))?;
@@ -450,7 +490,8 @@ impl BaseStage {
         let started = Instant::now();
         let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[1, self.step]));
         let mut samples = Vec::with_capacity(self.config.batch_size);
-        let [g, p, _] = self.config.mix;
+        let total: f64 = self.config.mix.iter().sum();
+        let [g, p, _] = self.config.mix.map(|m| m / total);
         for _ in 0..self.config.batch_size {
             let ci = rng.below(self.train.len() as u64) as usize;
             let r = rng.next_f64();
@@ -1018,6 +1059,52 @@ mod tests {
         (0..n)
             .map(|i| canvas(&synthv, 9, i, "test", &mut pre).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let cases = [
+            (
+                "batch-size",
+                BaseStageConfig {
+                    batch_size: 0,
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
+                "pool-size",
+                BaseStageConfig {
+                    pool_size: 0,
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
+                "lr",
+                BaseStageConfig {
+                    lr: f64::NAN,
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
+                "mix",
+                BaseStageConfig {
+                    mix: [0.0; 3],
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
+                "soft-coordinates",
+                BaseStageConfig {
+                    soft_coordinates: -1.0,
+                    ..BaseStageConfig::default()
+                },
+            ),
+        ];
+        for (name, config) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(name), "{name}: {err}");
+        }
+        BaseStageConfig::default().validate().unwrap();
     }
 
     #[test]
