@@ -71,9 +71,12 @@ impl Default for SynthVConfig {
         Self {
             canvas_min: 1024,
             canvas_max: 1024,
-            card_min: 22,
-            card_max: 26,
-            dot: 8,
+            // A card of 5–6 px in the 112 px global view: a bright spot the tiny model can
+            // find (at 22–26 px, 2–3 view pixels, its grounding never got off the ground), while
+            // the checkerboard keeps the dot's colour unreadable at any such size.
+            card_min: 40,
+            card_max: 48,
+            dot: 12,
             cell: 2,
             clutter_min: 50,
             clutter_max: 100,
@@ -256,7 +259,10 @@ pub fn generate(config: &SynthVConfig, seed: u64, index: u64, split: &str) -> Re
         i64::from(config.distractors_max),
     );
     for _ in 0..n_distractors {
-        let s = rng.range_inclusive(18, 30) as u32;
+        let s = rng.range_inclusive(
+            i64::from(config.card_min.saturating_sub(4)),
+            i64::from(config.card_max + 4),
+        ) as u32;
         let (x, y) = (
             place(&mut rng, w, s.min(card)),
             place(&mut rng, h, s.min(card)),

@@ -118,8 +118,18 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     writeln!(
         stdout,
-        "{:>6} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "step", "loss", "lr", "grad", "box IoU", "box hit", "percept", "p(zoom)", "s/step"
+        "{:>6} {:>8} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "step",
+        "loss",
+        "lr",
+        "grad",
+        "card tok",
+        "card cell",
+        "box IoU",
+        "box hit",
+        "percept",
+        "p(zoom)",
+        "s/step"
     )?;
     let mut window = (0.0, 0.0, 0usize);
     while stage.step_count() < config.steps {
@@ -135,9 +145,11 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             let loss = window.0 / window.2 as f64;
             writeln!(
                 stdout,
-                "{done:>6} {loss:>8.4} {:>9.2e} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2}",
+                "{done:>6} {loss:>8.4} {:>9.2e} {:>8.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>7.2}",
                 step.lr,
                 step.grad_norm,
+                e.card_token_acc,
+                e.card_cell_acc,
                 e.ground_iou,
                 e.ground_hit,
                 e.perception_acc,
@@ -151,6 +163,7 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
                     "step": done, "loss": loss, "lr": step.lr, "grad_norm": step.grad_norm,
                     "ground_iou": e.ground_iou, "ground_hit": e.ground_hit,
                     "perception_acc": e.perception_acc, "zoom_prob": e.zoom_prob,
+                    "card_cell_acc": e.card_cell_acc, "card_token_acc": e.card_token_acc,
                     "seconds_per_step": window.1 / window.2 as f64,
                 })
             )?;

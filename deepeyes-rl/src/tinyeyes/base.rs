@@ -68,12 +68,12 @@ pub struct BaseStageConfig {
 impl Default for BaseStageConfig {
     fn default() -> Self {
         Self {
-            steps: 2000,
+            steps: 3000,
             batch_size: 32,
             lr: 1e-3,
             warmup_steps: 100,
             grad_clip: 1.0,
-            pool_size: 600,
+            pool_size: 2000,
             eval_items: 64,
             eval_every: 100,
             mix: [0.4, 0.25, 0.35],
@@ -137,8 +137,9 @@ struct Canvas {
     question_stem: String,
 }
 
-/// The widest perception crop, in bins.
-const MAX_PERCEPTION_BINS: u32 = 5;
+/// The widest perception crop, in bins (112 px: the crop reaches the model at full scale, so the
+/// dot's 2 px checkerboard stays sharp).
+const MAX_PERCEPTION_BINS: u32 = 7;
 
 /// How far around the card crops may reach (the widest crop plus a bin of slack).
 const REGION: u32 = (MAX_PERCEPTION_BINS + 1) * COORDINATE_STEP;
@@ -154,6 +155,11 @@ pub struct BaseEval {
     pub perception_acc: f64,
     /// Mean probability of `<tool_call>` as the first token of a colour question.
     pub zoom_prob: f64,
+    /// Share of global views whose `<|vision_end|>` names the merged cell holding the card (the
+    /// auxiliary target): whether the model finds the card at all, before placing a box on it.
+    pub card_cell_acc: f64,
+    /// Share of global views whose token most likely to say ` card` is the one over the card.
+    pub card_token_acc: f64,
 }
 
 /// One step's numbers.
@@ -182,6 +188,9 @@ struct Sample {
     crop_dot: Option<(usize, usize)>,
 }
 
+/// The word the global-view token over the card predicts in the auxiliary objective.
+const CARD_WORD: &str = " card";
+
 /// Weight of the auxiliary objectives relative to the main loss.
 const AUX_WEIGHT: f32 = 1.0;
 
@@ -198,6 +207,8 @@ pub struct BaseStage {
     eval: Vec<Canvas>,
     step: u64,
     colour_tokens: Vec<u32>,
+    /// ` card`: what the global-view token holding the card predicts (an auxiliary target).
+    card_token: u32,
     coordinate_tokens: Vec<(u32, u32)>,
     /// `<answer>` and `<tool_call>` in the tokenizer.
     answer_id: u32,
@@ -279,6 +290,7 @@ impl BaseStage {
                 Ok((bare, single(&format!(" {v}"))?))
             })
             .collect::<TrainResult<Vec<_>>>()?;
+        let card_token = single(CARD_WORD)?;
         let answer_id = single(deepeyes_core::protocol::ANSWER_START)?;
         let tool_call_id = single(deepeyes_core::protocol::TOOL_CALL_START)?;
         let optim = AdamWConfig::new()
@@ -297,6 +309,7 @@ impl BaseStage {
             eval,
             step: 0,
             colour_tokens,
+            card_token,
             coordinate_tokens,
             answer_id,
             tool_call_id,
@@ -365,7 +378,7 @@ impl BaseStage {
         self.push(s, deepeyes_core::protocol::IM_END, true)
     }
 
-    /// A random box on the grid that contains the card, 2–5 bins a side (larger crops shrink
+    /// A random box on the grid that contains the card, up to 7 bins a side (larger crops shrink
     /// the dot's fine checkerboard until its colour averages away).
     fn box_around(c: &Canvas, rng: &mut Rng) -> [u32; 4] {
         let step = COORDINATE_STEP;
@@ -573,10 +586,11 @@ impl BaseStage {
         Ok(out)
     }
 
-    /// The auxiliary targets of a batch, as `(flat expanded position, token)`: each merged
-    /// token of the global view predicts its own cell index `k` (as the coordinate token of
-    /// `64·k`), teaching the image tokens where they are; the `<|vision_end|>` after it predicts
-    /// the index of the cell holding the card, teaching the model to find it.
+    /// The auxiliary targets of a batch, as `(flat expanded position, token)`: the merged token
+    /// of the global view over the card predicts ` card`, every other one its own cell index `k`
+    /// (as the coordinate token of `64·k`), teaching the image tokens what and where they are;
+    /// the `<|vision_end|>` after the view predicts the index of the cell holding the card,
+    /// teaching the model to carry the card's place to the text.
     fn aux_picks(&self, batch: &Batch, samples: &[Sample], pad: u32) -> Vec<(usize, u32)> {
         let mut out = Vec::new();
         for (i, s) in samples.iter().enumerate() {
@@ -586,7 +600,14 @@ impl BaseStage {
             };
             let run = row[start..].iter().take_while(|&&id| id == pad).count();
             for k in 0..run {
-                out.push((i * batch.seq + start + k, self.cell_token(k, run)));
+                // The token over the card says so (a local detector: finding the card needs no
+                // routing then); the others name their cell.
+                let token = if s.card_cell == Some(k) {
+                    self.card_token
+                } else {
+                    self.cell_token(k, run)
+                };
+                out.push((i * batch.seq + start + k, token));
             }
             if let Some(cell) = s.card_cell {
                 let end = start + run;
@@ -662,6 +683,7 @@ impl BaseStage {
             return Ok(BaseEval::default());
         }
         let model = self.model.take().expect("the model is present");
+        let image_pad = model.config.image_token_id;
         let result = (|| -> TrainResult<BaseEval> {
             let mut ground = Vec::new();
             let mut perceive = Vec::new();
@@ -697,6 +719,31 @@ impl BaseStage {
                     }
                 }
             }
+            // Finding: the `<|vision_end|>` after the global view names the card's cell.
+            let picks = argmax_at(&model, &ground, |s| {
+                let pad = s.sequence.tokens.iter().position(|&id| id == image_pad);
+                // The prediction read at token t is made at t - 1: the vision end is pad + 1.
+                pad.map(|p| vec![p + 2]).unwrap_or_default()
+            })?;
+            for (ci, pick) in picks.iter().enumerate() {
+                let c = &self.eval[ci];
+                let cells = c.view.grid[1] * c.view.grid[2] / 4;
+                if pick.first() == Some(&self.cell_token(card_cell(c), cells)) {
+                    e.card_cell_acc += 1.0;
+                }
+            }
+            // Detection: the view token most sure it holds the card.
+            let detected = card_scores(&model, &ground, self.card_token)?;
+            for (ci, scores) in detected.iter().enumerate() {
+                let best = scores
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(k, _)| k);
+                if best == Some(card_cell(&self.eval[ci])) {
+                    e.card_token_acc += 1.0;
+                }
+            }
             // Perception: the colour token right after `<answer>`.
             let picks = argmax_at(&model, &perceive, |s| {
                 let t = s
@@ -717,6 +764,8 @@ impl BaseStage {
             e.ground_iou /= n as f64;
             e.ground_hit /= n as f64;
             e.perception_acc /= n as f64;
+            e.card_cell_acc /= n as f64;
+            e.card_token_acc /= n as f64;
             Ok(e)
         })();
         self.model = Some(model);
@@ -937,6 +986,34 @@ fn argmax_at(
             .collect();
         out.push(picks);
     })?;
+    Ok(out)
+}
+
+/// For each sample, the log-probability of token `id` at each token of its first image.
+fn card_scores(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResult<Vec<Vec<f32>>> {
+    let pad = model.config.image_token_id;
+    let mut out = Vec::with_capacity(samples.len());
+    for chunk in samples.chunks(16) {
+        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let logits = model.logits(&batch)?.detach();
+        let [_, seq, vocab] = logits.dims();
+        let host = to_host(logits);
+        for i in 0..chunk.len() {
+            let row = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
+            let start = row.iter().position(|&t| t == pad).unwrap_or(row.len());
+            let run = row[start..].iter().take_while(|&&t| t == pad).count();
+            let scores = (start..start + run)
+                .map(|e| {
+                    let logits = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
+                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let z: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+                    logits[id as usize] - max - z.ln()
+                })
+                .collect();
+            out.push(scores);
+        }
+    }
     Ok(out)
 }
 
