@@ -120,6 +120,7 @@ fn pretrain_then_demo_run_end_to_end() {
         "base",
         "trained",
         "one episode",
+        "replay:   deepeyes run --model",
     ] {
         assert!(stdout.contains(expected), "{expected} missing:\n{stdout}");
     }
@@ -132,6 +133,32 @@ fn pretrain_then_demo_run_end_to_end() {
     assert_eq!(metrics.lines().count(), 1);
     assert!(demo.join("curves.png").is_file());
     assert!(demo.join("trace/input-with-zoom.png").is_file());
+    assert!(demo.join("trace/input.png").is_file());
+
+    // The replay line runs the traced episode again through `deepeyes run`, turn for turn.
+    let replay = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("replay:"))
+        .unwrap()
+        .trim();
+    let (command, question) = replay.split_once(" --question $'").unwrap();
+    let question = question
+        .strip_suffix('\'')
+        .unwrap()
+        .replace("\\n", "\n")
+        .replace("\\'", "'");
+    let mut args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    args.extend(["--question", &question]);
+    let replayed = deepeyes(&args);
+    let turns: Vec<&str> = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("model:"))
+        .map(str::trim)
+        .collect();
+    assert!(!turns.is_empty(), "{stdout}");
+    for turn in turns {
+        assert!(replayed.contains(turn), "{turn:?} missing:\n{replayed}");
+    }
     assert!(demo.join("train/final/templates.toml").is_file());
 
     // Data is reused only when it was written with the same settings.

@@ -220,6 +220,21 @@ fn annotated_trace(
     Image::from_raw(annotated.width(), annotated.height(), annotated.into_raw())?
         .save_png(&path)?;
     writeln!(stdout, "  image:    {} (zoom boxes in red)", path.display())?;
+    // The same episode through `deepeyes run`: the tiny model only knows questions worded and
+    // laid out as in training, so the replay passes the item's question exactly as rendered.
+    let input = out.join("input.png");
+    images[0].save_png(&input)?;
+    let quoted = prepared
+        .question
+        .replace('\\', "\\\\")
+        .replace('\'', "\\'")
+        .replace('\n', "\\n");
+    writeln!(
+        stdout,
+        "  replay:   deepeyes run --model {} --stop-at-tool-call-end --max-turns 2 --max-new-tokens 24 --threads 1 --image {} --question $'{quoted}'",
+        bundle.display(),
+        input.display()
+    )?;
     Ok(())
 }
 
@@ -379,10 +394,9 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     )?;
     writeln!(
         stdout,
-        "\ncurves: {}\nmetrics: {}\ntrained bundle: {} (try: deepeyes run --model {} --stop-at-tool-call-end --image <a SynthV* image> --question …)\nsummary: {}",
+        "\ncurves: {}\nmetrics: {}\ntrained bundle: {} (`deepeyes run` it as the replay line above does)\nsummary: {}",
         curves.display(),
         train_dir.join("metrics.jsonl").display(),
-        trained.display(),
         trained.display(),
         summary_path.display()
     )?;
