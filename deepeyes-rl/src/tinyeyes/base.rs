@@ -939,12 +939,13 @@ fn crop_image(
     Ok(crop)
 }
 
-/// Runs `samples` through the model in chunks and hands `visit` each sample with a lookup of
-/// the next-token logits after its unexpanded token `t` (`None` past the sequence).
-fn visit_logits(
+/// Runs `samples` through the model in chunks and hands `visit` each sample with its row of
+/// expanded token ids (every image pad spelled out) and a lookup of the next-token logits at an
+/// expanded position (`None` past the row).
+fn visit_rows(
     model: &Qwen25Vl,
     samples: &[Sample],
-    mut visit: impl FnMut(&Sample, &dyn Fn(usize) -> Option<Vec<f32>>),
+    mut visit: impl for<'r> FnMut(&Sample, &'r [u32], &'r dyn Fn(usize) -> Option<&'r [f32]>),
 ) -> TrainResult<()> {
     for chunk in samples.chunks(16) {
         let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
@@ -953,15 +954,28 @@ fn visit_logits(
         let [_, seq, vocab] = logits.dims();
         let host = to_host(logits);
         for (i, s) in chunk.iter().enumerate() {
-            // Each earlier image pad expands to its tokens: find token t's expanded position.
-            let row = |t: usize| {
-                let e = expanded_index(&batch, i, t, model.config.image_token_id);
-                (e < seq).then(|| host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab].to_vec())
+            let ids = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
+            let at = |e: usize| {
+                (e < seq).then(|| &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab])
             };
-            visit(s, &row);
+            visit(s, ids, &at);
         }
     }
     Ok(())
+}
+
+/// Like [`visit_rows`], with the logits looked up after an unexpanded token `t` of the sample.
+fn visit_logits(
+    model: &Qwen25Vl,
+    samples: &[Sample],
+    mut visit: impl FnMut(&Sample, &dyn Fn(usize) -> Option<Vec<f32>>),
+) -> TrainResult<()> {
+    let pad = model.config.image_token_id;
+    visit_rows(model, samples, |s, ids, at| {
+        // Each earlier image pad expands to its tokens: find token t's expanded position.
+        let row = |t: usize| at(expanded_index(ids, t, pad)).map(<[f32]>::to_vec);
+        visit(s, &row);
+    })
 }
 
 /// For each sample, the argmax token at the positions `which` picks (token indices whose
@@ -993,27 +1007,19 @@ fn argmax_at(
 fn card_scores(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResult<Vec<Vec<f32>>> {
     let pad = model.config.image_token_id;
     let mut out = Vec::with_capacity(samples.len());
-    for chunk in samples.chunks(16) {
-        let seqs: Vec<Sequence> = chunk.iter().map(|s| s.sequence.clone()).collect();
-        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-        let logits = model.logits(&batch)?.detach();
-        let [_, seq, vocab] = logits.dims();
-        let host = to_host(logits);
-        for i in 0..chunk.len() {
-            let row = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
-            let start = row.iter().position(|&t| t == pad).unwrap_or(row.len());
-            let run = row[start..].iter().take_while(|&&t| t == pad).count();
-            let scores = (start..start + run)
-                .map(|e| {
-                    let logits = &host[(i * seq + e) * vocab..(i * seq + e + 1) * vocab];
-                    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let z: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
-                    logits[id as usize] - max - z.ln()
-                })
-                .collect();
-            out.push(scores);
-        }
-    }
+    visit_rows(model, samples, |_, ids, at| {
+        let start = ids.iter().position(|&t| t == pad).unwrap_or(ids.len());
+        let run = ids[start..].iter().take_while(|&&t| t == pad).count();
+        let scores = (start..start + run)
+            .filter_map(at)
+            .map(|logits| {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = logits.iter().map(|&v| (v - max).exp()).sum();
+                logits[id as usize] - max - z.ln()
+            })
+            .collect();
+        out.push(scores);
+    })?;
     Ok(out)
 }
 
@@ -1030,11 +1036,10 @@ fn first_token_prob(model: &Qwen25Vl, samples: &[Sample], id: u32) -> TrainResul
     Ok(total / samples.len().max(1) as f64)
 }
 
-/// The expanded position of unexpanded token `t` of row `i`.
-fn expanded_index(batch: &Batch, i: usize, t: usize, image_pad: u32) -> usize {
+/// The expanded position of unexpanded token `t` in a batch row of expanded `ids`.
+fn expanded_index(ids: &[u32], t: usize, image_pad: u32) -> usize {
     // Image pads before `t` each expand to their merged tokens; the batch records the expanded
     // ids, so walk them: count unexpanded tokens until `t` is reached.
-    let ids = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
     let mut unexpanded = 0;
     let mut e = 0;
     while e < ids.len() {
