@@ -68,7 +68,7 @@ pub struct BaseStageConfig {
 impl Default for BaseStageConfig {
     fn default() -> Self {
         Self {
-            steps: 3000,
+            steps: 4000,
             batch_size: 32,
             lr: 1e-3,
             warmup_steps: 100,
