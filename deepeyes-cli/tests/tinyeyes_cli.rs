@@ -102,19 +102,24 @@ fn pretrain_then_demo_run_end_to_end() {
     );
 
     let demo = dir.path().join("demo");
-    let stdout = deepeyes(&[
-        "demo",
-        "--model",
-        path(&bundle),
-        "--out",
-        path(&demo),
-        "--steps",
-        "1",
-        "--train-items",
-        "8",
-        "--eval-items",
-        "4",
-    ]);
+    let run_demo = |seed: &str| {
+        deepeyes(&[
+            "demo",
+            "--model",
+            path(&bundle),
+            "--out",
+            path(&demo),
+            "--steps",
+            "1",
+            "--train-items",
+            "8",
+            "--eval-items",
+            "4",
+            "--seed",
+            seed,
+        ])
+    };
+    let stdout = run_demo("0");
     for expected in [
         "held-out SynthV* (4 items, greedy)",
         "base",
@@ -162,25 +167,8 @@ fn pretrain_then_demo_run_end_to_end() {
     assert!(demo.join("train/final/templates.toml").is_file());
 
     // Data is reused only when it was written with the same settings.
-    let again = |seed: &str| {
-        deepeyes(&[
-            "demo",
-            "--model",
-            path(&bundle),
-            "--out",
-            path(&demo),
-            "--steps",
-            "1",
-            "--train-items",
-            "8",
-            "--eval-items",
-            "4",
-            "--seed",
-            seed,
-        ])
-    };
-    assert!(again("0").contains("reusing the SynthV* data"));
-    assert!(again("1").contains("writing 8 training and 4 held-out"));
+    assert!(run_demo("0").contains("reusing the SynthV* data"));
+    assert!(run_demo("1").contains("writing 8 training and 4 held-out"));
 }
 
 #[test]
