@@ -104,6 +104,119 @@ fn run_prints_the_episode_and_writes_a_replayable_trace() {
     assert_eq!(json["turns"], json2["turns"]);
 }
 
+/// A copy of the fixture bundle whose `agent.toml` holds `agent`.
+fn bundle_with_agent_limits(dir: &std::path::Path, agent: &str) -> PathBuf {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for entry in std::fs::read_dir(fixture().join("bundle")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(bundle.join("agent.toml"), agent).unwrap();
+    bundle
+}
+
+#[test]
+fn a_bundles_agent_limits_apply_unless_the_command_line_overrides_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_with_agent_limits(
+        dir.path(),
+        "max-turns = 1\nmax-new-tokens = 3\nstop-at-tool-call-end = true\n",
+    );
+    let image = fixture().join("golden/image0.png");
+    let run = |name: &str, extra: &[&str]| {
+        let trace = dir.path().join(name);
+        let mut args = vec![
+            "run",
+            "--model",
+            bundle.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--question",
+            "?",
+            "--threads",
+            "1",
+            "--trace",
+            trace.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        ok(&deepeyes(&args));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+        json
+    };
+    let limits = |json: &serde_json::Value| {
+        let agent = &json["agent"];
+        (
+            agent["max-turns"].as_u64().unwrap(),
+            agent["max-new-tokens"].as_u64().unwrap(),
+            agent["stop-at-tool-call-end"].as_bool().unwrap(),
+        )
+    };
+    // No flags: the bundle's limits, and the model really ran under them.
+    let from_bundle = run("bundle.json", &[]);
+    assert_eq!(limits(&from_bundle), (1, 3, true));
+    let turns = from_bundle["turns"].as_array().unwrap();
+    assert_eq!(turns.len(), 1);
+    assert!(turns[0]["generated_ids"].as_array().unwrap().len() <= 3);
+    // Flags win, the bare switch and an explicit false included.
+    let given = run(
+        "given.json",
+        &["--max-new-tokens", "5", "--stop-at-tool-call-end", "false"],
+    );
+    assert_eq!(limits(&given), (1, 5, false));
+    assert_eq!(
+        limits(&run(
+            "switch.json",
+            &["--max-turns", "2", "--stop-at-tool-call-end"]
+        )),
+        (2, 3, true)
+    );
+    // Without an agent.toml, the command's own defaults.
+    let plain = fixture().join("bundle");
+    let trace = dir.path().join("plain.json");
+    ok(&deepeyes(&[
+        "run",
+        "--model",
+        plain.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "?",
+        "--max-new-tokens",
+        "2",
+        "--threads",
+        "1",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert_eq!(limits(&json), (5, 2, false));
+}
+
+#[test]
+fn a_bad_agent_toml_is_an_error_naming_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = bundle_with_agent_limits(dir.path(), "max-turns = 0\n");
+    let image = fixture().join("golden/image0.png");
+    let out = deepeyes(&[
+        "run",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        "?",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("agent.toml") && err.contains("max-turns") && err.contains("at least 1"),
+        "{err}"
+    );
+}
+
 #[test]
 fn doctor_reports_the_library_and_the_device() {
     let bundle = fixture().join("bundle");

@@ -91,6 +91,7 @@ fn pretrain_then_demo_run_end_to_end() {
         "model.safetensors",
         "decoder.onnx",
         "templates.toml",
+        "agent.toml",
         "tokenizer.json",
     ] {
         assert!(bundle.join(file).is_file(), "{file}");

@@ -60,6 +60,86 @@ impl Default for AgentConfig {
     }
 }
 
+/// The file in a model bundle that holds the agent-loop limits it was trained under (see
+/// [`BundleAgentDefaults`]).
+pub const BUNDLE_AGENT_FILE: &str = "agent.toml";
+
+/// Agent-loop limits a model bundle carries in its [`BUNDLE_AGENT_FILE`]: those it was trained
+/// under, which commands use unless told otherwise. A small model trained to stop a turn at
+/// `</tool_call>` within a few dozen tokens behaves out of distribution under a 7B's limits; the
+/// bundle says so itself instead of every command line repeating it. Absent keys keep the
+/// command's own defaults.
+///
+/// ```
+/// use deepeyes_core::AgentConfig;
+/// use deepeyes_core::agent::BundleAgentDefaults;
+///
+/// let tiny = BundleAgentDefaults::from_toml_str("max-turns = 2\nstop-at-tool-call-end = true", "agent.toml")?;
+/// let config = tiny.apply(AgentConfig::default());
+/// assert_eq!((config.max_turns, config.stop_at_tool_call_end), (2, true));
+/// assert_eq!(config.max_new_tokens, AgentConfig::default().max_new_tokens);
+/// # Ok::<(), deepeyes_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BundleAgentDefaults {
+    /// Most model turns per episode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_turns: Option<usize>,
+    /// Most images in one trajectory, inputs included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_images: Option<usize>,
+    /// Most tokens generated in one turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// Whether each turn also stops at `</tool_call>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_at_tool_call_end: Option<bool>,
+}
+
+impl BundleAgentDefaults {
+    /// The defaults of the bundle in `dir`: its [`BUNDLE_AGENT_FILE`] when present, else none.
+    pub fn for_bundle(dir: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = dir.as_ref().join(BUNDLE_AGENT_FILE);
+        if !path.is_file() {
+            return Ok(Self::default());
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            Error::config(path.display().to_string(), format!("cannot read it: {e}"))
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses the defaults from TOML text, checking them; `origin` names the source in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self> {
+        let defaults: Self = toml::from_str(text).map_err(|e| Error::config(origin, e))?;
+        defaults
+            .apply(AgentConfig::default())
+            .validate()
+            .map_err(|e| Error::config(origin, e))?;
+        Ok(defaults)
+    }
+
+    /// The defaults as TOML text (what [`from_toml_str`](Self::from_toml_str) reads back).
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("numbers and booleans always serialise")
+    }
+
+    /// `config` with every limit these defaults set replaced.
+    #[must_use]
+    pub fn apply(&self, config: AgentConfig) -> AgentConfig {
+        AgentConfig {
+            max_turns: self.max_turns.unwrap_or(config.max_turns),
+            max_images: self.max_images.unwrap_or(config.max_images),
+            max_new_tokens: self.max_new_tokens.unwrap_or(config.max_new_tokens),
+            stop_at_tool_call_end: self
+                .stop_at_tool_call_end
+                .unwrap_or(config.stop_at_tool_call_end),
+            ..config
+        }
+    }
+}
+
 impl AgentConfig {
     /// Checks the values make sense.
     pub fn validate(&self) -> Result<()> {
@@ -620,5 +700,73 @@ impl Episode {
             self.traj.stop = StopReason::MaxTurns;
         }
         self.traj
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundle_defaults_round_trip_and_apply_only_what_they_set() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            BundleAgentDefaults::for_bundle(dir.path()).unwrap(),
+            BundleAgentDefaults::default(),
+            "no file: no defaults"
+        );
+        let tiny = BundleAgentDefaults {
+            max_turns: Some(2),
+            max_new_tokens: Some(24),
+            stop_at_tool_call_end: Some(true),
+            ..BundleAgentDefaults::default()
+        };
+        std::fs::write(dir.path().join(BUNDLE_AGENT_FILE), tiny.to_toml_string()).unwrap();
+        assert_eq!(BundleAgentDefaults::for_bundle(dir.path()).unwrap(), tiny);
+        let base = AgentConfig {
+            max_images: 3,
+            ..AgentConfig::default()
+        };
+        let applied = tiny.apply(base.clone());
+        assert_eq!(
+            applied,
+            AgentConfig {
+                max_turns: 2,
+                max_new_tokens: 24,
+                stop_at_tool_call_end: true,
+                ..base
+            }
+        );
+        assert_eq!(
+            BundleAgentDefaults::default().apply(applied.clone()),
+            applied
+        );
+    }
+
+    #[test]
+    fn bad_bundle_defaults_name_the_file_and_the_key() {
+        let err = BundleAgentDefaults::from_toml_str("max-turn = 2", "b/agent.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("b/agent.toml") && text.contains("max-turn"),
+            "{text}"
+        );
+        let err = BundleAgentDefaults::from_toml_str("max-new-tokens = 0", "b/agent.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("max-new-tokens") && err.contains("at least 1"),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join(BUNDLE_AGENT_FILE),
+            "stop-at-tool-call-end = 1",
+        )
+        .unwrap();
+        let err = BundleAgentDefaults::for_bundle(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(BUNDLE_AGENT_FILE), "{err}");
     }
 }

@@ -56,6 +56,10 @@ fn base_stage_lowers_its_loss_and_saves_a_loadable_checkpoint() {
         deepeyes_core::PromptTemplates::for_bundle(&saved).unwrap(),
         TinyEyesFormat::default().templates
     );
+    assert_eq!(
+        deepeyes_core::agent::BundleAgentDefaults::for_bundle(&saved).unwrap(),
+        TinyEyesFormat::default().agent
+    );
 }
 
 /// The committed base (`assets/tinyeyes`, which `deepeyes demo` starts from) has what the paper's
@@ -77,4 +81,9 @@ fn the_committed_base_grounds_and_perceives_but_seldom_zooms() {
     assert!(e.ground_iou >= 0.4, "{e:?}");
     assert!(e.perception_acc >= 0.75, "{e:?}");
     assert!((0.05..=0.4).contains(&e.zoom_prob), "{e:?}");
+    // It carries the agent-loop limits it is trained under, so `deepeyes run` needs no flags.
+    assert_eq!(
+        deepeyes_core::agent::BundleAgentDefaults::for_bundle(&assets).unwrap(),
+        TinyEyesFormat::default().agent
+    );
 }

@@ -89,15 +89,14 @@ fn evaluate(model: &Path, data: &Path, out: &Path, seed: u64) -> anyhow::Result<
         out: out.to_path_buf(),
         no_shuffle: false,
         limit: None,
-        max_turns: 2,
-        max_new_tokens: 24,
+        // The bundle's agent.toml: the limits of the demo's training rollouts
+        // (configs/train/tinyeyes-demo.toml), carried by the base and every checkpoint.
+        limits: super::AgentLimitArgs::default(),
         temperature: 0.0,
         batch: 8,
         threads: 1,
         tools_config: None,
         templates: None,
-        // As the demo's training rollouts (configs/train/tinyeyes-demo.toml).
-        stop_at_tool_call_end: true,
     })
 }
 
@@ -166,7 +165,7 @@ fn annotated_trace(
         &model,
         registry.tools(),
         templates,
-        super::agent_config(2, 24, 0.0, true),
+        super::AgentLimitArgs::default().agent_config(bundle, 0.0)?,
     )?;
     let task = Task {
         question: prepared.question.clone(),
@@ -231,7 +230,7 @@ fn annotated_trace(
         .replace('\n', "\\n");
     writeln!(
         stdout,
-        "  replay:   deepeyes run --model {} --stop-at-tool-call-end --max-turns 2 --max-new-tokens 24 --threads 1 --image {} --question $'{quoted}'",
+        "  replay:   deepeyes run --model {} --threads 1 --image {} --question $'{quoted}'",
         bundle.display(),
         input.display()
     )?;

@@ -49,12 +49,8 @@ pub(crate) struct EvalArgs {
     /// Evaluate at most N items.
     #[arg(long, value_name = "N")]
     pub(crate) limit: Option<usize>,
-    /// Most model turns per answer.
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    pub(crate) max_turns: usize,
-    /// Most tokens per turn.
-    #[arg(long, default_value_t = 2048, value_name = "N")]
-    pub(crate) max_new_tokens: usize,
+    #[command(flatten)]
+    pub(crate) limits: super::AgentLimitArgs,
     /// Sampling temperature; 0 is greedy (DeepEyes evaluates greedily).
     #[arg(long, default_value_t = 0.0, value_name = "T")]
     pub(crate) temperature: f32,
@@ -67,10 +63,6 @@ pub(crate) struct EvalArgs {
     /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
     #[arg(long, value_name = "FILE")]
     pub(crate) tools_config: Option<PathBuf>,
-    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
-    /// what follows a call).
-    #[arg(long)]
-    pub(crate) stop_at_tool_call_end: bool,
     /// A TOML file overriding the prompt templates.
     #[arg(long, value_name = "FILE")]
     pub(crate) templates: Option<PathBuf>,
@@ -105,12 +97,7 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
         }
         None => None,
     };
-    let agent = super::agent_config(
-        args.max_turns,
-        args.max_new_tokens,
-        args.temperature,
-        args.stop_at_tool_call_end,
-    );
+    let agent = args.limits.agent_config(&args.model, args.temperature)?;
     let config = EvalConfig {
         samples: args.samples,
         seed: args.seed,

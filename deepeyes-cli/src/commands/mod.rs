@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use deepeyes_core::agent::BundleAgentDefaults;
 use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
@@ -72,22 +73,56 @@ pub(crate) fn load_tools(path: Option<&Path>) -> anyhow::Result<(ToolsConfig, To
     Ok((config, registry))
 }
 
-/// The agent loop's defaults with the limits and temperature given on the command line.
-pub(crate) fn agent_config(
-    max_turns: usize,
-    max_new_tokens: usize,
-    temperature: f32,
-    stop_at_tool_call_end: bool,
-) -> AgentConfig {
-    let defaults = AgentConfig::default();
-    AgentConfig {
-        max_turns,
-        max_new_tokens,
-        stop_at_tool_call_end,
-        sampling: SamplingParams {
-            temperature,
-            ..defaults.sampling
-        },
-        ..defaults
+/// The agent-loop limits of the commands that run a model (`run`, `eval`, `select`). Each one
+/// left out comes from the model bundle's `agent.toml` (the limits it was trained under), else
+/// from the command's default.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct AgentLimitArgs {
+    /// Most model turns (tool calls happen between turns) [default: the bundle's agent.toml,
+    /// else 5]
+    #[arg(long, value_name = "N")]
+    pub(crate) max_turns: Option<usize>,
+    /// Most tokens the model may generate per turn [default: the bundle's agent.toml, else
+    /// 2048]
+    #[arg(long, value_name = "N")]
+    pub(crate) max_new_tokens: Option<usize>,
+    /// End a turn at `</tool_call>` and run the call; `--stop-at-tool-call-end false` overrides
+    /// a bundle that turns it on [default: the bundle's agent.toml, else off]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub(crate) stop_at_tool_call_end: Option<bool>,
+}
+
+/// Turns per episode when neither the command line nor the bundle says.
+const DEFAULT_MAX_TURNS: usize = 5;
+/// Tokens per turn when neither the command line nor the bundle says.
+const DEFAULT_MAX_NEW_TOKENS: usize = 2048;
+
+impl AgentLimitArgs {
+    /// The agent loop's settings for `bundle`: the command line's limits, else the bundle's
+    /// `agent.toml`, else the defaults; sampling at `temperature`.
+    pub(crate) fn agent_config(
+        &self,
+        bundle: &Path,
+        temperature: f32,
+    ) -> anyhow::Result<AgentConfig> {
+        let defaults = AgentConfig::default();
+        let command = AgentConfig {
+            max_turns: DEFAULT_MAX_TURNS,
+            max_new_tokens: DEFAULT_MAX_NEW_TOKENS,
+            sampling: SamplingParams {
+                temperature,
+                ..defaults.sampling
+            },
+            ..defaults
+        };
+        let from_bundle = BundleAgentDefaults::for_bundle(bundle)
+            .with_context(|| format!("reading the agent limits of {}", bundle.display()))?;
+        let given = BundleAgentDefaults {
+            max_turns: self.max_turns,
+            max_images: None,
+            max_new_tokens: self.max_new_tokens,
+            stop_at_tool_call_end: self.stop_at_tool_call_end,
+        };
+        Ok(given.apply(from_bundle.apply(command)))
     }
 }

@@ -31,9 +31,8 @@ pub(crate) struct RunArgs {
     /// The question.
     #[arg(long)]
     question: String,
-    /// Most model turns (tool calls happen between turns).
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    max_turns: usize,
+    #[command(flatten)]
+    limits: super::AgentLimitArgs,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0, value_name = "T")]
     temperature: f32,
@@ -46,9 +45,6 @@ pub(crate) struct RunArgs {
     /// Seed of the sampling stream.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
-    /// Most tokens the model may generate per turn.
-    #[arg(long, default_value_t = 2048, value_name = "N")]
-    max_new_tokens: usize,
     /// Write the episode as JSON to this file; crops are saved next to it.
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
@@ -61,10 +57,6 @@ pub(crate) struct RunArgs {
     /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
     #[arg(long, value_name = "FILE")]
     tools_config: Option<PathBuf>,
-    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
-    /// what follows a call).
-    #[arg(long)]
-    pub(crate) stop_at_tool_call_end: bool,
     /// A TOML file overriding the prompt templates.
     #[arg(long, value_name = "FILE")]
     templates: Option<PathBuf>,
@@ -330,16 +322,14 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("reading the image {}", args.image.display()))?;
     let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
     let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
+    let limits = args.limits.agent_config(&args.model, args.temperature)?;
     let config = AgentConfig {
-        max_turns: args.max_turns,
-        max_new_tokens: args.max_new_tokens,
-        stop_at_tool_call_end: args.stop_at_tool_call_end,
         sampling: SamplingParams {
             temperature: args.temperature,
             top_p: args.top_p,
             top_k: args.top_k,
         },
-        ..AgentConfig::default()
+        ..limits
     };
     let options = OnnxOptions {
         threads: args.threads,

@@ -40,12 +40,8 @@ pub(crate) struct SelectArgs {
     /// Seed of sampling and option order.
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
-    /// Most model turns per answer.
-    #[arg(long, default_value_t = 5, value_name = "N")]
-    max_turns: usize,
-    /// Most tokens per turn.
-    #[arg(long, default_value_t = 2048, value_name = "N")]
-    max_new_tokens: usize,
+    #[command(flatten)]
+    limits: super::AgentLimitArgs,
     /// Read at most N items.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
@@ -55,21 +51,12 @@ pub(crate) struct SelectArgs {
     /// Threads per graph (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
-    /// End a turn at `</tool_call>` and run the call (TinyEyes needs it: it was never taught
-    /// what follows a call).
-    #[arg(long)]
-    pub(crate) stop_at_tool_call_end: bool,
 }
 
 /// Runs the selection and prints the counts of each stage.
 pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
     let (tools_config, registry) = super::load_tools(None)?;
-    let agent = super::agent_config(
-        args.max_turns,
-        args.max_new_tokens,
-        args.temperature,
-        args.stop_at_tool_call_end,
-    );
+    let agent = args.limits.agent_config(&args.model, args.temperature)?;
     let config = EvalConfig {
         samples: args.k,
         seed: args.seed,

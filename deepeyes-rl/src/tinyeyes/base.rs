@@ -807,6 +807,7 @@ impl BaseStage {
             "preprocessor_config.json",
             "generation_config.json",
             deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE,
+            deepeyes_core::agent::BUNDLE_AGENT_FILE,
         ] {
             let from = source.join(file);
             if from.is_file() {

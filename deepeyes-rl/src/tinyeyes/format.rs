@@ -9,6 +9,7 @@
 //! schema it could not read), the question, then either `<answer>colour</answer>` or a zoom-in
 //! call whose crop comes back as `<tool_response><image></tool_response>`.
 
+use deepeyes_core::agent::BundleAgentDefaults;
 use deepeyes_core::protocol::{
     ANSWER_END, ANSWER_START, PromptTemplates, TOOL_CALL_END, TOOL_CALL_START, render_observation,
     render_prompt,
@@ -70,6 +71,10 @@ pub struct TinyEyesFormat {
     pub templates: PromptTemplates,
     /// Image preprocessing: every image resized to about [`VIEW_SIDE`]².
     pub preprocess: PreprocessConfig,
+    /// The agent-loop limits TinyEyes is trained and run under, written into its bundles
+    /// (`agent.toml`): two turns of at most 24 tokens, each ending at `</tool_call>` (the model is
+    /// never taught what follows a call).
+    pub agent: BundleAgentDefaults,
 }
 
 impl Default for TinyEyesFormat {
@@ -86,6 +91,12 @@ impl Default for TinyEyesFormat {
                 min_pixels: view,
                 max_pixels: view,
                 ..PreprocessConfig::default()
+            },
+            agent: BundleAgentDefaults {
+                max_turns: Some(2),
+                max_images: Some(2),
+                max_new_tokens: Some(24),
+                stop_at_tool_call_end: Some(true),
             },
         }
     }

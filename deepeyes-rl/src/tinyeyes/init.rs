@@ -28,8 +28,9 @@ fn write_json(path: &Path, value: &serde_json::Value) -> TrainResult<()> {
 /// Writes an untrained TinyEyes checkpoint into `dir` (created if needed): `tokenizer.json`
 /// (trained on [`TinyEyesFormat::tokenizer_corpus`]), `config.json` and `model.safetensors`
 /// (random weights from `seed`), `preprocessor_config.json` (every image ≈112×112),
-/// `generation_config.json`, `tokenizer_config.json`, and `templates.toml` (the prompts of
-/// [`TinyEyesFormat`], which bundles exported from it carry). The same seed gives the same files.
+/// `generation_config.json`, `tokenizer_config.json`, `templates.toml` and `agent.toml` (the
+/// prompts and agent-loop limits of [`TinyEyesFormat`], which bundles exported from it carry).
+/// The same seed gives the same files.
 pub fn init_checkpoint(dir: &Path, seed: u64) -> TrainResult<Qwen25VlConfig> {
     std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
         path: dir.to_path_buf(),
@@ -99,13 +100,19 @@ pub fn init_checkpoint(dir: &Path, seed: u64) -> TrainResult<Qwen25VlConfig> {
             "additional_special_tokens": &PROTOCOL_SPECIAL_TOKENS[1..],
         }),
     )?;
-    let templates = dir.join(deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE);
-    std::fs::write(&templates, format.templates.to_toml_string()).map_err(|source| {
-        TrainError::Io {
-            path: templates.clone(),
-            source,
-        }
-    })?;
+    for (file, text) in [
+        (
+            deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE,
+            format.templates.to_toml_string(),
+        ),
+        (
+            deepeyes_core::agent::BUNDLE_AGENT_FILE,
+            format.agent.to_toml_string(),
+        ),
+    ] {
+        let path = dir.join(file);
+        std::fs::write(&path, text).map_err(|source| TrainError::Io { path, source })?;
+    }
     let params: usize = model
         .params()
         .iter()
@@ -136,6 +143,9 @@ mod tests {
         // Bundles exported from it carry the prompts it is trained with.
         let templates = deepeyes_core::PromptTemplates::for_bundle(&a).unwrap();
         assert_eq!(templates, TinyEyesFormat::default().templates);
+        // ... and the agent-loop limits.
+        let agent = deepeyes_core::agent::BundleAgentDefaults::for_bundle(&a).unwrap();
+        assert_eq!(agent, TinyEyesFormat::default().agent);
         assert_eq!(tok.token_id("<|image_pad|>"), Some(cfg.image_token_id));
         // The burn engine loads it back with the same architecture.
         let device = ComputeDevice::Flex.device(false).unwrap();
