@@ -967,9 +967,11 @@ def write_bundle(model, src: Path, out: Path, external: bool) -> None:
     if not tokenizer.exists():
         raise SystemExit(f"{tokenizer} not found: the bundle needs the checkpoint's tokenizer.json")
     shutil.copyfile(tokenizer, out / "tokenizer.json")
-    # The prompt templates the checkpoint was trained with (deepeyes init-tinyeyes writes them).
-    if (src / "templates.toml").exists():
-        shutil.copyfile(src / "templates.toml", out / "templates.toml")
+    # The prompt templates and agent-loop limits the checkpoint was trained with (deepeyes
+    # init-tinyeyes and the base stage write them).
+    for name in ("templates.toml", "agent.toml"):
+        if (src / name).exists():
+            shutil.copyfile(src / name, out / name)
     cfg = bundle_config(model, src, external)
     (out / "bundle.json").write_text(json.dumps(cfg, indent=2) + "\n")
     log(f"wrote {out / 'bundle.json'}")
@@ -1006,6 +1008,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the tiny model (default 0)")
     ap.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs transformers check")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--external-data",
+        action="store_true",
+        help="store the weights in <graph>.onnx.data files even for a small model (default: only above 1.5 GB)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1015,7 +1022,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--tiny takes exactly one OUT_DIR")
         out = Path(args.paths[0])
         hf_dir, bundle_dir, golden_dir = out / "hf", out / "bundle", out / "golden"
-        for d in (hf_dir, bundle_dir, golden_dir):
+        # The same model with its weights in <graph>.onnx.data files, as a 7B is exported.
+        external_dir = out / "bundle-external"
+        for d in (hf_dir, bundle_dir, golden_dir, external_dir):
             if d.exists():
                 shutil.rmtree(d)
         t0 = time.time()
@@ -1023,8 +1032,10 @@ def main(argv: list[str] | None = None) -> int:
         save_hf(model, tok, hf_dir)
         log(f"built the tiny model ({sum(p.numel() for p in model.parameters())} parameters) in {time.time() - t0:.1f} s")
         write_bundle(model, hf_dir, bundle_dir, external=False)
+        write_bundle(model, hf_dir, external_dir, external=True)
         golden = make_golden(model, tok, golden_dir, hf_dir)
-        check_bundle(model, bundle_dir, golden["input_ids"], golden["pixel_values"], golden["grid"], steps=DECODE_STEPS)
+        for d in (bundle_dir, external_dir):
+            check_bundle(model, d, golden["input_ids"], golden["pixel_values"], golden["grid"], steps=DECODE_STEPS)
         log(f"golden tokens: {golden['tokens']}")
         return 0
 
@@ -1041,7 +1052,7 @@ def main(argv: list[str] | None = None) -> int:
     ).eval()
     log(f"loaded {src} in {time.time() - t0:.1f} s")
     big = sum(p.numel() for p in model.parameters()) * 4 > 1_500_000_000
-    write_bundle(model, src, out, external=big)
+    write_bundle(model, src, out, external=big or args.external_data)
     if not args.no_check:
         ids, pix, grid = sample_inputs(model, src / "tokenizer.json", src)
         check_bundle(model, out, ids, pix, grid, steps=3, tol=1e-3 if big else 1e-4)

@@ -123,6 +123,13 @@ def write_weight_map(
     used = set()
     for g in GRAPHS:
         path = bundle / cfg["graphs"][g]
+        # Loading the external data marks every tensor as inline, so whether the graph keeps its
+        # weights in `<graph>.onnx.data` (a 7B's decoder must: protobufs stop at 2 GB) is read
+        # from the file as it stands.
+        external = any(
+            t.data_location == onnx.TensorProto.EXTERNAL
+            for t in onnx.load(str(path), load_external_data=False).graph.initializer
+        )
         model = onnx.load(str(path), load_external_data=True)
         entries = []
         changed = False
@@ -145,8 +152,13 @@ def write_weight_map(
             entries.append(m)
             used.add(m["param"])
         if changed:
-            external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-            onnx.save(model, str(path), save_as_external_data=external, location=path.name + ".data")
+            data = path.with_name(path.name + ".data")
+            if external:
+                # onnx appends to an existing data file; every tensor is in memory now.
+                data.unlink(missing_ok=True)
+            onnx.save(model, str(path), save_as_external_data=external, location=data.name)
+            if external:
+                data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only
         graphs[g] = entries
     if src.resolve() != (bundle / "model.safetensors").resolve():
         shutil.copyfile(src, bundle / "model.safetensors")

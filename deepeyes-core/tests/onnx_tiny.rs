@@ -432,6 +432,58 @@ fn weights_given_in_memory_are_the_ones_that_run() {
     }
 }
 
+/// A 7B's graphs keep their weights in `<graph>.onnx.data` files beside them (protobufs stop at
+/// 2 GB); the tiny model exported that way must run exactly as the inline one, from its own
+/// data files and with weights handed over in memory.
+#[test]
+fn an_external_data_bundle_runs_like_the_inline_one() {
+    let dir = tiny_fixture::bundle_external();
+    for graph in ["vision", "embed", "decoder"] {
+        let data = dir.join(format!("{graph}.onnx.data"));
+        let inline = std::fs::metadata(tiny_fixture::bundle().join(format!("{graph}.onnx")))
+            .unwrap()
+            .len();
+        let outer = std::fs::metadata(dir.join(format!("{graph}.onnx")))
+            .unwrap()
+            .len();
+        assert!(data.is_file(), "{}", data.display());
+        assert!(outer < inline, "{graph}.onnx still holds its weights");
+    }
+    let golden = Golden::load();
+    let options = OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    };
+    let inline = model();
+    let prompt = golden_prompt(&inline, &golden);
+    let (want, _) = inline.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let external = OnnxModel::load(&dir, &options).unwrap_or_else(|e| panic!("{e}"));
+    let (got, _) = external.prefill(&[&prompt], LogitsOf::All).unwrap();
+    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
+    let ids = golden.u32s("prompt_ids");
+    let request = greedy(&ids, 8);
+    let tokens = |m: &OnnxModel| {
+        m.generate_prepared(&[&request], std::slice::from_ref(&prompt))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .remove(0)
+            .tokens
+    };
+    assert_eq!(tokens(&external), tokens(&inline));
+
+    // Weights from memory replace the ones in the data files.
+    let mut weights = bundle_weights();
+    let head = weights.get_mut("lm_head.weight").unwrap();
+    let hidden = head.shape[1];
+    head.data[77 * hidden..78 * hidden].fill(0.0);
+    let changed = |bundle: &std::path::Path| {
+        let m = OnnxModel::load_with_weights(bundle, &options, &weights).unwrap();
+        m.prefill(&[&prompt], LogitsOf::All).unwrap().0
+    };
+    let (a, b) = (changed(&tiny_fixture::bundle()), changed(&dir));
+    assert_eq!(max_abs_diff(&a[0], &b[0]), 0.0);
+    assert_ne!(max_abs_diff(&b[0], &want[0]), 0.0, "the new weights ran");
+}
+
 #[test]
 fn weights_missing_a_parameter_or_misshapen_are_refused_by_name() {
     let options = OnnxOptions {

@@ -17,6 +17,12 @@ pub fn bundle() -> PathBuf {
     root().join("bundle")
 }
 
+/// The same model exported with its weights in `<graph>.onnx.data` files (the layout of any
+/// model over 1.5 GB, a 7B included).
+pub fn bundle_external() -> PathBuf {
+    root().join("bundle-external")
+}
+
 /// A tensor of the golden file, with its shape.
 #[derive(Debug, Clone)]
 pub struct Array<T> {
