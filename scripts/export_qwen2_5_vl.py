@@ -11,8 +11,11 @@ Two modes:
         Builds a random-weight tiny Qwen2.5-VL with a small byte-level BPE tokenizer, and writes
           OUT_DIR/hf/      its Hugging Face checkpoint (loadable with from_pretrained),
           OUT_DIR/bundle/  its ONNX bundle,
+          OUT_DIR/bundle-external/  the same with each graph's weights in <graph>.onnx.data,
           OUT_DIR/golden/  reference outputs from transformers (a two-image prompt: prefill logits,
-                           20 greedy decode steps, vision helper values) for the Rust tests.
+                           20 greedy decode steps, vision helper values) for the Rust tests;
+        and, in a temporary directory, exports the model saved as a real checkpoint is (bf16,
+        sharded) and checks that bundle too, so the path a DeepEyes-7B takes is run every time.
 
 The vision tower of Qwen2.5-VL has data-dependent control flow (per-image loops over grid_thw,
 attention split by cu_seqlens), so it is exported as a wrapper that reuses the checkpoint's
@@ -1001,6 +1004,28 @@ def sample_inputs(model, tok_path: Path, src: Path):
     return torch.tensor([expanded]), enc["pixel_values"].to(dtype), enc["image_grid_thw"].long()
 
 
+def check_sharded_bf16(model, hf_dir: Path, golden: dict) -> None:
+    """Saves `model` as released checkpoints are (bf16, several shards), exports that directory
+    like any SRC_DIR and checks the bundle against transformers; nothing is kept."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "hf", Path(tmp) / "bundle"
+        model.to(torch.bfloat16).save_pretrained(src, max_shard_size="300KB")
+        model.to(torch.float32)
+        shards = sorted(p.name for p in src.glob("*.safetensors"))
+        if len(shards) < 2:
+            raise SystemExit(f"expected a sharded checkpoint, got {shards}")
+        for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json"):
+            shutil.copyfile(hf_dir / name, src / name)
+        bf16 = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            src, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        write_bundle(bf16, src, out, external=False)
+        check_bundle(bf16, out, golden["input_ids"], golden["pixel_values"], golden["grid"], steps=3)
+        log(f"a bf16 checkpoint in {len(shards)} shards exported and checked")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", metavar="DIR", help="SRC_DIR OUT_DIR, or OUT_DIR with --tiny")
@@ -1036,6 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
         golden = make_golden(model, tok, golden_dir, hf_dir)
         for d in (bundle_dir, external_dir):
             check_bundle(model, d, golden["input_ids"], golden["pixel_values"], golden["grid"], steps=DECODE_STEPS)
+        check_sharded_bf16(model, hf_dir, golden)
         log(f"golden tokens: {golden['tokens']}")
         return 0
 

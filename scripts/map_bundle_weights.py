@@ -3,9 +3,10 @@
 
     map_bundle_weights.py BUNDLE_DIR HF_DIR
 
-Copies the checkpoint's `model.safetensors` and `config.json` into the bundle (they become the
-bundle's weights of record: the training engine reads them, and deepeyes writes new ones after an
-update) and writes `weights.json`, which says, for every ONNX initializer that holds a parameter,
+Copies the checkpoint's `model.safetensors` (merging the shards of a sharded checkpoint, such as
+DeepEyes-7B's, into one file) and `config.json` into the bundle (they become the bundle's weights
+of record: the training engine reads them, and deepeyes writes new ones after an update) and
+writes `weights.json`, which says, for every ONNX initializer that holds a parameter,
 which Hugging Face tensor it is and whether the exporter stored it transposed. deepeyes then loads
 each graph with those initializers taken from `model.safetensors` (ONNX Runtime's AddInitializer),
 so a bundle runs whatever weights sit next to it.
@@ -28,9 +29,54 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 GRAPHS = ("vision", "embed", "decoder")
+
+
+class Checkpoint:
+    """The tensors of a Hugging Face checkpoint, one `model.safetensors` or the shards listed in
+    `model.safetensors.index.json`, read one at a time (as float32 for matching: bf16, a real
+    checkpoint's dtype, has no numpy type), so a 7B is never held twice."""
+
+    def __init__(self, hf_dir: Path):
+        single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+        if single.exists():
+            files = [single]
+        elif index.exists():
+            files = sorted({hf_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            raise SystemExit(f"{hf_dir}: neither model.safetensors nor model.safetensors.index.json")
+        self.single = single if single.exists() else None
+        self.file_of: dict[str, Path] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    self.file_of[k] = f
+                    self.shape_of[k] = tuple(st.get_slice(k).get_shape())
+
+    def raw(self, key: str):
+        """The tensor as stored (a torch tensor, any dtype)."""
+        with safe_open(str(self.file_of[key]), framework="pt") as st:
+            return st.get_tensor(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return self.raw(key).float().numpy()
+
+    def load_all(self) -> dict[str, np.ndarray]:
+        return {k: self.get(k) for k in self.file_of}
+
+    def write_single(self, out: Path) -> None:
+        """The whole checkpoint as one safetensors file at `out`, in its stored dtypes."""
+        if self.single is not None:
+            if self.single.resolve() != out.resolve():
+                shutil.copyfile(self.single, out)
+            return
+        from safetensors.torch import save_file
+
+        save_file({k: self.raw(k).contiguous() for k in self.file_of}, str(out), metadata={"format": "pt"})
+        out.chmod(0o644)
 
 
 def name_candidates(init_name: str, params: dict[str, np.ndarray]) -> list[str]:
@@ -72,9 +118,10 @@ def match(init_name: str, value: np.ndarray, params: dict[str, np.ndarray]) -> d
     return {"initializer": init_name, "param": n, "transpose": transpose}
 
 
-def checkpoint_name(model_name: str, value: np.ndarray, params: dict[str, np.ndarray]) -> str:
+def checkpoint_name(model_name: str, value: np.ndarray, ckpt: Checkpoint) -> str:
     """The checkpoint key of a model parameter: equal shape, equal values, longest shared suffix
-    of dotted components (`model.language_model.layers.0.x` is `model.layers.0.x` on disk)."""
+    of dotted components (`model.language_model.layers.0.x` is `model.layers.0.x` on disk).
+    Candidates are read from disk best suffix first, so usually one tensor is read."""
     parts = model_name.split(".")
 
     def shared(key: str) -> int:
@@ -84,15 +131,12 @@ def checkpoint_name(model_name: str, value: np.ndarray, params: dict[str, np.nda
             n += 1
         return n
 
-    best = [
-        k
-        for k, v in params.items()
-        if v.shape == value.shape and np.array_equal(v.astype(value.dtype), value) and shared(k) > 0
-    ]
-    if not best:
-        raise SystemExit(f"{model_name}: no tensor of the checkpoint holds it")
-    best.sort(key=lambda k: (-shared(k), k))
-    return best[0]
+    candidates = [k for k, s in ckpt.shape_of.items() if s == value.shape and shared(k) > 0]
+    candidates.sort(key=lambda k: (-shared(k), k))
+    for k in candidates:
+        if np.array_equal(ckpt.get(k).astype(value.dtype), value):
+            return k
+    raise SystemExit(f"{model_name}: no tensor of the checkpoint holds it")
 
 
 def write_weight_map(
@@ -109,15 +153,9 @@ def write_weight_map(
     names are translated to checkpoint keys. Without them, initializers are matched against the
     checkpoint directly (an older bundle; parameters that the exporter merged stay merged).
     """
-    src = hf_dir / "model.safetensors"
-    if not src.exists():
-        print(
-            f"map_bundle_weights: {src} not found (sharded checkpoints are not handled); "
-            "the bundle keeps its embedded weights",
-            file=sys.stderr,
-        )
-        return
-    params = load_file(str(src))
+    ckpt = Checkpoint(hf_dir)
+    # Matching without the exporter's marks compares every initializer with every tensor.
+    params = ckpt.load_all() if marked is None else None
     cfg = json.loads((bundle / "bundle.json").read_text())
     graphs = {}
     used = set()
@@ -143,7 +181,7 @@ def write_weight_map(
                 true = true.T if m["transpose"] else true
                 init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(true.astype(value.dtype)), init.name))
                 changed = True
-                m["param"] = checkpoint_name(m["param"], real[m["param"]], params)
+                m["param"] = checkpoint_name(m["param"], real[m["param"]], ckpt)
             else:
                 m = match(init.name, value, params)
                 if m is None:
@@ -160,8 +198,8 @@ def write_weight_map(
             if external:
                 data.chmod(path.stat().st_mode & 0o777)  # onnx creates it owner-only
         graphs[g] = entries
-    if src.resolve() != (bundle / "model.safetensors").resolve():
-        shutil.copyfile(src, bundle / "model.safetensors")
+    ckpt.write_single(bundle / "model.safetensors")
+    if (hf_dir / "config.json").resolve() != (bundle / "config.json").resolve():
         shutil.copyfile(hf_dir / "config.json", bundle / "config.json")
     doc = {
         "format": "deepeyes-weight-map",
@@ -170,10 +208,10 @@ def write_weight_map(
         "graphs": graphs,
     }
     (bundle / "weights.json").write_text(json.dumps(doc, indent=1) + "\n")
-    unused = sorted(set(params) - used)
+    unused = sorted(set(ckpt.file_of) - used)
     print(
         f"map_bundle_weights: {sum(len(v) for v in graphs.values())} initializers mapped to "
-        f"{len(used)} of {len(params)} parameters" + (f"; not in any graph: {unused}" if unused else ""),
+        f"{len(used)} of {len(ckpt.file_of)} parameters" + (f"; not in any graph: {unused}" if unused else ""),
         file=sys.stderr,
     )
 
