@@ -206,6 +206,9 @@ def write_weight_map(
         "version": 1,
         "params": "model.safetensors",
         "graphs": graphs,
+        # Every mapped initializer now holds its checkpoint value, so deepeyes runs the graphs
+        # as they are until something writes other weights into the bundle (and clears this).
+        "graphs-current": True,
     }
     (bundle / "weights.json").write_text(json.dumps(doc, indent=1) + "\n")
     unused = sorted(set(ckpt.file_of) - used)

@@ -11,7 +11,7 @@
 mod tiny_fixture;
 
 use deepeyes_core::model::FinishReason;
-use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions, PreparedPrompt};
+use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions, PreparedPrompt, WeightMap};
 use deepeyes_core::preprocess::PixelValues;
 use deepeyes_core::{GenerateRequest, Image, ImageLimits, SamplingParams, VisionLanguageModel};
 use tiny_fixture::{Golden, argmax, max_abs_diff};
@@ -482,6 +482,38 @@ fn an_external_data_bundle_runs_like_the_inline_one() {
     let (a, b) = (changed(&tiny_fixture::bundle()), changed(&dir));
     assert_eq!(max_abs_diff(&a[0], &b[0]), 0.0);
     assert_ne!(max_abs_diff(&b[0], &want[0]), 0.0, "the new weights ran");
+}
+
+/// A freshly exported bundle's graphs hold its weights (`graphs-current`), so loading it reads
+/// no safetensors file; once the flag is cleared, the file's weights are read and run.
+#[test]
+fn current_graphs_are_run_as_they_are_and_stale_ones_take_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(tiny_fixture::bundle()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let mut map = WeightMap::load(dir.path()).unwrap().unwrap();
+    assert!(map.graphs_current, "the exporter marks its graphs current");
+    std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
+    let golden = Golden::load();
+    let options = OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    };
+    let base = model();
+    let prompt = golden_prompt(&base, &golden);
+    let (want, _) = base.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let current = OnnxModel::load(dir.path(), &options).unwrap_or_else(|e| panic!("{e}"));
+    let (got, _) = current.prefill(&[&prompt], LogitsOf::All).unwrap();
+    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
+
+    map.graphs_current = false;
+    map.save(dir.path()).unwrap();
+    let err = OnnxModel::load(dir.path(), &options)
+        .expect_err("the broken weights file is read now")
+        .to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
 }
 
 #[test]

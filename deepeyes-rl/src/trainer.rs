@@ -909,5 +909,12 @@ pub fn export_bundle(model: &Qwen25Vl, source: &Path, out: &Path) -> TrainResult
         std::fs::copy(entry.path(), &to).map_err(io_err(&to))?;
     }
     model.save_pretrained(out)?;
+    // The copied graphs hold the source's weights, not these: they must be replaced at load.
+    if let Some(mut map) = deepeyes_core::onnx::WeightMap::load(out)?
+        && map.graphs_current
+    {
+        map.graphs_current = false;
+        map.save(out)?;
+    }
     Ok(out.to_path_buf())
 }

@@ -126,6 +126,12 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     // The trained weights, exported as a bundle, run in ONNX Runtime with the burn model's
     // logits.
     let exported = trainer.export(&dir.path().join("bundle")).unwrap();
+    // Its graphs still hold the fixture's weights, which the fixture's map says are current:
+    // the export must say they are not, or the new weights would never be read.
+    let map = deepeyes_core::onnx::WeightMap::load(&exported)
+        .unwrap()
+        .unwrap();
+    assert!(!map.graphs_current);
     let ort = OnnxModel::load(
         &exported,
         &OnnxOptions {

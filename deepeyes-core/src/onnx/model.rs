@@ -276,12 +276,15 @@ impl OnnxModel {
     /// use; fails with a message naming the fix when it cannot be found.
     ///
     /// When the bundle has a weight map (`weights.json`), the graphs run the weights of the
-    /// safetensors file beside them (see [`super::weights`]).
+    /// safetensors file beside them (see [`super::weights`]), unless the map says the graphs
+    /// already hold them ([`WeightMap::graphs_current`]).
     pub fn load(dir: impl AsRef<Path>, options: &OnnxOptions) -> OnnxResult<Self> {
         let dir = dir.as_ref();
         let weights = match WeightMap::load(dir)? {
-            Some(map) => Some((read_safetensors(&map.params_path(dir))?, map)),
-            None => None,
+            Some(map) if !map.graphs_current => {
+                Some((read_safetensors(&map.params_path(dir))?, map))
+            }
+            _ => None,
         };
         Self::load_inner(dir, options, weights.as_ref().map(|(w, m)| (w, m)))
     }

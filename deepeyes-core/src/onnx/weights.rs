@@ -58,6 +58,17 @@ pub struct WeightMap {
     pub params: String,
     /// Entries per graph (`vision`, `embed`, `decoder`).
     pub graphs: BTreeMap<String, Vec<MapEntry>>,
+    /// The graphs' own initializers hold exactly the weights of [`params`](Self::params), as
+    /// the exporter leaves them; [`crate::onnx::OnnxModel::load`] then runs the graphs as they
+    /// are instead of reading the safetensors file (for a 7B, 15 GB read and 30 GB converted for
+    /// nothing). Whoever writes other weights into the bundle clears it (the trainer's export
+    /// does); absent means false.
+    #[serde(
+        default,
+        rename = "graphs-current",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub graphs_current: bool,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> OnnxError {
@@ -108,6 +119,13 @@ impl WeightMap {
     /// The weights file of the bundle in `dir`.
     pub fn params_path(&self, dir: &Path) -> PathBuf {
         dir.join(&self.params)
+    }
+
+    /// Writes the map as `weights.json` into `dir`.
+    pub fn save(&self, dir: &Path) -> OnnxResult<()> {
+        let path = dir.join(WEIGHT_MAP_FILE);
+        let text = serde_json::to_string_pretty(self).map_err(|e| bad(&path, e.to_string()))?;
+        std::fs::write(&path, text + "\n").map_err(|e| bad(&path, e.to_string()))
     }
 }
 
