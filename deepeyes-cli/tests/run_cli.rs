@@ -31,30 +31,29 @@ fn ok(output: &Output) -> String {
 #[test]
 fn run_prints_the_episode_and_writes_a_replayable_trace() {
     let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("episode.json");
     let bundle = fixture().join("bundle");
-    let image = fixture().join("golden/image0.png");
-    let out = ok(&deepeyes(&[
-        "run",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        "What color is the disc?",
-        "--max-turns",
-        "2",
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "1.0",
-        "--seed",
-        "4",
-        "--threads",
-        "1",
-        "--trace",
-        trace.to_str().unwrap(),
-    ]));
+    let sampled = |trace: &std::path::Path| {
+        ok(&run_on_golden_image(
+            &bundle,
+            "What color is the disc?",
+            &[
+                "--max-turns",
+                "2",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "1.0",
+                "--seed",
+                "4",
+                "--threads",
+                "1",
+                "--trace",
+                trace.to_str().unwrap(),
+            ],
+        ))
+    };
+    let trace = dir.path().join("episode.json");
+    let out = sampled(&trace);
     assert!(out.contains("question: What color is the disc?"), "{out}");
     assert!(out.contains("── turn 1 ──"), "{out}");
     assert!(out.contains("trace: "), "{out}");
@@ -78,30 +77,33 @@ fn run_prints_the_episode_and_writes_a_replayable_trace() {
 
     // The same seed gives the same episode.
     let again = dir.path().join("again.json");
-    ok(&deepeyes(&[
+    sampled(&again);
+    let json2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
+    assert_eq!(json["turns"], json2["turns"]);
+}
+
+/// `deepeyes run` on the golden image with `bundle`, `question` and `extra`.
+fn run_on_golden_image(bundle: &std::path::Path, question: &str, extra: &[&str]) -> Output {
+    let image = fixture().join("golden/image0.png");
+    let mut args = vec![
         "run",
         "--model",
         bundle.to_str().unwrap(),
         "--image",
         image.to_str().unwrap(),
         "--question",
-        "What color is the disc?",
-        "--max-turns",
-        "2",
-        "--max-new-tokens",
-        "12",
-        "--temperature",
-        "1.0",
-        "--seed",
-        "4",
-        "--threads",
-        "1",
-        "--trace",
-        again.to_str().unwrap(),
-    ]));
-    let json2: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&again).unwrap()).unwrap();
-    assert_eq!(json["turns"], json2["turns"]);
+        question,
+    ];
+    args.extend_from_slice(extra);
+    deepeyes(&args)
+}
+
+/// The stderr of [`run_on_golden_image`], which must fail.
+fn failed_run(bundle: &std::path::Path, extra: &[&str]) -> String {
+    let out = run_on_golden_image(bundle, "?", extra);
+    assert!(!out.status.success(), "{extra:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// A copy of the fixture bundle whose `agent.toml` holds `agent`.
@@ -123,24 +125,11 @@ fn a_bundles_agent_limits_apply_unless_the_command_line_overrides_them() {
         dir.path(),
         "max-turns = 1\nmax-new-tokens = 3\nstop-at-tool-call-end = true\n",
     );
-    let image = fixture().join("golden/image0.png");
-    let run = |name: &str, extra: &[&str]| {
+    let run = |bundle: &std::path::Path, name: &str, extra: &[&str]| {
         let trace = dir.path().join(name);
-        let mut args = vec![
-            "run",
-            "--model",
-            bundle.to_str().unwrap(),
-            "--image",
-            image.to_str().unwrap(),
-            "--question",
-            "?",
-            "--threads",
-            "1",
-            "--trace",
-            trace.to_str().unwrap(),
-        ];
+        let mut args = vec!["--threads", "1", "--trace", trace.to_str().unwrap()];
         args.extend_from_slice(extra);
-        ok(&deepeyes(&args));
+        ok(&run_on_golden_image(bundle, "?", &args));
         let json: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
         json
@@ -154,63 +143,40 @@ fn a_bundles_agent_limits_apply_unless_the_command_line_overrides_them() {
         )
     };
     // No flags: the bundle's limits, and the model really ran under them.
-    let from_bundle = run("bundle.json", &[]);
+    let from_bundle = run(&bundle, "bundle.json", &[]);
     assert_eq!(limits(&from_bundle), (1, 3, true));
     let turns = from_bundle["turns"].as_array().unwrap();
     assert_eq!(turns.len(), 1);
     assert!(turns[0]["generated_ids"].as_array().unwrap().len() <= 3);
     // Flags win, the bare switch and an explicit false included.
     let given = run(
+        &bundle,
         "given.json",
         &["--max-new-tokens", "5", "--stop-at-tool-call-end", "false"],
     );
     assert_eq!(limits(&given), (1, 5, false));
     assert_eq!(
         limits(&run(
+            &bundle,
             "switch.json",
             &["--max-turns", "2", "--stop-at-tool-call-end"]
         )),
         (2, 3, true)
     );
     // Without an agent.toml, the command's own defaults.
-    let plain = fixture().join("bundle");
-    let trace = dir.path().join("plain.json");
-    ok(&deepeyes(&[
-        "run",
-        "--model",
-        plain.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        "?",
-        "--max-new-tokens",
-        "2",
-        "--threads",
-        "1",
-        "--trace",
-        trace.to_str().unwrap(),
-    ]));
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
-    assert_eq!(limits(&json), (5, 2, false));
+    let plain = run(
+        &fixture().join("bundle"),
+        "plain.json",
+        &["--max-new-tokens", "2"],
+    );
+    assert_eq!(limits(&plain), (5, 2, false));
 }
 
 #[test]
 fn a_bad_agent_toml_is_an_error_naming_the_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = bundle_with_agent_limits(dir.path(), "max-turns = 0\n");
-    let image = fixture().join("golden/image0.png");
-    let out = deepeyes(&[
-        "run",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        "?",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_run(&bundle, &[]);
     assert!(
         err.contains("agent.toml") && err.contains("max-turns") && err.contains("at least 1"),
         "{err}"
@@ -246,19 +212,6 @@ fn a_missing_library_is_a_clear_error() {
 
 #[test]
 fn require_gpu_fails_without_one() {
-    let bundle = fixture().join("bundle");
-    let image = fixture().join("golden/image0.png");
-    let out = deepeyes(&[
-        "run",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        "?",
-        "--require-gpu",
-    ]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_run(&fixture().join("bundle"), &["--require-gpu"]);
     assert!(err.contains("GPU"), "{err}");
 }

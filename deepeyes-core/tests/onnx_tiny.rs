@@ -22,11 +22,25 @@ fn model_with(options: &OnnxOptions) -> OnnxModel {
     OnnxModel::load(tiny_fixture::bundle(), options).unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn model() -> OnnxModel {
-    model_with(&OnnxOptions {
+/// One ONNX Runtime thread: the tiny model's fastest setting.
+fn one_thread() -> OnnxOptions {
+    OnnxOptions {
         threads: 1,
         ..OnnxOptions::default()
-    })
+    }
+}
+
+fn model() -> OnnxModel {
+    model_with(&one_thread())
+}
+
+/// The golden prompt prepared by the fixture's bundle, and that bundle's logits at every
+/// position of it: what other loads of the same weights must reproduce.
+fn reference_prefill() -> (PreparedPrompt, Vec<f32>) {
+    let base = model();
+    let prompt = golden_prompt(&base, &Golden::load());
+    let (mut logits, _) = base.prefill(&[&prompt], LogitsOf::All).unwrap();
+    (prompt, logits.remove(0))
 }
 
 /// The processor's pixel values of the golden images, split per image.
@@ -399,20 +413,15 @@ fn bundle_weights() -> deepeyes_core::onnx::Weights {
 
 #[test]
 fn weights_given_in_memory_are_the_ones_that_run() {
-    let golden = Golden::load();
-    let options = OnnxOptions {
-        threads: 1,
-        ..OnnxOptions::default()
-    };
+    let options = one_thread();
     let base = model();
-    let prompt = golden_prompt(&base, &golden);
-    let (want, _) = base.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let (prompt, want) = reference_prefill();
 
     // The same weights from memory give the same logits.
     let mut weights = bundle_weights();
     let same = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap();
     let (got, _) = same.prefill(&[&prompt], LogitsOf::All).unwrap();
-    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
+    assert_eq!(max_abs_diff(&got[0], &want), 0.0);
 
     // Zeroing one row of the (transposed in the graph) output head zeroes that token's logit
     // everywhere and leaves every other logit as it was.
@@ -423,7 +432,7 @@ fn weights_given_in_memory_are_the_ones_that_run() {
     head.data[token * hidden..(token + 1) * hidden].fill(0.0);
     let changed = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &weights).unwrap();
     let (got, _) = changed.prefill(&[&prompt], LogitsOf::All).unwrap();
-    for (pos, (row, base_row)) in got[0].chunks(vocab).zip(want[0].chunks(vocab)).enumerate() {
+    for (pos, (row, base_row)) in got[0].chunks(vocab).zip(want.chunks(vocab)).enumerate() {
         assert_eq!(row[token], 0.0, "position {pos}");
         assert_ne!(base_row[token], 0.0);
         for v in (0..vocab).filter(|&v| v != token) {
@@ -449,18 +458,13 @@ fn an_external_data_bundle_runs_like_the_inline_one() {
         assert!(data.is_file(), "{}", data.display());
         assert!(outer < inline, "{graph}.onnx still holds its weights");
     }
-    let golden = Golden::load();
-    let options = OnnxOptions {
-        threads: 1,
-        ..OnnxOptions::default()
-    };
+    let options = one_thread();
     let inline = model();
-    let prompt = golden_prompt(&inline, &golden);
-    let (want, _) = inline.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let (prompt, want) = reference_prefill();
     let external = OnnxModel::load(&dir, &options).unwrap_or_else(|e| panic!("{e}"));
     let (got, _) = external.prefill(&[&prompt], LogitsOf::All).unwrap();
-    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
-    let ids = golden.u32s("prompt_ids");
+    assert_eq!(max_abs_diff(&got[0], &want), 0.0);
+    let ids = Golden::load().u32s("prompt_ids");
     let request = greedy(&ids, 8);
     let tokens = |m: &OnnxModel| {
         m.generate_prepared(&[&request], std::slice::from_ref(&prompt))
@@ -481,7 +485,7 @@ fn an_external_data_bundle_runs_like_the_inline_one() {
     };
     let (a, b) = (changed(&tiny_fixture::bundle()), changed(&dir));
     assert_eq!(max_abs_diff(&a[0], &b[0]), 0.0);
-    assert_ne!(max_abs_diff(&b[0], &want[0]), 0.0, "the new weights ran");
+    assert_ne!(max_abs_diff(&b[0], &want), 0.0, "the new weights ran");
 }
 
 /// A freshly exported bundle's graphs hold its weights (`graphs-current`), so loading it reads
@@ -496,17 +500,11 @@ fn current_graphs_are_run_as_they_are_and_stale_ones_take_the_file() {
     let mut map = WeightMap::load(dir.path()).unwrap().unwrap();
     assert!(map.graphs_current, "the exporter marks its graphs current");
     std::fs::write(dir.path().join("model.safetensors"), b"not safetensors").unwrap();
-    let golden = Golden::load();
-    let options = OnnxOptions {
-        threads: 1,
-        ..OnnxOptions::default()
-    };
-    let base = model();
-    let prompt = golden_prompt(&base, &golden);
-    let (want, _) = base.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let options = one_thread();
+    let (prompt, want) = reference_prefill();
     let current = OnnxModel::load(dir.path(), &options).unwrap_or_else(|e| panic!("{e}"));
     let (got, _) = current.prefill(&[&prompt], LogitsOf::All).unwrap();
-    assert_eq!(max_abs_diff(&got[0], &want[0]), 0.0);
+    assert_eq!(max_abs_diff(&got[0], &want), 0.0);
 
     map.graphs_current = false;
     map.save(dir.path()).unwrap();
