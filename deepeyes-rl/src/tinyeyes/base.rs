@@ -695,21 +695,31 @@ impl BaseStage {
                 first.push(self.start(&self.eval[ci], &q)?);
             }
             let mut e = BaseEval::default();
-            // Grounding: the argmax of each coordinate given the true ones before it.
+            // One pass over the grounding samples reads two things: first the token after the
+            // global view's `<|vision_end|>` (finding: does it name the card's cell?), then the
+            // argmax of each coordinate given the true ones before it (grounding).
             let picks = argmax_at(&model, &ground, |s| {
+                let tokens = &s.sequence.tokens;
+                // The prediction read at token t is made at t - 1: the vision end is pad + 1.
+                let vision_end = tokens.iter().position(|&id| id == image_pad).map(|p| p + 2);
                 // The four coordinates are the supervised tokens after `<answer>[`.
-                let sup: Vec<usize> = (0..s.supervised.len())
-                    .filter(|&t| s.supervised[t])
-                    .collect();
-                sup.iter()
-                    .copied()
-                    .filter(|&t| self.is_coordinate(s.sequence.tokens[t]))
-                    .collect()
+                let coordinates = (0..s.supervised.len())
+                    .filter(|&t| s.supervised[t] && self.is_coordinate(tokens[t]));
+                vision_end.into_iter().chain(coordinates).collect()
             })?;
             for (ci, pick) in picks.iter().enumerate() {
                 let c = &self.eval[ci];
-                let values: Vec<Option<u32>> =
-                    pick.iter().map(|&id| self.coordinate_value(id)).collect();
+                let Some((cell, coordinates)) = pick.split_first() else {
+                    continue;
+                };
+                let cells = c.view.grid[1] * c.view.grid[2] / 4;
+                if *cell == self.cell_token(card_cell(c), cells) {
+                    e.card_cell_acc += 1.0;
+                }
+                let values: Vec<Option<u32>> = coordinates
+                    .iter()
+                    .map(|&id| self.coordinate_value(id))
+                    .collect();
                 if let [Some(x1), Some(y1), Some(x2), Some(y2)] = values[..] {
                     e.ground_iou +=
                         crate::metrics::iou([x1, y1, x2, y2].map(f64::from), c.card.map(f64::from));
@@ -717,19 +727,6 @@ impl BaseStage {
                     if x1 <= centre.0 && centre.0 < x2 && y1 <= centre.1 && centre.1 < y2 {
                         e.ground_hit += 1.0;
                     }
-                }
-            }
-            // Finding: the `<|vision_end|>` after the global view names the card's cell.
-            let picks = argmax_at(&model, &ground, |s| {
-                let pad = s.sequence.tokens.iter().position(|&id| id == image_pad);
-                // The prediction read at token t is made at t - 1: the vision end is pad + 1.
-                pad.map(|p| vec![p + 2]).unwrap_or_default()
-            })?;
-            for (ci, pick) in picks.iter().enumerate() {
-                let c = &self.eval[ci];
-                let cells = c.view.grid[1] * c.view.grid[2] / 4;
-                if pick.first() == Some(&self.cell_token(card_cell(c), cells)) {
-                    e.card_cell_acc += 1.0;
                 }
             }
             // Detection: the view token most sure it holds the card.
