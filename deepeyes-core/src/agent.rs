@@ -609,6 +609,7 @@ impl<'m> Agent<'m> {
                     let outcome = ToolOutcome::Ok {
                         images: out.images.len(),
                         text: out.text.clone(),
+                        region: out.region,
                     };
                     new_images.extend(out.images.into_iter().map(|im| (im, call_index)));
                     outcome

@@ -147,6 +147,34 @@ impl Image {
         self.pixels.as_raw()
     }
 
+    /// The pixels inside `rect`, copied (the whole image is shared, not copied). Fails when
+    /// `rect` is empty or reaches outside the image.
+    pub fn crop(&self, rect: CropRect) -> Result<Image> {
+        if !rect.fits(self.width(), self.height()) {
+            return Err(Error::Image {
+                origin: "<crop>".into(),
+                reason: format!(
+                    "rectangle {rect} is empty or does not lie inside the {}×{} image",
+                    self.width(),
+                    self.height()
+                ),
+            });
+        }
+        if rect == CropRect::full(self.width(), self.height()) {
+            return Ok(self.clone());
+        }
+        let stride = self.width() as usize * 3;
+        let row_len = rect.width as usize * 3;
+        let first = rect.y as usize * stride + rect.x as usize * 3;
+        let src = self.as_raw();
+        let mut out = Vec::with_capacity(row_len * rect.height as usize);
+        for row in 0..rect.height as usize {
+            let start = first + row * stride;
+            out.extend_from_slice(&src[start..start + row_len]);
+        }
+        Image::from_raw(rect.width, rect.height, out)
+    }
+
     /// Encodes the image as PNG.
     pub fn to_png(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
@@ -166,9 +194,133 @@ impl Image {
     }
 }
 
+/// An integer pixel rectangle inside an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CropRect {
+    /// Left edge (inclusive).
+    pub x: u32,
+    /// Top edge (inclusive).
+    pub y: u32,
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl CropRect {
+    /// A rectangle from its edges `[left, top, right, bottom)`; `None` when empty or inverted.
+    pub fn from_edges(left: u32, top: u32, right: u32, bottom: u32) -> Option<Self> {
+        (left < right && top < bottom).then(|| Self {
+            x: left,
+            y: top,
+            width: right - left,
+            height: bottom - top,
+        })
+    }
+
+    /// The whole of a `width × height` image.
+    pub fn full(width: u32, height: u32) -> Self {
+        Self {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        }
+    }
+
+    /// Right edge (exclusive).
+    pub fn right(&self) -> u64 {
+        u64::from(self.x) + u64::from(self.width)
+    }
+
+    /// Bottom edge (exclusive).
+    pub fn bottom(&self) -> u64 {
+        u64::from(self.y) + u64::from(self.height)
+    }
+
+    /// The edges `[left, top, right, bottom]` as numbers, the form boxes are compared in.
+    pub fn edges(&self) -> [f64; 4] {
+        [
+            f64::from(self.x),
+            f64::from(self.y),
+            self.right() as f64,
+            self.bottom() as f64,
+        ]
+    }
+
+    /// The best IoU of this rectangle with any of `boxes` (`[x1, y1, x2, y2]` in the same
+    /// image's pixels); `None` when there are no boxes.
+    pub fn best_iou(&self, boxes: &[[f64; 4]]) -> Option<f64> {
+        boxes.iter().map(|&b| iou(self.edges(), b)).reduce(f64::max)
+    }
+
+    /// Whether the rectangle is non-empty and lies inside a `width × height` image.
+    pub fn fits(&self, width: u32, height: u32) -> bool {
+        self.width > 0
+            && self.height > 0
+            && self.right() <= u64::from(width)
+            && self.bottom() <= u64::from(height)
+    }
+}
+
+/// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 when either is empty or inverted.
+pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
+    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let inter = [
+        a[0].max(b[0]),
+        a[1].max(b[1]),
+        a[2].min(b[2]),
+        a[3].min(b[3]),
+    ];
+    let i = area(inter);
+    let u = area(a) + area(b) - i;
+    if u > 0.0 { i / u } else { 0.0 }
+}
+
+impl std::fmt::Display for CropRect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}×{} at ({}, {})",
+            self.width, self.height, self.x, self.y
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iou_of_boxes_and_rectangles() {
+        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 1.0);
+        assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]), 0.0);
+        assert_eq!(iou([10.0, 0.0, 0.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 0.0);
+        assert_eq!(iou([0.0; 4], [0.0; 4]), 0.0);
+        let rect = CropRect::from_edges(0, 0, 10, 10).unwrap();
+        assert_eq!(rect.best_iou(&[]), None);
+        let best = rect.best_iou(&[[20.0, 20.0, 30.0, 30.0], [5.0, 0.0, 15.0, 10.0]]);
+        assert!((best.unwrap() - 1.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn crop_copies_exactly_the_rectangle_and_refuses_outside() {
+        let raw: Vec<u8> = (0..4 * 3 * 3).map(|v| v as u8).collect();
+        let img = Image::from_raw(4, 3, raw.clone()).unwrap();
+        let out = img.crop(CropRect::from_edges(1, 1, 3, 3).unwrap()).unwrap();
+        assert_eq!((out.width(), out.height()), (2, 2));
+        assert_eq!(
+            out.as_raw(),
+            &[15, 16, 17, 18, 19, 20, 27, 28, 29, 30, 31, 32]
+        );
+        let whole = img.crop(CropRect::full(4, 3)).unwrap();
+        assert_eq!(whole.buffer_id(), img.buffer_id());
+        let err = img
+            .crop(CropRect::from_edges(2, 0, 5, 3).unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains("4×3"), "{err}");
+    }
 
     #[test]
     fn clones_share_a_buffer_id_and_separate_images_do_not() {

@@ -35,7 +35,7 @@ pub mod vision;
 
 pub use agent::{Agent, AgentConfig, Task};
 pub use error::{Error, Result};
-pub use image::{Image, ImageLimits};
+pub use image::{CropRect, Image, ImageLimits};
 pub use message::{ContentPart, Conversation, Message, Role};
 pub use model::{
     FinishReason, GenerateRequest, Generation, HfTokenizer, SamplingParams, TokenCodec,
@@ -43,7 +43,9 @@ pub use model::{
 };
 pub use preprocess::PreprocessConfig;
 pub use protocol::{CallSelection, PromptTemplates};
-pub use reward::{RewardBreakdown, RewardFn, RewardInput, RewardTerm};
+pub use reward::{
+    AnswerGrader, Grade, GradeInput, GradedBy, RewardBreakdown, RewardFn, RewardInput, RewardTerm,
+};
 pub use rng::Rng;
 pub use tool::{FnTool, Tool, ToolCall, ToolContext, ToolError, ToolOutput, ToolSpec};
 pub use trajectory::{ImageSource, StopReason, ToolCallRecord, ToolOutcome, Trajectory};

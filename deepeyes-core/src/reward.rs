@@ -96,3 +96,87 @@ where
         self(input)
     }
 }
+
+/// One answer to grade: what [`AnswerGrader::grade`] is asked.
+#[derive(Debug, Clone, Copy)]
+pub struct GradeInput<'a> {
+    /// Which dataset the item comes from.
+    pub data_source: &'a str,
+    /// The question as the model was asked it (options included).
+    pub question: &'a str,
+    /// The reference answer as a reward function sees it: the correct option's letter as shown,
+    /// or the answer text of an open question.
+    pub ground_truth: &'a str,
+    /// The model's answer: the text inside `<answer>…</answer>`, or its last turn when it gave
+    /// none.
+    pub prediction: &'a str,
+}
+
+/// Who decided a [`Grade`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GradedBy {
+    /// A rule decided.
+    Rule,
+    /// The judge decided.
+    Judge,
+    /// The rules could not decide and no judge was configured: counted wrong, and reported.
+    Undecided,
+    /// The judge failed: counted wrong, and reported with its error.
+    JudgeFailed,
+    /// The model gave no answer at all.
+    NoAnswer,
+}
+
+/// The verdict on one answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grade {
+    /// Whether it counts as correct.
+    pub correct: bool,
+    /// Who decided.
+    pub by: GradedBy,
+    /// The judge's raw reply or error, when the judge was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub judge_reply: Option<String>,
+}
+
+impl Grade {
+    /// The grade of an empty answer.
+    pub fn no_answer() -> Self {
+        Self {
+            correct: false,
+            by: GradedBy::NoAnswer,
+            judge_reply: None,
+        }
+    }
+}
+
+/// Decides whether an answer is correct: evaluation's notion of "correct", which must be the
+/// training reward's (`deepeyes-reward`'s accuracy term implements both).
+///
+/// Closures `Fn(&GradeInput) -> Grade` are graders too:
+///
+/// ```
+/// use deepeyes_core::reward::{AnswerGrader, Grade, GradeInput, GradedBy};
+///
+/// let exact = |input: &GradeInput<'_>| Grade {
+///     correct: input.prediction.trim() == input.ground_truth,
+///     by: GradedBy::Rule,
+///     judge_reply: None,
+/// };
+/// let input = GradeInput { data_source: "demo", question: "q", ground_truth: "B", prediction: " B" };
+/// assert!(exact.grade(&input).correct);
+/// ```
+pub trait AnswerGrader: Send + Sync {
+    /// Grades one answer. Never fails: a failing judge is a [`GradedBy::JudgeFailed`] grade.
+    fn grade(&self, input: &GradeInput<'_>) -> Grade;
+}
+
+impl<F> AnswerGrader for F
+where
+    F: Fn(&GradeInput<'_>) -> Grade + Send + Sync,
+{
+    fn grade(&self, input: &GradeInput<'_>) -> Grade {
+        self(input)
+    }
+}

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::image::Image;
+use crate::image::{CropRect, Image};
 use crate::preprocess::PreprocessConfig;
 
 /// The JSON description of a tool, as listed to the model inside `<tools>…</tools>`.
@@ -115,6 +115,11 @@ pub struct ToolOutput {
     pub text: Option<String>,
     /// Images shown to the model (each goes through the model's preprocessing).
     pub images: Vec<Image>,
+    /// The region of the episode's first input image, in its original pixels, that the returned
+    /// image shows, when the tool cut one out. Grounding (IoU against ground-truth boxes) is
+    /// measured on this, in training and evaluation alike, whatever frame the call's arguments
+    /// were written in.
+    pub region: Option<CropRect>,
 }
 
 impl ToolOutput {
@@ -123,7 +128,15 @@ impl ToolOutput {
         Self {
             text: None,
             images: vec![image],
+            region: None,
         }
+    }
+
+    /// This output, reporting that its image shows `region` of the first input image.
+    #[must_use]
+    pub fn with_region(mut self, region: CropRect) -> Self {
+        self.region = Some(region);
+        self
     }
 
     /// An output holding text only.
@@ -131,6 +144,7 @@ impl ToolOutput {
         Self {
             text: Some(text.into()),
             images: Vec::new(),
+            region: None,
         }
     }
 }

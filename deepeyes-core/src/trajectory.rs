@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::image::Image;
+use crate::image::{CropRect, Image};
 use crate::model::FinishReason;
 use crate::tool::ToolCall;
 
@@ -42,6 +42,10 @@ pub enum ToolOutcome {
         images: usize,
         /// The text it returned, if any.
         text: Option<String>,
+        /// The region of the first input image its image shows, as the tool reported it
+        /// ([`crate::ToolOutput::region`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        region: Option<CropRect>,
     },
     /// The call failed; `message` is the error text the model saw.
     Error {
@@ -59,6 +63,15 @@ impl ToolOutcome {
     /// Whether the model actually received at least one image from this call.
     pub fn returned_image(&self) -> bool {
         matches!(self, Self::Ok { images, .. } if *images > 0)
+    }
+
+    /// The region of the first input image the model was shown by this call: set only when the
+    /// tool reported one and its image reached the model.
+    pub fn shown_region(&self) -> Option<CropRect> {
+        match self {
+            Self::Ok { images, region, .. } if *images > 0 => *region,
+            _ => None,
+        }
     }
 }
 

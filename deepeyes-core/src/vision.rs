@@ -202,8 +202,9 @@ pub fn frame_seqlens(grids: &[[u32; 3]]) -> Vec<i64> {
 }
 
 /// An additive `[n, n]` attention bias (row-major) from cumulative boundaries: 0 where both
-/// positions are in the same block, `-inf` elsewhere.
-pub fn segment_mask(cu_seqlens: &[i64], n: usize) -> Result<Vec<f32>> {
+/// positions are in the same block, `masked` elsewhere (`-inf` for ONNX Runtime; the training
+/// engine needs a finite value so that gradients stay finite).
+pub fn segment_mask(cu_seqlens: &[i64], n: usize, masked: f32) -> Result<Vec<f32>> {
     let end = cu_seqlens.last().copied().unwrap_or(0);
     if cu_seqlens.first() != Some(&0)
         || end != n as i64
@@ -213,7 +214,7 @@ pub fn segment_mask(cu_seqlens: &[i64], n: usize) -> Result<Vec<f32>> {
             "attention boundaries {cu_seqlens:?} do not cover {n} positions"
         )));
     }
-    let mut mask = vec![f32::NEG_INFINITY; n * n];
+    let mut mask = vec![masked; n * n];
     for w in cu_seqlens.windows(2) {
         let (a, b) = (w[0] as usize, w[1] as usize);
         for row in a..b {
@@ -248,8 +249,8 @@ pub fn vision_inputs(grids: &[[u32; 3]], geo: &VisionGeometry) -> Result<VisionI
     let reverse = reverse_index(&win.window_index)?;
     // Window permutation moves whole images (and frames) as blocks, so the frame boundaries stay
     // valid in window order.
-    let window_mask = segment_mask(&win.cu_window_seqlens, n)?;
-    let full_mask = segment_mask(&frame_seqlens(grids), n)?;
+    let window_mask = segment_mask(&win.cu_window_seqlens, n, f32::NEG_INFINITY)?;
+    let full_mask = segment_mask(&frame_seqlens(grids), n, f32::NEG_INFINITY)?;
     Ok(VisionInputs {
         patches: n,
         pos_ids,
@@ -283,8 +284,13 @@ impl RopeIndex {
 /// `(start + frame, start + row, start + column)` on its merged grid, and the text after it
 /// starts at `start + max(rows, columns)`.
 ///
-/// Consecutive images whose pads touch are told apart by their grids' token counts. Fails when
-/// the pads do not match the grids.
+/// Each maximal run of pads is one image and must hold exactly its grid's token count, as in
+/// transformers 5.x (which groups consecutive image tokens): images whose pads touch need a
+/// separator token (the agent's templates always wrap each in `<|vision_start|>…<|vision_end|>`).
+/// Fails when the pads do not match the grids.
+///
+/// This is the one definition of the mRoPE index: the ONNX Runtime backend and the burn training
+/// engine both call it.
 pub fn rope_index(
     tokens: &[u32],
     image_pad: u32,
@@ -315,9 +321,9 @@ pub fn rope_index(
         next_grid += 1;
         let count = geo.merged_tokens(grid);
         let run = tokens[i..].iter().take_while(|&&t| t == image_pad).count();
-        if run < count {
+        if run != count {
             return Err(Error::Model(format!(
-                "image {} (grid {grid:?}) needs {count} image-pad tokens but the sequence holds {run} at index {i}",
+                "image {} (grid {grid:?}) needs {count} image-pad tokens but the run at index {i} holds {run} (adjacent images need a separator token)",
                 next_grid - 1
             )));
         }
@@ -388,11 +394,35 @@ mod tests {
     }
 
     #[test]
+    fn window_index_of_one_window_is_identity() {
+        let w = window_index(&[[1, 8, 8]], &VisionGeometry::default()).unwrap();
+        assert_eq!(w.window_index, (0..16).collect::<Vec<i64>>());
+        assert_eq!(w.cu_window_seqlens, vec![0, 64]);
+    }
+
+    #[test]
+    fn window_index_splits_large_grids() {
+        // 6×5 merged tokens with 4×4 windows: windows of 4×4, 4×1, 2×4 and 2×1 tokens.
+        let w = window_index(&[[1, 12, 10]], &VisionGeometry::default()).unwrap();
+        assert_eq!(w.cu_window_seqlens, vec![0, 64, 80, 112, 120]);
+        assert_eq!(&w.window_index[..4], &[0, 1, 2, 3]);
+        assert_eq!(&w.window_index[16..20], &[4, 9, 14, 19]);
+        let mut sorted = w.window_index.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..30).collect::<Vec<i64>>());
+    }
+
+    #[test]
     fn masks_are_block_diagonal() {
-        let mask = segment_mask(&[0, 2, 3], 3).unwrap();
+        let finite = segment_mask(&[0, 2, 3], 3, -1e9).unwrap();
+        assert_eq!(
+            finite,
+            vec![0.0, 0.0, -1e9, 0.0, 0.0, -1e9, -1e9, -1e9, 0.0]
+        );
+        let mask = segment_mask(&[0, 2, 3], 3, f32::NEG_INFINITY).unwrap();
         let inf = f32::NEG_INFINITY;
         assert_eq!(mask, vec![0.0, 0.0, inf, 0.0, 0.0, inf, inf, inf, 0.0]);
-        assert!(segment_mask(&[0, 2], 3).is_err());
+        assert!(segment_mask(&[0, 2], 3, f32::NEG_INFINITY).is_err());
     }
 
     #[test]
@@ -416,5 +446,16 @@ mod tests {
         assert!(rope_index(&[1, 2], 5, &[[1, 4, 4]], &geo).is_err());
         assert!(rope_index(&[5, 5, 5, 5], 5, &[], &geo).is_err());
         assert!(vision_position_ids(&[[1, 3, 4]], &geo).is_err());
+    }
+
+    #[test]
+    fn touching_images_need_a_separator() {
+        // Two 2×2-token images: pads that touch form one run of 8, which is no image's count.
+        let geo = VisionGeometry::default();
+        let grids = [[1, 4, 4], [1, 4, 4]];
+        let err = rope_index(&[1, 5, 5, 5, 5, 5, 5, 5, 5, 2], 5, &grids, &geo).unwrap_err();
+        assert!(err.to_string().contains("separator"), "{err}");
+        let apart = rope_index(&[1, 5, 5, 5, 5, 3, 5, 5, 5, 5, 2], 5, &grids, &geo).unwrap();
+        assert_eq!(apart.positions[0].len(), 11);
     }
 }

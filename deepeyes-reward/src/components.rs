@@ -5,7 +5,9 @@
 use std::fmt;
 use std::sync::Arc;
 
-use deepeyes_core::reward::{RewardBreakdown, RewardFn, RewardInput, RewardTerm};
+use deepeyes_core::reward::{
+    AnswerGrader, Grade, GradeInput, GradedBy, RewardBreakdown, RewardFn, RewardInput, RewardTerm,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -13,7 +15,7 @@ use crate::format::{
     self, BoxedMode, DEFAULT_MAX_ANSWER_CHARS, answer_text, math_format, returned_images,
     visual_format,
 };
-use crate::judge::{FailurePolicy, JudgeRequest, Verifier};
+use crate::judge::{FailurePolicy, JudgeError, JudgeRequest, Verifier};
 use crate::rules::{self, Tolerance};
 
 /// Flags a breakdown may carry, so degraded or notable scoring is never silent.
@@ -267,41 +269,15 @@ impl Accuracy {
                 None => return Ok((0.0, vec![flags::NO_BOXED_ANSWER])),
             },
         };
-        if self
-            .max_answer_chars
-            .is_some_and(|max| prediction.chars().count() >= max)
-        {
-            return Ok((0.0, vec![flags::ANSWER_TOO_LONG]));
-        }
-        if self.use_rules {
-            let outcome = match self.style {
-                AnswerStyle::Visual => rules::visual_answer(
-                    prediction,
-                    input.ground_truth,
-                    input.question,
-                    self.tolerance,
-                ),
-                AnswerStyle::Math => rules::math_answer(prediction, input.ground_truth),
-            };
-            if let Some(value) = outcome.verdict.accuracy() {
-                tracing::trace!(rule = outcome.rule, value, "accuracy decided by a rule");
-                return Ok((value, Vec::new()));
+        match self.decide(prediction, input.question, input.ground_truth) {
+            Decision::TooLong => Ok((0.0, vec![flags::ANSWER_TOO_LONG])),
+            Decision::Rule(value) => Ok((value, Vec::new())),
+            Decision::Undecided => Ok((0.0, vec![flags::UNDECIDED_NO_JUDGE])),
+            Decision::Judge { correct, .. } => {
+                Ok((f64::from(u8::from(correct)), vec![flags::BY_JUDGE]))
             }
-        }
-        let Some(judge) = &self.judge else {
-            return Ok((0.0, vec![flags::UNDECIDED_NO_JUDGE]));
-        };
-        let request = JudgeRequest {
-            prompt: &self.prompt,
-            question: input.question,
-            reference: input.ground_truth,
-            prediction,
-        };
-        match judge.verifier.verify(&request) {
-            Ok(verdict) => Ok((f64::from(u8::from(verdict.correct)), vec![flags::BY_JUDGE])),
-            Err(err) => match judge.on_failure {
-                FailurePolicy::Error => Err(Error::Judge(err)),
-                FailurePolicy::RuleFallback => {
+            Decision::JudgeFailed(err) => match self.judge.as_ref().map(|j| j.on_failure) {
+                Some(FailurePolicy::RuleFallback) => {
                     tracing::warn!(
                         data_source = input.data_source,
                         error = %err,
@@ -309,7 +285,98 @@ impl Accuracy {
                     );
                     Ok((0.0, vec![flags::JUDGE_FALLBACK]))
                 }
+                _ => Err(Error::Judge(err)),
             },
+        }
+    }
+
+    /// Whether `prediction` (an extracted answer) is `ground_truth`: the length limit, the rules
+    /// of this style, then the judge. Training's accuracy and evaluation's grade both come from
+    /// here.
+    fn decide(&self, prediction: &str, question: &str, ground_truth: &str) -> Decision {
+        if self
+            .max_answer_chars
+            .is_some_and(|max| prediction.chars().count() >= max)
+        {
+            return Decision::TooLong;
+        }
+        if self.use_rules {
+            let outcome = match self.style {
+                AnswerStyle::Visual => {
+                    rules::visual_answer(prediction, ground_truth, question, self.tolerance)
+                }
+                AnswerStyle::Math => rules::math_answer(prediction, ground_truth),
+            };
+            if let Some(value) = outcome.verdict.accuracy() {
+                tracing::trace!(rule = outcome.rule, value, "accuracy decided by a rule");
+                return Decision::Rule(value);
+            }
+        }
+        let Some(judge) = &self.judge else {
+            return Decision::Undecided;
+        };
+        let request = JudgeRequest {
+            prompt: &self.prompt,
+            question,
+            reference: ground_truth,
+            prediction,
+        };
+        match judge.verifier.verify(&request) {
+            Ok(verdict) => Decision::Judge {
+                correct: verdict.correct,
+                reply: verdict.raw_reply,
+            },
+            Err(err) => Decision::JudgeFailed(err),
+        }
+    }
+}
+
+/// How [`Accuracy`] decided one answer.
+enum Decision {
+    /// The answer reached the length limit: wrong.
+    TooLong,
+    /// A rule decided (1 or 0).
+    Rule(f64),
+    /// No rule decided and there is no judge.
+    Undecided,
+    /// The judge decided.
+    Judge {
+        /// Its verdict.
+        correct: bool,
+        /// Its raw reply.
+        reply: String,
+    },
+    /// The judge gave no verdict.
+    JudgeFailed(JudgeError),
+}
+
+/// The accuracy term as evaluation's grader: `deepeyes eval` counts an answer correct exactly
+/// when this term would pay 1 for it in training. A failing judge is reported, never an error.
+impl AnswerGrader for Accuracy {
+    fn grade(&self, input: &GradeInput<'_>) -> Grade {
+        let prediction = input.prediction.trim();
+        if prediction.is_empty() {
+            return Grade::no_answer();
+        }
+        let (correct, by, judge_reply) =
+            match self.decide(prediction, input.question, input.ground_truth) {
+                Decision::TooLong => (false, GradedBy::Rule, None),
+                Decision::Rule(value) => (value > 0.5, GradedBy::Rule, None),
+                Decision::Undecided => (false, GradedBy::Undecided, None),
+                Decision::Judge { correct, reply } => (correct, GradedBy::Judge, Some(reply)),
+                Decision::JudgeFailed(err) => {
+                    tracing::warn!(
+                        data_source = input.data_source,
+                        error = %err,
+                        "the judge failed; the answer counts as wrong"
+                    );
+                    (false, GradedBy::JudgeFailed, Some(err.to_string()))
+                }
+            };
+        Grade {
+            correct,
+            by,
+            judge_reply,
         }
     }
 }

@@ -226,6 +226,16 @@ impl PipelineConfig {
         Ok(config)
     }
 
+    /// Reads a config from a TOML table embedded in another file (the training config's
+    /// `[reward]`); `origin` names it in errors.
+    pub fn from_table(table: &toml::Table, origin: &str) -> Result<Self> {
+        let config: Self = toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e| Error::config(origin, e))?;
+        config.check_version(origin)?;
+        Ok(config)
+    }
+
     /// Reads a config file.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

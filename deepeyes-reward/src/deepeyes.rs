@@ -119,21 +119,27 @@ pub struct DeepEyesVisual {
     sum: Sum,
 }
 
+impl VisualConfig {
+    /// The accuracy term of this reward; `judge` decides what the rules cannot (ignored when
+    /// `use_judge` is off). As an [`deepeyes_core::AnswerGrader`] it is `deepeyes eval`'s notion
+    /// of a correct answer.
+    pub fn accuracy(&self, judge: Option<JudgeHandle>) -> Accuracy {
+        Accuracy::new(AnswerStyle::Visual, self.accuracy_weight)
+            .with_max_answer_chars(limit(self.max_answer_chars))
+            .with_rules(self.use_rules)
+            .with_tolerance(self.tolerance)
+            .with_prompt(self.prompt.clone())
+            .with_judge(judge.filter(|_| self.use_judge))
+    }
+}
+
 impl DeepEyesVisual {
     /// The reward with `config`; `judge` decides what the rules cannot (ignored when
     /// `use_judge` is off).
     pub fn new(config: VisualConfig, judge: Option<JudgeHandle>) -> Self {
-        let judge = judge.filter(|_| config.use_judge);
         let max = limit(config.max_answer_chars);
         let mut parts: Vec<Arc<dyn Component>> = vec![
-            Arc::new(
-                Accuracy::new(AnswerStyle::Visual, config.accuracy_weight)
-                    .with_max_answer_chars(max)
-                    .with_rules(config.use_rules)
-                    .with_tolerance(config.tolerance)
-                    .with_prompt(config.prompt.clone())
-                    .with_judge(judge),
-            ),
+            Arc::new(config.accuracy(judge)),
             Arc::new(
                 Format::new(AnswerStyle::Visual, config.format_weight).with_max_answer_chars(max),
             ),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::Device;
 use criterion::{Criterion, criterion_group};
-use deepeyes_rl::model::{
+use deepeyes_rl::network::{
     Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, tensor2,
 };
 

@@ -12,9 +12,10 @@
 use std::path::PathBuf;
 
 use deepeyes_core::onnx::OnnxOptions;
-use deepeyes_reward::Registry;
+use deepeyes_reward::{PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
-use deepeyes_rl::trainer::{Trainer, reward_config};
+use deepeyes_rl::trainer::Trainer;
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -57,12 +58,16 @@ lr = 1e-4
     );
     let config = TrainConfig::from_toml_str(&text, "bench config").expect("a valid config");
     // DeepEyes' reward, by its rules alone (no judge server here).
-    let mut rewards = reward_config(&config).expect("the DeepEyes pipeline");
+    let mut rewards = PipelineConfig::deepeyes().expect("the DeepEyes pipeline");
     rewards.judge = None;
-    let pipeline = rewards
+    let reward = rewards
         .build(&Registry::new())
         .expect("the pipeline builds");
-    let mut trainer = Trainer::with_pipeline(config, pipeline)
+    let tools = ToolsConfig::from_table(&config.tools, "[tools]").expect("the default tools");
+    let tools = ToolRegistry::from_config(&tools)
+        .expect("the tools")
+        .tools();
+    let mut trainer = Trainer::new(config, tools, std::sync::Arc::new(reward))
         .expect("the trainer starts")
         .with_onnx_options(OnnxOptions {
             threads: 2,

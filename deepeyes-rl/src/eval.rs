@@ -1,8 +1,9 @@
 //! Benchmark evaluation with the same agent loop and tools as training.
 //!
-//! An [`Evaluator`] runs the agent on dataset [`Item`]s and scores each answer: rules first
-//! (option letter, option text, normalised exact match), then a [`Verifier`] (the LLM judge) when
-//! one is given and the rules cannot decide. Options are shuffled by default with a seed derived
+//! An [`Evaluator`] runs the agent on dataset [`Item`]s and grades each answer with an
+//! [`AnswerGrader`]: the training reward's accuracy term (`deepeyes-reward`'s `Accuracy`: its
+//! rules first, then the LLM judge when one is given and the rules cannot decide), so an answer
+//! is correct in evaluation exactly when it is in training. Options are shuffled by default with a seed derived
 //! from the run seed and the item id, so the correct answer is not always `A` (DeepEyes' first V*
 //! evaluation left it first, which inflates scores) and every run with the same seed shows the same
 //! order. With `samples = K > 1` each item is answered K times and scored by Avg@K.
@@ -19,22 +20,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use deepeyes_core::dataset::{GroundTruthBox, Item, ItemReader, ReadError, option_letter};
+use deepeyes_core::dataset::{Item, ItemReader, PreparedItem, ReadError, prepare_item};
 use deepeyes_core::protocol::extract_answer;
 use deepeyes_core::{
-    Agent, AgentConfig, ImageLimits, PreprocessConfig, PromptTemplates, Rng, StopReason, Task,
-    Tool, ToolOutcome, Trajectory, VisionLanguageModel,
+    Agent, AgentConfig, AnswerGrader, CropRect, Grade, GradeInput, GradedBy, ImageLimits,
+    PromptTemplates, StopReason, Task, Tool, ToolOutcome, Trajectory, VisionLanguageModel,
 };
-use deepeyes_reward::judge::{JudgeRequest, Verifier};
-use deepeyes_reward::rules::{self, Verdict};
-use deepeyes_tools::geometry::parse_bbox;
-use deepeyes_tools::{ZoomInConfig, ZoomInTool};
-
-use crate::metrics::iou;
 use serde::{Deserialize, Serialize};
-
-/// Name of the zoom tool whose boxes are compared with ground-truth boxes.
-const ZOOM_TOOL: &str = "image_zoom_in_tool";
 
 /// Errors of an evaluation.
 #[derive(Debug, thiserror::Error)]
@@ -137,179 +129,6 @@ impl EvalConfig {
     }
 }
 
-/// An item ready to be asked: its options in the order shown and the prompt question.
-#[derive(Debug, Clone)]
-pub struct PreparedItem {
-    /// The dataset item.
-    pub item: Item,
-    /// `order[k]` is the stored index of the option shown as letter `k`.
-    pub order: Vec<usize>,
-    /// The correct letter in the shown order (multiple-choice items).
-    pub correct_letter: Option<char>,
-    /// The question as the model sees it, options included.
-    pub question: String,
-    /// The base seed of this item's samples.
-    pub seed: u64,
-}
-
-/// FNV-1a, a stable hash so that an item's seed depends on its id, not on its position.
-fn stable_hash(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// Orders `item`'s options (shuffled when `shuffle`) and writes the question with them as
-/// `Question: …\nOptions:\nA. …` lines, DeepEyes' layout.
-pub fn prepare_item(item: Item, seed: u64, shuffle: bool) -> PreparedItem {
-    let item_seed = Rng::derive_seed(seed, &[stable_hash(&item.id)]);
-    let mut order: Vec<usize> = (0..item.options.len()).collect();
-    if shuffle {
-        Rng::new(Rng::derive_seed(item_seed, &[0])).shuffle(&mut order);
-    }
-    let correct_letter = item
-        .correct_option
-        .and_then(|c| order.iter().position(|&o| o == c))
-        .and_then(option_letter);
-    let mut question = if item.options.is_empty() {
-        item.question.clone()
-    } else {
-        format!("Question: {}\nOptions:", item.question)
-    };
-    for (k, &o) in order.iter().enumerate() {
-        if let Some(letter) = option_letter(k) {
-            question.push_str(&format!("\n{letter}. {}", item.options[o]));
-        }
-    }
-    PreparedItem {
-        item,
-        order,
-        correct_letter,
-        question,
-        seed: Rng::derive_seed(item_seed, &[1]),
-    }
-}
-
-/// How an answer was scored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScoredBy {
-    /// A rule decided.
-    Rule,
-    /// The judge decided.
-    Judge,
-    /// The rules could not decide and no judge was configured: counted wrong, and reported.
-    Undecided,
-    /// The judge failed: counted wrong, and reported with its error.
-    JudgeFailed,
-    /// The model gave no answer at all.
-    NoAnswer,
-}
-
-/// The verdict on one answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Scored {
-    /// Whether it counts as correct.
-    pub correct: bool,
-    /// Who decided.
-    pub by: ScoredBy,
-    /// The judge's raw reply or error, when the judge was asked.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub judge_reply: Option<String>,
-}
-
-/// The text inside the last `\boxed{…}`, if any (balanced braces).
-fn boxed(text: &str) -> Option<&str> {
-    let start = text.rfind("\\boxed{")? + "\\boxed{".len();
-    let mut depth = 1usize;
-    for (i, c) in text[start..].char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&text[start..start + i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
-/// Scores `prediction` for `prepared`: rules first, then `judge` when they cannot decide.
-pub fn score_answer(
-    prediction: Option<&str>,
-    prepared: &PreparedItem,
-    judge: Option<&dyn Verifier>,
-) -> Scored {
-    let Some(prediction) = prediction.map(str::trim).filter(|p| !p.is_empty()) else {
-        return Scored {
-            correct: false,
-            by: ScoredBy::NoAnswer,
-            judge_reply: None,
-        };
-    };
-    let prediction = boxed(prediction).unwrap_or(prediction).trim();
-    let item = &prepared.item;
-    let shown: Vec<(char, String)> = prepared
-        .order
-        .iter()
-        .enumerate()
-        .filter_map(|(k, &o)| option_letter(k).map(|l| (l, item.options[o].clone())))
-        .collect();
-    let (verdict, reference) = match prepared.correct_letter {
-        Some(letter) => (
-            rules::choice(prediction, &letter.to_string(), &shown),
-            format!("{letter}. {}", item.answer),
-        ),
-        None => {
-            let exact = rules::normalize_text(prediction) == rules::normalize_text(&item.answer);
-            let verdict = if exact {
-                Verdict::Match
-            } else {
-                rules::yes_no(prediction, &item.answer)
-            };
-            (verdict, item.answer.clone())
-        }
-    };
-    if let Some(accuracy) = verdict.accuracy() {
-        return Scored {
-            correct: accuracy > 0.5,
-            by: ScoredBy::Rule,
-            judge_reply: None,
-        };
-    }
-    let Some(judge) = judge else {
-        return Scored {
-            correct: false,
-            by: ScoredBy::Undecided,
-            judge_reply: None,
-        };
-    };
-    let request = JudgeRequest {
-        prompt: "visual",
-        question: &prepared.question,
-        reference: &reference,
-        prediction,
-    };
-    match judge.verify(&request) {
-        Ok(v) => Scored {
-            correct: v.correct,
-            by: ScoredBy::Judge,
-            judge_reply: Some(v.raw_reply),
-        },
-        Err(e) => {
-            tracing::warn!(item = %item.id, error = %e, "the judge failed; the answer counts as wrong");
-            Scored {
-                correct: false,
-                by: ScoredBy::JudgeFailed,
-                judge_reply: Some(e.to_string()),
-            }
-        }
-    }
-}
-
 /// One tool call as the trace records it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CallRecord {
@@ -319,11 +138,10 @@ pub struct CallRecord {
     pub raw: String,
     /// The tool name, when the call parsed.
     pub tool: Option<String>,
-    /// The box the model gave, in the tool's frame.
-    pub bbox: Option<[f64; 4]>,
-    /// The region cropped, in original pixels `[left, top, right, bottom]`.
-    pub crop: Option<[f64; 4]>,
-    /// IoU of the cropped region with the item's ground-truth box.
+    /// The region of the input image the model was shown, in original pixels, as the tool
+    /// reported it.
+    pub crop: Option<CropRect>,
+    /// IoU of that region with the item's best-matching ground-truth box on that image.
     pub iou: Option<f64>,
     /// What happened.
     pub outcome: ToolOutcome,
@@ -343,7 +161,7 @@ pub struct SampleRecord {
     /// What was scored: the answer, or the last turn when there was none (as DeepEyes does).
     pub prediction: Option<String>,
     /// The verdict.
-    pub verdict: Scored,
+    pub verdict: Grade,
     /// Why the episode ended.
     pub stop: StopReason,
     /// Tokens the model generated.
@@ -378,9 +196,7 @@ pub struct ItemRecord {
 /// Runs the agent on items and scores them.
 pub struct Evaluator<'a> {
     agent: Agent<'a>,
-    zoom: ZoomInTool,
-    preprocess: PreprocessConfig,
-    judge: Option<&'a dyn Verifier>,
+    grader: &'a dyn AnswerGrader,
     config: EvalConfig,
     limits: ImageLimits,
 }
@@ -389,31 +205,25 @@ impl std::fmt::Debug for Evaluator<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Evaluator")
             .field("config", &self.config)
-            .field("judge", &self.judge.map(|j| j.describe()))
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl<'a> Evaluator<'a> {
-    /// An evaluator of `model` with `tools`. `zoom` must be the zoom tool's settings (its
-    /// coordinate frame maps boxes back to original pixels for IoU).
+    /// An evaluator of `model` with `tools`, grading answers with `grader` (the training
+    /// reward's accuracy term, so that "correct" means the same in both).
     pub fn new(
         model: &'a dyn VisionLanguageModel,
         tools: Vec<Arc<dyn Tool>>,
-        zoom: &ZoomInConfig,
         templates: PromptTemplates,
         config: EvalConfig,
-        judge: Option<&'a dyn Verifier>,
+        grader: &'a dyn AnswerGrader,
     ) -> EvalResult<Self> {
         config.validate()?;
-        let zoom = ZoomInTool::new(zoom).map_err(|e| EvalError::Config(e.to_string()))?;
-        let preprocess = model.preprocess_config();
         let agent = Agent::new(model, tools, templates, config.agent.clone())?;
         Ok(Self {
             agent,
-            zoom,
-            preprocess,
-            judge,
+            grader,
             config,
             limits: ImageLimits::default(),
         })
@@ -476,7 +286,7 @@ impl<'a> Evaluator<'a> {
         let samples: Vec<SampleRecord> = group
             .iter()
             .enumerate()
-            .map(|(s, traj)| self.sample_record(p, task, s, traj))
+            .map(|(s, traj)| self.sample_record(p, s, traj))
             .collect();
         let correct = samples.iter().filter(|s| s.verdict.correct).count();
         ItemRecord {
@@ -493,34 +303,19 @@ impl<'a> Evaluator<'a> {
         }
     }
 
-    fn sample_record(
-        &self,
-        p: &PreparedItem,
-        task: &Task,
-        sample: usize,
-        traj: &Trajectory,
-    ) -> SampleRecord {
+    fn sample_record(&self, p: &PreparedItem, sample: usize, traj: &Trajectory) -> SampleRecord {
+        let boxes = p.item.first_image_boxes();
         let calls = traj
             .tool_calls
             .iter()
             .map(|c| {
-                let tool = c.call.as_ref().map(|call| call.name.clone());
-                let bbox = c
-                    .call
-                    .as_ref()
-                    .filter(|call| call.name == ZOOM_TOOL)
-                    .and_then(|call| parse_bbox(&call.arguments).ok());
-                let crop = bbox
-                    .filter(|_| c.outcome.returned_image())
-                    .and_then(|b| self.crop_of(b, task));
-                let iou = crop.and_then(|r| best_iou(r, &p.item.boxes));
+                let crop = c.outcome.shown_region();
                 CallRecord {
                     turn: c.turn,
                     raw: c.raw.clone(),
-                    tool,
-                    bbox,
+                    tool: c.call.as_ref().map(|call| call.name.clone()),
                     crop,
-                    iou,
+                    iou: crop.and_then(|r| r.best_iou(&boxes)),
                     outcome: c.outcome.clone(),
                 }
             })
@@ -536,7 +331,15 @@ impl<'a> Evaluator<'a> {
                 .map(|t| t.trim().to_string())
                 .filter(|t| !t.is_empty())
         });
-        let verdict = score_answer(prediction.as_deref(), p, self.judge);
+        let verdict = match prediction.as_deref() {
+            None => Grade::no_answer(),
+            Some(prediction) => self.grader.grade(&GradeInput {
+                data_source: &p.item.data_source,
+                question: &p.question,
+                ground_truth: &p.ground_truth(),
+                prediction,
+            }),
+        };
         SampleRecord {
             sample,
             turns,
@@ -548,31 +351,6 @@ impl<'a> Evaluator<'a> {
             generated_tokens: traj.generated_count(),
         }
     }
-
-    /// The region of the first image a zoom box selects, in original pixels.
-    fn crop_of(&self, bbox: [f64; 4], task: &Task) -> Option<[f64; 4]> {
-        let image = task.images.first()?;
-        let resolved = self
-            .zoom
-            .resolve(bbox, image.width(), image.height(), &self.preprocess)
-            .ok()?;
-        let r = resolved.rect;
-        Some([
-            f64::from(r.x),
-            f64::from(r.y),
-            r.right() as f64,
-            r.bottom() as f64,
-        ])
-    }
-}
-
-/// The best IoU of `crop` with the boxes on the first image.
-fn best_iou(crop: [f64; 4], boxes: &[GroundTruthBox]) -> Option<f64> {
-    boxes
-        .iter()
-        .filter(|b| b.image == 0)
-        .map(|b| iou(crop, b.bbox))
-        .reduce(f64::max)
 }
 
 /// Scores of one category (or of everything).
@@ -616,7 +394,7 @@ pub struct EvalSummary {
     /// Scores per category.
     pub categories: BTreeMap<String, CategoryScore>,
     /// Answers per way of scoring.
-    pub scored_by: BTreeMap<ScoredBy, usize>,
+    pub scored_by: BTreeMap<GradedBy, usize>,
     /// Tool use.
     pub tools: ToolStats,
     /// Answers per stop reason.
@@ -902,94 +680,6 @@ pub fn run_eval(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deepeyes_core::dataset::Position;
-
-    fn mc_item(id: &str) -> Item {
-        Item {
-            id: id.into(),
-            data_source: "vstar".into(),
-            question: "What is the colour of the cup?".into(),
-            options: vec!["red".into(), "blue".into(), "green".into(), "white".into()],
-            correct_option: Some(0),
-            answer: "red".into(),
-            images: vec![],
-            boxes: vec![],
-            category: Some("direct_attributes".into()),
-            prompt: vec![],
-            extra: serde_json::Map::new(),
-            position: Position::file("x"),
-        }
-    }
-
-    #[test]
-    fn shuffling_is_seeded_by_id_and_tracks_the_answer() {
-        let a = prepare_item(mc_item("one"), 7, true);
-        let again = prepare_item(mc_item("one"), 7, true);
-        assert_eq!(a.order, again.order);
-        let letter = a.correct_letter.unwrap();
-        let shown = a.order[(letter as u8 - b'A') as usize];
-        assert_eq!(shown, 0, "the correct letter points at the stored answer");
-        assert!(a.question.contains(&format!("{letter}. red")));
-        // Across ids the answer lands on different letters.
-        let letters: HashSet<char> = (0..40)
-            .map(|i| {
-                prepare_item(mc_item(&format!("id{i}")), 7, true)
-                    .correct_letter
-                    .unwrap()
-            })
-            .collect();
-        assert!(letters.len() >= 3, "{letters:?}");
-        let fixed = prepare_item(mc_item("one"), 7, false);
-        assert_eq!(fixed.order, vec![0, 1, 2, 3]);
-        assert_eq!(fixed.correct_letter, Some('A'));
-        assert!(fixed.question.starts_with("Question: What is"));
-    }
-
-    #[test]
-    fn rules_score_letters_texts_and_boxed_answers() {
-        let p = prepare_item(mc_item("x"), 0, false);
-        let score = |s: &str| score_answer(Some(s), &p, None);
-        assert!(score("A").correct);
-        assert!(score("A. red").correct);
-        assert!(score("red").correct);
-        assert!(score("\\boxed{A}").correct);
-        assert!(!score("B").correct);
-        assert_eq!(score("B").by, ScoredBy::Rule);
-        let unsure = score("it looks reddish to me");
-        assert!(!unsure.correct);
-        assert_eq!(unsure.by, ScoredBy::Undecided);
-        assert_eq!(score_answer(None, &p, None).by, ScoredBy::NoAnswer);
-    }
-
-    #[test]
-    fn the_judge_decides_what_rules_cannot_and_its_failure_is_recorded() {
-        use deepeyes_reward::judge::{JudgeError, JudgeVerdict};
-        let p = prepare_item(mc_item("x"), 0, false);
-        let yes = |r: &JudgeRequest<'_>| -> Result<JudgeVerdict, JudgeError> {
-            assert_eq!(r.reference, "A. red");
-            Ok(JudgeVerdict::fresh(true, "Judgement: 1"))
-        };
-        let s = score_answer(Some("reddish"), &p, Some(&yes));
-        assert!(s.correct);
-        assert_eq!(s.by, ScoredBy::Judge);
-        // Rules come first: a wrong letter never reaches the judge.
-        assert!(!score_answer(Some("C"), &p, Some(&yes)).correct);
-        let down = |_: &JudgeRequest<'_>| -> Result<JudgeVerdict, JudgeError> {
-            Err(JudgeError::Other("connection refused".into()))
-        };
-        let s = score_answer(Some("reddish"), &p, Some(&down));
-        assert_eq!(s.by, ScoredBy::JudgeFailed);
-        assert!(s.judge_reply.unwrap().contains("connection refused"));
-    }
-
-    #[test]
-    fn iou_of_boxes() {
-        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 1.0);
-        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]), 0.0);
-        let v = iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]);
-        assert!((v - 1.0 / 3.0).abs() < 1e-12);
-        assert_eq!(iou([0.0; 4], [0.0; 4]), 0.0);
-    }
 
     fn record(category: &str, score: f64) -> ItemRecord {
         ItemRecord {

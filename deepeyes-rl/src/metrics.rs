@@ -20,8 +20,6 @@ use crate::grpo::{LossStats, group_stats};
 pub const ACCURACY_TERM: &str = "accuracy";
 /// Name of the reward term holding the format score (negative on a format error).
 pub const FORMAT_TERM: &str = "format";
-/// The tool-call argument holding a zoom box `[x1, y1, x2, y2]`.
-pub const BBOX_ARGUMENT: &str = "bbox_2d";
 
 /// One scored trajectory of a step, as the metrics see it.
 #[derive(Debug, Clone, Copy)]
@@ -32,8 +30,9 @@ pub struct ScoredTrajectory<'a> {
     pub reward: &'a RewardBreakdown,
     /// Its prompt group.
     pub group: usize,
-    /// Ground-truth boxes `[x1, y1, x2, y2]` of the item in the original image's pixels, if the
-    /// data carries them (for grounding IoU); empty otherwise.
+    /// Ground-truth boxes `[x1, y1, x2, y2]` on the item's first image, in its original pixels
+    /// ([`deepeyes_core::dataset::Item::first_image_boxes`]), for grounding IoU; empty when the
+    /// data carries none.
     pub gt_boxes: &'a [[f64; 4]],
 }
 
@@ -70,8 +69,9 @@ pub struct RolloutMetrics {
     /// Share of tool calls that returned an image to the model, when there were calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_crop_rate: Option<f64>,
-    /// Mean IoU of zoom boxes with the best-matching ground-truth box, over calls with a box in
-    /// items that carry boxes.
+    /// Mean IoU of the regions the model was shown by its tool calls (as the tools reported
+    /// them, in original pixels) with the best-matching ground-truth box on that image, over
+    /// such calls in items that carry boxes: what `deepeyes eval` reports per call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grounding_iou: Option<f64>,
     /// Mean model-generated tokens per trajectory.
@@ -194,33 +194,6 @@ fn mean(xs: impl IntoIterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| sum / n as f64)
 }
 
-/// The box of a zoom call, if its arguments carry four numbers under `bbox_2d`.
-pub fn call_box(arguments: &serde_json::Value) -> Option<[f64; 4]> {
-    let arr = arguments.get(BBOX_ARGUMENT)?.as_array()?;
-    if arr.len() != 4 {
-        return None;
-    }
-    let mut b = [0.0; 4];
-    for (slot, v) in b.iter_mut().zip(arr) {
-        *slot = v.as_f64().filter(|x| x.is_finite())?;
-    }
-    Some(b)
-}
-
-/// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 when either is empty or inverted.
-pub fn iou(a: [f64; 4], b: [f64; 4]) -> f64 {
-    let area = |r: [f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let inter = [
-        a[0].max(b[0]),
-        a[1].max(b[1]),
-        a[2].min(b[2]),
-        a[3].min(b[3]),
-    ];
-    let i = area(inter);
-    let u = area(a) + area(b) - i;
-    if u > 0.0 { i / u } else { 0.0 }
-}
-
 /// Computes the rollout metrics of a step. Errors on an empty batch or a non-finite reward
 /// (naming the trajectory).
 pub fn rollout_metrics(batch: &[ScoredTrajectory<'_>]) -> Result<RolloutMetrics> {
@@ -269,13 +242,11 @@ pub fn rollout_metrics(batch: &[ScoredTrajectory<'_>]) -> Result<RolloutMetrics>
         .sum();
     let ious: Vec<f64> = batch
         .iter()
-        .filter(|s| !s.gt_boxes.is_empty())
         .flat_map(|s| {
             s.trajectory
                 .tool_calls
                 .iter()
-                .filter_map(|c| c.call.as_ref().and_then(|c| call_box(&c.arguments)))
-                .map(|b| s.gt_boxes.iter().map(|&g| iou(b, g)).fold(0.0, f64::max))
+                .filter_map(|c| c.outcome.shown_region()?.best_iou(s.gt_boxes))
         })
         .collect();
     let generated: Vec<usize> = batch
@@ -554,20 +525,6 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn iou_basics() {
-        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 1.0);
-        assert!((iou([0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0]) - 1.0 / 3.0).abs() < 1e-12);
-        assert_eq!(iou([0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]), 0.0);
-        assert_eq!(iou([10.0, 0.0, 0.0, 10.0], [0.0, 0.0, 10.0, 10.0]), 0.0);
-        assert_eq!(
-            call_box(&serde_json::json!({"bbox_2d": [1, 2, 3, 4.5]})),
-            Some([1.0, 2.0, 3.0, 4.5])
-        );
-        assert_eq!(call_box(&serde_json::json!({"bbox_2d": [1, 2, 3]})), None);
-        assert_eq!(call_box(&serde_json::json!({"bbox": [1, 2, 3, 4]})), None);
-    }
 
     #[test]
     fn collapse_fires_once_and_rearms() {

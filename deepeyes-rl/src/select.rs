@@ -12,9 +12,9 @@
 
 use std::collections::BTreeMap;
 
+use deepeyes_core::CropRect;
 use deepeyes_core::dataset::Item;
 use deepeyes_core::{Image, ImageLimits};
-use deepeyes_tools::CropRect;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{EvalResult, Evaluator, ItemRecord};
@@ -131,7 +131,7 @@ fn ground_truth_crop(item: &Item, image: &Image) -> Option<Image> {
         clamp(b.bbox[2], w),
         clamp(b.bbox[3], h),
     )?;
-    deepeyes_tools::crop(image, rect).ok()
+    image.crop(rect).ok()
 }
 
 /// Selects among `items` with `evaluator` (configured with `samples = k` and a sampling

@@ -8,9 +8,9 @@ mod model_common;
 
 use std::collections::BTreeSet;
 
-use deepeyes_rl::model::{
-    Batch, ComputeDevice, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, VisionInputs, rope_index,
-    to_host, vision_cu_seqlens, vision_position_ids, vision_window_index,
+use deepeyes_core::vision::{frame_seqlens, rope_index, vision_position_ids, window_index};
+use deepeyes_rl::network::{
+    Batch, ComputeDevice, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, VisionInputs, to_host,
 };
 use model_common::{Golden, max_abs_diff};
 
@@ -21,46 +21,36 @@ fn load(golden: &Golden) -> Qwen25Vl {
     Qwen25Vl::from_pretrained(golden.checkpoint(), &device).unwrap()
 }
 
+/// The workspace's one Qwen2.5-VL geometry (`deepeyes_core::vision`, which the burn engine
+/// calls) against the burn golden set's values from transformers.
 #[test]
-fn vision_and_rope_helpers_match_transformers() {
+fn vision_and_rope_geometry_match_transformers() {
     let g = Golden::load();
     let cfg = Qwen25VlConfig::from_hf_file(g.checkpoint().join("config.json")).unwrap();
-    let v = &cfg.vision;
-    let grids = g.grids();
+    let geo = cfg.vision.geometry().unwrap();
+    let grids: Vec<[u32; 3]> = g.grids().iter().map(|g| g.map(|d| d as u32)).collect();
 
-    let pos: Vec<i64> = vision_position_ids(&grids, v.spatial_merge_size)
+    let pos: Vec<i64> = vision_position_ids(&grids, &geo)
+        .unwrap()
         .into_iter()
         .flatten()
         .collect();
     assert_eq!(pos, g.get("vision_pos_ids").ints());
 
-    let (idx, cu) = vision_window_index(&grids, v.spatial_merge_size, v.window_size, v.patch_size);
-    let idx: Vec<i64> = idx.into_iter().map(|i| i as i64).collect();
-    assert_eq!(idx, g.get("window_index").ints());
-    let cu: Vec<i64> = cu.into_iter().map(|i| i as i64).collect();
-    assert_eq!(cu, g.get("cu_window_seqlens").ints());
+    let windows = window_index(&grids, &geo).unwrap();
+    assert_eq!(windows.window_index, g.get("window_index").ints());
+    assert_eq!(windows.cu_window_seqlens, g.get("cu_window_seqlens").ints());
     assert!(
-        cu.len() > 3,
+        windows.cu_window_seqlens.len() > 3,
         "the golden prompt should have several windows"
     );
-    let full: Vec<i64> = vision_cu_seqlens(&grids)
-        .into_iter()
-        .map(|i| i as i64)
-        .collect();
-    assert_eq!(full, g.get("cu_seqlens").ints());
+    assert_eq!(frame_seqlens(&grids), g.get("cu_seqlens").ints());
 
-    let rope = rope_index(
-        &g.input_ids(),
-        cfg.image_token_id,
-        &grids,
-        v.spatial_merge_size,
-    )
-    .unwrap();
-    let s = rope.positions.len();
+    let rope = rope_index(&g.input_ids(), cfg.image_token_id, &grids, &geo).unwrap();
+    let s = rope.positions[0].len();
     let want = g.get("position_ids").ints();
-    for axis in 0..3 {
-        let got: Vec<i64> = rope.positions.iter().map(|p| p[axis]).collect();
-        assert_eq!(got, want[axis * s..(axis + 1) * s], "mRoPE axis {axis}");
+    for (axis, got) in rope.positions.iter().enumerate() {
+        assert_eq!(got[..], want[axis * s..(axis + 1) * s], "mRoPE axis {axis}");
     }
     assert_eq!(rope.delta, g.get("rope_deltas").ints()[0]);
 }

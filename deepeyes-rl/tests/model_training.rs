@@ -8,7 +8,7 @@
 mod model_common;
 
 use burn::optim::{AdamWConfig, GradientsParams};
-use deepeyes_rl::model::{
+use deepeyes_rl::network::{
     Batch, ComputeDevice, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, param_grads, tensor2,
     to_host,
 };
@@ -140,7 +140,7 @@ fn adamw_steps_raise_the_weighted_log_likelihood() {
     let cfg = Qwen25VlConfig::tiny();
     let mut model = Qwen25Vl::random(&cfg, 11, &device).unwrap();
     let pd = cfg.vision.patch_dim();
-    let image = |grid: [usize; 3], seed: f32| deepeyes_rl::model::ImageInput {
+    let image = |grid: [usize; 3], seed: f32| deepeyes_rl::network::ImageInput {
         grid,
         patches: (0..grid.iter().product::<usize>() * pd)
             .map(|i| (i as f32 * 0.37 + seed).sin())

@@ -3,7 +3,7 @@
 //! proportions, and the saved checkpoint loads back into the engine with its tokenizer and
 //! prompt templates.
 
-use deepeyes_rl::model::{ComputeDevice, Qwen25Vl};
+use deepeyes_rl::network::{ComputeDevice, Qwen25Vl};
 use deepeyes_rl::tinyeyes::{BaseStage, BaseStageConfig, TinyEyesFormat, init_checkpoint};
 
 #[test]

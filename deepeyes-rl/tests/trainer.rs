@@ -8,10 +8,11 @@ use std::path::PathBuf;
 
 use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions};
 use deepeyes_core::{RewardBreakdown, RewardInput, RewardTerm};
-use deepeyes_reward::{Bounds, Registry};
+use deepeyes_reward::{Bounds, PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
-use deepeyes_rl::model::{Batch, PadLayout, Sequence, to_host};
+use deepeyes_rl::network::{Batch, PadLayout, Sequence, to_host};
 use deepeyes_rl::trainer::Trainer;
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -92,6 +93,23 @@ name = "low_token_share"
     TrainConfig::from_toml_str(&text, "test config").unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A trainer for `config`, wired as the CLI wires it: the tools of its `[tools]` table and the
+/// pipeline of its `[reward]` table, with custom reward functions from `rewards`.
+fn trainer(config: TrainConfig, rewards: &Registry) -> Trainer {
+    let tools = ToolsConfig::from_table(&config.tools, "[tools]").unwrap();
+    let tools = ToolRegistry::from_config(&tools).unwrap().tools();
+    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
+        .unwrap()
+        .build(rewards)
+        .unwrap();
+    Trainer::new(config, tools, std::sync::Arc::new(reward))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_onnx_options(OnnxOptions {
+            threads: 1,
+            ..OnnxOptions::default()
+        })
+}
+
 // The reward curve and the parity figure are printed for whoever reads the test log.
 #[allow(clippy::print_stderr)]
 #[test]
@@ -102,12 +120,7 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     rewards
         .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
         .unwrap();
-    let mut trainer = Trainer::new(config(&out, 8, ""), &rewards)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_onnx_options(OnnxOptions {
-            threads: 1,
-            ..OnnxOptions::default()
-        });
+    let mut trainer = trainer(config(&out, 8, ""), &rewards);
     let mut means = Vec::new();
     for _ in 0..8 {
         let m = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
@@ -203,12 +216,7 @@ fn kl_entropy_and_dynamic_sampling_enter_the_update() {
         )
         .unwrap();
     let extra = "kl-coef = 0.1\nentropy-coef = 0.01\n[grpo.dynamic-sampling]\nenabled = true\nmax-rounds = 4";
-    let mut trainer = Trainer::new(config(&dir.path().join("run"), 2, extra), &rewards)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .with_onnx_options(OnnxOptions {
-            threads: 1,
-            ..OnnxOptions::default()
-        });
+    let mut trainer = trainer(config(&dir.path().join("run"), 2, extra), &rewards);
     let first = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
     let second = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
     for m in [&first, &second] {

@@ -180,68 +180,7 @@ impl ZoomLimits {
     }
 }
 
-/// An integer pixel rectangle inside an image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct CropRect {
-    /// Left edge (inclusive).
-    pub x: u32,
-    /// Top edge (inclusive).
-    pub y: u32,
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-}
-
-impl CropRect {
-    /// A rectangle from its edges `[left, top, right, bottom)`; `None` when empty or inverted.
-    pub fn from_edges(left: u32, top: u32, right: u32, bottom: u32) -> Option<Self> {
-        (left < right && top < bottom).then(|| Self {
-            x: left,
-            y: top,
-            width: right - left,
-            height: bottom - top,
-        })
-    }
-
-    /// The whole of a `width × height` image.
-    pub fn full(width: u32, height: u32) -> Self {
-        Self {
-            x: 0,
-            y: 0,
-            width,
-            height,
-        }
-    }
-
-    /// Right edge (exclusive).
-    pub fn right(&self) -> u64 {
-        u64::from(self.x) + u64::from(self.width)
-    }
-
-    /// Bottom edge (exclusive).
-    pub fn bottom(&self) -> u64 {
-        u64::from(self.y) + u64::from(self.height)
-    }
-
-    /// Whether the rectangle is non-empty and lies inside a `width × height` image.
-    pub fn fits(&self, width: u32, height: u32) -> bool {
-        self.width > 0
-            && self.height > 0
-            && self.right() <= u64::from(width)
-            && self.bottom() <= u64::from(height)
-    }
-}
-
-impl fmt::Display for CropRect {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}×{} at ({}, {})",
-            self.width, self.height, self.x, self.y
-        )
-    }
-}
+pub use deepeyes_core::image::CropRect;
 
 /// A validated zoom-in box.
 #[derive(Debug, Clone, Copy, PartialEq)]

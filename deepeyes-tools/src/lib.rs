@@ -42,6 +42,6 @@ pub use error::{Error, Result};
 pub use geometry::{CoordinateFrame, CropRect, ZoomLimits};
 pub use plugin::{DynTool, LoadedPlugin, PluginError, PluginLimits};
 pub use registry::{PluginConfig, ToolInfo, ToolOrigin, ToolRegistry, ToolsConfig};
-pub use resize::{Filter, crop, crop_resize, crop_to_model_input, resize};
+pub use resize::{Filter, crop_resize, crop_to_model_input, resize};
 pub use rotate::{RotateConfig, RotateTool, rotate_ccw};
 pub use zoom::{ZoomInConfig, ZoomInTool};

@@ -670,7 +670,12 @@ impl DynTool {
                 .map_err(|e| format!("{name} returned an unusable image: {e}"))?;
             images.push(image);
         }
-        Ok(ToolOutput { text, images })
+        // Plugins do not report a region: the C ABI carries none.
+        Ok(ToolOutput {
+            text,
+            images,
+            region: None,
+        })
     }
 }
 

@@ -99,6 +99,14 @@ impl ToolsConfig {
         toml::from_str(text).map_err(|e| Error::config(origin, e))
     }
 
+    /// Reads a config from a TOML table embedded in another file (the training config's
+    /// `[tools]`); `origin` names it in errors.
+    pub fn from_table(table: &toml::Table, origin: &str) -> Result<Self> {
+        toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e| Error::config(origin, e))
+    }
+
     /// Reads a TOML config file; relative plugin paths are resolved against its directory.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();

@@ -88,24 +88,6 @@ fn band_rows(width: u32, scale_y: f64) -> u32 {
     ((BAND_BYTES / intermediate_row) as u32).max(16)
 }
 
-/// Copies the pixels of `rect` out of `image` (only those rows and columns are touched).
-pub fn crop(image: &Image, rect: CropRect) -> Result<Image> {
-    check_rect("crop", image, rect)?;
-    if rect == CropRect::full(image.width(), image.height()) {
-        return Ok(image.clone());
-    }
-    let src = image.as_raw();
-    let stride = image.width() as usize * 3;
-    let row_len = rect.width as usize * 3;
-    let mut out = Vec::with_capacity(row_len * rect.height as usize);
-    let first = rect.y as usize * stride + rect.x as usize * 3;
-    for row in 0..rect.height as usize {
-        let start = first + row * stride;
-        out.extend_from_slice(&src[start..start + row_len]);
-    }
-    Ok(Image::from_raw(rect.width, rect.height, out)?)
-}
-
 /// Output images smaller than this many pixels are resized on the calling thread only: below it,
 /// starting a second thread costs more than it saves.
 const PARALLEL_MIN_PIXELS: u64 = 1 << 18;
@@ -145,7 +127,7 @@ pub fn crop_resize_threads(
     check_rect("crop-resize", image, rect)?;
     check_output("crop-resize", width, height)?;
     if (rect.width, rect.height) == (width, height) {
-        return crop(image, rect);
+        return Ok(image.crop(rect)?);
     }
     let src = fir::images::ImageRef::new(
         image.width(),
@@ -278,7 +260,7 @@ mod tests {
     fn crop_copies_exactly_the_rectangle() {
         let img = pattern(50, 40);
         let rect = CropRect::from_edges(3, 5, 20, 31).unwrap();
-        let out = crop(&img, rect).unwrap();
+        let out = img.crop(rect).unwrap();
         assert_eq!((out.width(), out.height()), (17, 26));
         for y in 0..26 {
             for x in 0..17 {
@@ -290,7 +272,9 @@ mod tests {
     #[test]
     fn crop_rejects_rectangles_outside() {
         let img = pattern(10, 10);
-        let err = crop(&img, CropRect::from_edges(5, 5, 11, 8).unwrap()).unwrap_err();
+        let err = img
+            .crop(CropRect::from_edges(5, 5, 11, 8).unwrap())
+            .unwrap_err();
         assert!(err.to_string().contains("10×10"), "{err}");
         let empty = CropRect {
             x: 0,
@@ -298,7 +282,7 @@ mod tests {
             width: 0,
             height: 3,
         };
-        assert!(crop(&img, empty).is_err());
+        assert!(img.crop(empty).is_err());
     }
 
     #[test]
@@ -324,7 +308,7 @@ mod tests {
         let img = pattern(120, 90);
         let rect = CropRect::from_edges(10, 20, 90, 80).unwrap();
         let fused = crop_resize(&img, rect, 40, 30, Filter::CatmullRom).unwrap();
-        let cropped = crop(&img, rect).unwrap();
+        let cropped = img.crop(rect).unwrap();
         let two_step = resize(&cropped, 40, 30, Filter::CatmullRom).unwrap();
         assert_eq!((fused.width(), fused.height()), (40, 30));
         // The fused pass may read pixels just outside the crop for its filter support; away from

@@ -11,8 +11,9 @@ use deepeyes_core::{Image, PreprocessConfig, Tool, ToolContext, ToolError, ToolO
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::geometry::{CoordinateFrame, ResolvedBox, ZoomLimits, parse_bbox, resolve_bbox};
-use crate::resize::crop;
+use crate::geometry::{
+    CoordinateFrame, CropRect, ResolvedBox, ZoomLimits, parse_bbox, resolve_bbox,
+};
 
 /// The name the model calls the zoom-in tool by.
 pub const ZOOM_IN_TOOL_NAME: &str = "image_zoom_in_tool";
@@ -106,15 +107,21 @@ impl ZoomInTool {
             .map_err(ToolError::new)
     }
 
-    /// Crops `image` at `bbox` (in this tool's frame).
+    /// Crops `image` at `bbox` (in this tool's frame): the crop, and the region of `image` it
+    /// shows.
     pub fn zoom(
         &self,
         image: &Image,
         bbox: [f64; 4],
         preprocess: &PreprocessConfig,
-    ) -> std::result::Result<Image, ToolError> {
-        let resolved = self.resolve(bbox, image.width(), image.height(), preprocess)?;
-        crop(image, resolved.rect).map_err(|e| ToolError::new(format!("cropping failed: {e}")))
+    ) -> std::result::Result<(Image, CropRect), ToolError> {
+        let region = self
+            .resolve(bbox, image.width(), image.height(), preprocess)?
+            .rect;
+        let crop = image
+            .crop(region)
+            .map_err(|e| ToolError::new(format!("cropping failed: {e}")))?;
+        Ok((crop, region))
     }
 }
 
@@ -165,15 +172,14 @@ impl Tool for ZoomInTool {
             .original_images
             .first()
             .ok_or_else(|| ToolError::new("there is no input image to zoom into"))?;
-        let crop = self.zoom(image, bbox, ctx.preprocess)?;
-        Ok(ToolOutput::image(crop))
+        let (crop, region) = self.zoom(image, bbox, ctx.preprocess)?;
+        Ok(ToolOutput::image(crop).with_region(region))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geometry::CropRect;
     use proptest::prelude::*;
     use serde_json::json;
 

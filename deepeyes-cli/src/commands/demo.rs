@@ -13,12 +13,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use deepeyes_core::dataset::DatasetKind;
+use deepeyes_core::dataset::prepare_item;
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
 use deepeyes_core::trajectory::ToolOutcome;
 use deepeyes_core::{Agent, Image, ImageLimits, Task};
 use deepeyes_reward::{PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
-use deepeyes_rl::eval::{EvalSummary, prepare_item};
+use deepeyes_rl::eval::EvalSummary;
 use deepeyes_rl::metrics::ToolCollapseDetector;
 use deepeyes_rl::trainer::Trainer;
 use serde_json::json;
@@ -305,7 +306,8 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     // answer they cannot match is wrong. No judge server is needed.
     let mut rewards = rewards;
     rewards.judge = None;
-    let pipeline = rewards.build(&Registry::new())?;
+    let reward = std::sync::Arc::new(rewards.build(&Registry::new())?);
+    let tools = super::train::config_tools(&config)?;
     let collapse = ToolCollapseDetector::new(
         config.metrics.tool_collapse_threshold,
         config.metrics.tool_collapse_steps,
@@ -322,7 +324,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "DeepEyes (accuracy + format + tool bonus)"
         }
     )?;
-    let mut trainer = Trainer::with_pipeline(config, pipeline)
+    let mut trainer = Trainer::new(config, tools, reward)
         .context("setting up training")?
         .with_onnx_options(OnnxOptions {
             threads: 1,

@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
@@ -79,7 +80,7 @@ pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 /// Runs the evaluation (with a progress bar) and returns its summary.
 pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
     let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (tools_config, registry) = super::load_tools(args.tools_config.as_deref())?;
+    let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
     let judge = match &args.judge {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -93,7 +94,7 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
                     judge.config().base_url
                 )
             })?;
-            Some(judge)
+            Some(Arc::new(judge))
         }
         None => None,
     };
@@ -115,16 +116,9 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
     };
     let model = OnnxModel::load(&args.model, &options)
         .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
-    let verifier = judge.as_ref().map(|j| j as &dyn Verifier);
-    let evaluator = Evaluator::new(
-        &model,
-        registry.tools(),
-        &tools_config.zoom_in,
-        templates,
-        config.clone(),
-        verifier,
-    )
-    .context("setting up the evaluation")?;
+    let grader = super::answer_grader(judge.clone().map(|j| j as Arc<dyn Verifier>));
+    let evaluator = Evaluator::new(&model, registry.tools(), templates, config.clone(), &grader)
+        .context("setting up the evaluation")?;
     let header = EvalHeader {
         bench: args.bench.to_string(),
         data: args.data.clone(),

@@ -2,10 +2,13 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use deepeyes_core::agent::BundleAgentDefaults;
 use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
+use deepeyes_reward::judge::{FailurePolicy, Verifier};
+use deepeyes_reward::{Accuracy, JudgeHandle, VisualConfig};
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 use crate::cli::Command;
@@ -71,6 +74,14 @@ pub(crate) fn load_tools(path: Option<&Path>) -> anyhow::Result<(ToolsConfig, To
     };
     let registry = ToolRegistry::from_config(&config).context("setting up the tools")?;
     Ok((config, registry))
+}
+
+/// Evaluation's notion of a correct answer: the accuracy term of DeepEyes' visual reward, the
+/// one training pays (its rules, then `judge` for what they cannot decide; a failing judge is
+/// recorded as such).
+pub(crate) fn answer_grader(judge: Option<Arc<dyn Verifier>>) -> Accuracy {
+    VisualConfig::default()
+        .accuracy(judge.map(|j| JudgeHandle::new(j, FailurePolicy::RuleFallback)))
 }
 
 /// The agent-loop limits of the commands that run a model (`run`, `eval`, `select`). Each one

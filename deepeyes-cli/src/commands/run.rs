@@ -251,7 +251,7 @@ pub(crate) fn render(trace: &Trace) -> String {
                 .as_ref()
                 .map_or(String::new(), |b| format!(" bbox {b}"));
             let result = match &c.outcome {
-                ToolOutcome::Ok { images, text } => {
+                ToolOutcome::Ok { images, text, .. } => {
                     let mut r = format!("ok, {images} image(s)");
                     if let Some(path) = &c.crop {
                         let _ = write!(r, ", saved to {path}");
@@ -430,7 +430,11 @@ mod tests {
                     name: "image_zoom_in_tool".into(),
                     arguments: serde_json::json!({"bbox_2d": [10, 20, 110, 100]}),
                 }),
-                outcome: ToolOutcome::Ok { images: 1, text: None },
+                outcome: ToolOutcome::Ok {
+                    images: 1,
+                    text: None,
+                    region: None,
+                },
             }],
             turns: vec![
                 TurnRecord {

@@ -55,7 +55,7 @@ pub(crate) struct SelectArgs {
 
 /// Runs the selection and prints the counts of each stage.
 pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
-    let (tools_config, registry) = super::load_tools(None)?;
+    let (_, registry) = super::load_tools(None)?;
     let agent = args.limits.agent_config(&args.model, args.temperature)?;
     let config = EvalConfig {
         samples: args.k,
@@ -88,13 +88,13 @@ pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         },
     )
     .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
+    let grader = super::answer_grader(None);
     let evaluator = Evaluator::new(
         &model,
         registry.tools(),
-        &tools_config.zoom_in,
         super::load_templates(None, Some(&args.model))?,
         config,
-        None,
+        &grader,
     )
     .context("setting up the selection")?;
     let lines: Vec<Option<u64>> = items.iter().map(|i| i.position.line).collect();

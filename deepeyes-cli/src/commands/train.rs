@@ -7,14 +7,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 use deepeyes_core::onnx::OnnxOptions;
-use deepeyes_reward::Registry;
+use deepeyes_core::{RewardFn, Tool};
+use deepeyes_reward::{PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
+use deepeyes_rl::config::RewardSource;
 use deepeyes_rl::metrics::{StepMetrics, ToolCollapseDetector};
-use deepeyes_rl::trainer::{Trainer, checkpoints, reward_config};
+use deepeyes_rl::trainer::{Trainer, checkpoints};
+use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Arguments of `deepeyes train`.
@@ -57,6 +61,24 @@ pub(crate) fn table_row(m: &StepMetrics) -> String {
 /// The live table's header.
 pub(crate) const TABLE_HEADER: &str = " step   reward    acc  calls  crops    iou  step s";
 
+/// The reward pipeline configuration the training config names: its inline `[reward]` table,
+/// its `reward-file`, or DeepEyes' shipped pipeline.
+pub(crate) fn reward_config(config: &TrainConfig) -> anyhow::Result<PipelineConfig> {
+    Ok(match config.reward_source() {
+        RewardSource::Inline(table) => PipelineConfig::from_table(table, "[reward]")?,
+        RewardSource::File(path) => PipelineConfig::from_toml_file(path)?,
+        RewardSource::Default => PipelineConfig::deepeyes()?,
+    })
+}
+
+/// The tools the training config's `[tools]` table enables (empty: the default tools).
+pub(crate) fn config_tools(config: &TrainConfig) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
+    let tools = ToolsConfig::from_table(&config.tools, "[tools]")?;
+    Ok(ToolRegistry::from_config(&tools)
+        .context("setting up the tools")?
+        .tools())
+}
+
 /// Trains and writes the final bundle.
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut config = TrainConfig::load(&args.config)
@@ -76,9 +98,12 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if args.no_judge {
         rewards.judge = None;
     }
-    let pipeline = rewards
-        .build(&Registry::new())
-        .context("building the reward pipeline")?;
+    let reward: Arc<dyn RewardFn> = Arc::new(
+        rewards
+            .build(&Registry::new())
+            .context("building the reward pipeline")?,
+    );
+    let tools = config_tools(&config)?;
     let trainer = if args.resume {
         let Some((step, dir)) = checkpoints(&checkpoint_root)
             .context("listing checkpoints")?
@@ -90,10 +115,10 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             );
         };
         tracing::info!(step, path = %dir.display(), "resuming");
-        Trainer::resume(config, pipeline, &dir)
+        Trainer::resume(config, tools, reward, &dir)
             .with_context(|| format!("resuming from {}", dir.display()))?
     } else {
-        Trainer::with_pipeline(config, pipeline).context("setting up training")?
+        Trainer::new(config, tools, reward).context("setting up training")?
     };
     let mut trainer = trainer.with_onnx_options(OnnxOptions {
         threads: args.threads,

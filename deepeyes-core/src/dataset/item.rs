@@ -307,6 +307,16 @@ impl Item {
         self.correct_option.and_then(option_letter)
     }
 
+    /// The ground-truth boxes on the first image, the one zoom tools crop from: what a reported
+    /// crop region is compared with.
+    pub fn first_image_boxes(&self) -> Vec<[f64; 4]> {
+        self.boxes
+            .iter()
+            .filter(|b| b.image == 0)
+            .map(|b| b.bbox)
+            .collect()
+    }
+
     /// Decodes every image under `limits`.
     pub fn decode_images(&self, limits: &ImageLimits) -> crate::Result<Vec<Image>> {
         self.images.iter().map(|img| img.decode(limits)).collect()

@@ -38,6 +38,7 @@ mod fields;
 mod hrbench;
 mod item;
 mod jsonl;
+mod prepared;
 mod report;
 mod text;
 #[cfg(feature = "parquet")]
@@ -57,6 +58,7 @@ pub use item::{
     GroundTruthBox, Item, ItemImage, Position, PromptMessage, letter_index, option_letter,
 };
 pub use jsonl::{JsonlReader, JsonlSchema};
+pub use prepared::{PreparedItem, prepare_item};
 pub use report::{BadRow, DatasetError, ReadError, SkipReason, Summary};
 #[cfg(feature = "parquet")]
 pub use verl::{VerlParquetReader, VerlParquetWriter, VerlRow, VerlWriterConfig};

@@ -10,8 +10,10 @@ use crate::model::{FinishReason, GenerateRequest, Generation, TokenCodec, Vision
 use crate::preprocess::PreprocessConfig;
 use crate::sampling::{Sampler, StopRule};
 
+use super::decode::LogitsOf;
 use super::error::OnnxResult;
-use super::model::{LogitsOf, OnnxModel, PreparedPrompt};
+use super::model::OnnxModel;
+use super::prompt::PreparedPrompt;
 
 /// One row being decoded.
 struct Active<'r> {

@@ -12,17 +12,21 @@
 
 mod batch;
 pub mod config;
+mod decode;
 mod error;
 mod generate;
 mod model;
+mod prompt;
+mod provider;
 pub mod runtime;
+mod vision_cache;
 pub mod weights;
 
 pub use config::BundleConfig;
+pub use decode::{DecodeState, LogitsOf};
 pub use error::{OnnxError, OnnxResult};
-pub use model::{
-    DecodeState, DeviceReport, LogitsOf, OnnxModel, OnnxOptions, PreparedPrompt, Provider,
-    probe_gpu,
-};
+pub use model::OnnxModel;
+pub use prompt::PreparedPrompt;
+pub use provider::{DeviceReport, OnnxOptions, Provider, probe_gpu};
 pub use runtime::{RuntimeInfo, runtime};
 pub use weights::{HostTensor, WeightMap, Weights};

@@ -480,6 +480,7 @@ fn the_trajectory_is_the_evidence_of_a_returned_crop_when_given() {
     let ok = trajectory(vec![ToolOutcome::Ok {
         images: 1,
         text: None,
+        region: None,
     }]);
     let failed = trajectory(vec![
         ToolOutcome::Error {
@@ -491,6 +492,7 @@ fn the_trajectory_is_the_evidence_of_a_returned_crop_when_given() {
         ToolOutcome::Ok {
             images: 0,
             text: Some("no image".into()),
+            region: None,
         },
     ]);
     let score = |response: &str, trajectory: Option<&Trajectory>| {

@@ -172,10 +172,12 @@ fn trajectory(outcomes: &[u8]) -> Trajectory {
                     0 => ToolOutcome::Ok {
                         images: 1,
                         text: None,
+                        region: None,
                     },
                     1 => ToolOutcome::Ok {
                         images: 0,
                         text: None,
+                        region: None,
                     },
                     2 => ToolOutcome::Error {
                         message: "bad bbox".into(),

@@ -17,7 +17,7 @@ use deepeyes_core::protocol::{
 use deepeyes_core::{PreprocessConfig, Rng};
 
 use super::tokenizer::{PROTOCOL_SPECIAL_TOKENS, ZOOM_CALL_HEAD, ZOOM_CALL_TAIL};
-use crate::model::{Qwen25VlConfig, TextConfig, VisionConfig};
+use crate::network::{Qwen25VlConfig, TextConfig, VisionConfig};
 use crate::synthv::{QUESTIONS, SynthVConfig};
 
 /// The side of TinyEyes' square view in pixels: every image becomes about 112×112.
@@ -112,7 +112,7 @@ impl TinyEyesFormat {
     }
 
     /// A multiple-choice question with its options lettered A, B, …, exactly as
-    /// `crate::eval::prepare_item` renders a SynthV* item for training and evaluation.
+    /// `deepeyes_core::dataset::prepare_item` renders a SynthV* item for training and evaluation.
     pub fn multiple_choice(stem: &str, options: &[&str]) -> String {
         let listed: Vec<String> = options
             .iter()

@@ -10,7 +10,7 @@ use serde_json::json;
 
 use super::format::{TinyEyesFormat, tinyeyes_model_config};
 use super::tokenizer::{PROTOCOL_SPECIAL_TOKENS, TokenizerTraining, train_tokenizer};
-use crate::model::{ComputeDevice, Qwen25VlConfig};
+use crate::network::{ComputeDevice, Qwen25VlConfig};
 use crate::synthv::SynthVConfig;
 use crate::trainer::{TrainError, TrainResult};
 
@@ -48,7 +48,7 @@ pub fn init_checkpoint(dir: &Path, seed: u64) -> TrainResult<Qwen25VlConfig> {
         })?;
     let config = tinyeyes_model_config(tokenizer.get_vocab_size(true));
     let device = ComputeDevice::Flex.device(false)?;
-    let model = crate::model::Qwen25Vl::random(&config, seed, &device)?;
+    let model = crate::network::Qwen25Vl::random(&config, seed, &device)?;
     model.save_pretrained(dir)?;
     // transformers fills missing token ids with Qwen's (151643…), outside this vocabulary; name
     // TinyEyes' own: <|endoftext|> (0) begins and pads, <|im_end|> (2) ends.
@@ -149,7 +149,7 @@ mod tests {
         assert_eq!(tok.token_id("<|image_pad|>"), Some(cfg.image_token_id));
         // The burn engine loads it back with the same architecture.
         let device = ComputeDevice::Flex.device(false).unwrap();
-        let model = crate::model::Qwen25Vl::from_pretrained(&a, &device).unwrap();
+        let model = crate::network::Qwen25Vl::from_pretrained(&a, &device).unwrap();
         let params: usize = model
             .params()
             .iter()

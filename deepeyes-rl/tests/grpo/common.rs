@@ -49,7 +49,8 @@ pub(crate) fn trajectory(
     }
 }
 
-/// A zoom call with `bbox_2d = bbox` that returned an image (`ok`) or failed.
+/// A zoom call with `bbox_2d = bbox` (original frame) that returned the crop of that region
+/// (`ok`) or failed.
 pub(crate) fn zoom_call(turn: usize, bbox: [f64; 4], ok: bool) -> ToolCallRecord {
     ToolCallRecord {
         turn,
@@ -62,6 +63,12 @@ pub(crate) fn zoom_call(turn: usize, bbox: [f64; 4], ok: bool) -> ToolCallRecord
             ToolOutcome::Ok {
                 images: 1,
                 text: None,
+                region: deepeyes_core::CropRect::from_edges(
+                    bbox[0] as u32,
+                    bbox[1] as u32,
+                    bbox[2] as u32,
+                    bbox[3] as u32,
+                ),
             }
         } else {
             ToolOutcome::Error {

@@ -26,8 +26,8 @@ fn visual(acc: f64, fmt: f64, tool: f64) -> RewardBreakdown {
 #[test]
 fn rollout_metrics_by_hand() {
     let gt = [[0.0, 0.0, 100.0, 100.0]];
-    // Group 0: a correct answer after one good zoom (IoU 0.25) and one failed zoom (IoU 0);
-    // a wrong answer with no tool.
+    // Group 0: a correct answer after one good zoom (IoU 0.25) and one failed zoom (no crop
+    // shown, so no IoU); a wrong answer with no tool.
     let t0 = trajectory(
         4,
         &[(5, 3), (5, 3), (6, 0)],
@@ -95,8 +95,9 @@ fn rollout_metrics_by_hand() {
     assert_eq!(m.reward_flags["judge_unavailable_rule_fallback"], 1);
     assert_eq!((m.tool_calls_mean, m.tool_calls_max), (0.75, 2));
     assert_eq!(m.valid_crop_rate, Some(2.0 / 3.0));
-    // IoUs: 0.25, 0, 1 (the last trajectory has no boxes and no calls).
-    assert!((m.grounding_iou.unwrap() - 1.25 / 3.0).abs() < 1e-12);
+    // IoUs of the regions shown: 0.25 and 1 (the failed call showed nothing; the last
+    // trajectory has no boxes and no calls).
+    assert!((m.grounding_iou.unwrap() - 0.625).abs() < 1e-12);
     assert_eq!(m.response_length_mean, (16 + 10 + 6 + 8) as f64 / 4.0);
     assert_eq!(m.response_length_max, 16);
     assert_eq!(m.response_tokens_mean, (22 + 10 + 8 + 8) as f64 / 4.0);

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use deepeyes_rl::model::{Grid, ImageInput, Sequence};
+use deepeyes_rl::network::{Grid, ImageInput, Sequence};
 use safetensors::SafeTensors;
 
 /// Repository root.

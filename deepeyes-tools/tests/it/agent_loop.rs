@@ -7,7 +7,7 @@ use deepeyes_core::{
     Agent, AgentConfig, FinishReason, GenerateRequest, Generation, PromptTemplates, StopReason,
     Task, TokenCodec, ToolOutcome, VisionLanguageModel,
 };
-use deepeyes_tools::{CropRect, PluginConfig, ToolRegistry, ToolsConfig, crop};
+use deepeyes_tools::{CropRect, PluginConfig, ToolRegistry, ToolsConfig};
 
 use crate::support::{pattern, plugin};
 
@@ -128,13 +128,16 @@ fn agent_uses_plugin_and_zoom_in() {
                 "Grid lines every 100 px over the 640×480 image: x = 100 to 600, y = 100 to 400."
                     .into()
             ),
+            region: None,
         }
     );
     assert_eq!(
         traj.tool_calls[1].outcome,
         ToolOutcome::Ok {
             images: 1,
-            text: None
+            text: None,
+            // The zoom tool reports the region it cut out, in original pixels.
+            region: CropRect::from_edges(200, 100, 400, 250),
         }
     );
     let ToolOutcome::Error { message } = &traj.tool_calls[2].outcome else {
@@ -147,7 +150,9 @@ fn agent_uses_plugin_and_zoom_in() {
 
     // Images: the input, the grid overlay, and a crop of the ORIGINAL (not of the overlay).
     assert_eq!(traj.image_sizes, [(640, 480), (640, 480), (200, 150)]);
-    let want = crop(&original, CropRect::from_edges(200, 100, 400, 250).unwrap()).unwrap();
+    let want = original
+        .crop(CropRect::from_edges(200, 100, 400, 250).unwrap())
+        .unwrap();
     assert_eq!(traj.images[2].image, want);
     assert_ne!(traj.images[1].image, original);
 

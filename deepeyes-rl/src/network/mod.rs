@@ -7,12 +7,13 @@
 //!   frozen ([`Qwen25Vl::freeze_vision`]).
 //! * [`Batch`] prepares token sequences and their images on the host: pad expansion, the
 //!   vision inputs ([`VisionInputs`]: patches, 2D positions, window permutation, window / full
-//!   attention masks), mRoPE positions ([`rope_index`]) and the causal / padding bias.
+//!   attention masks), mRoPE positions and the causal / padding bias. Every grid-dependent value
+//!   comes from [`deepeyes_core::vision`], the geometry the ONNX Runtime backend uses too.
 //! * [`Qwen25Vl::score_tokens`] returns per-token log-probs of the next token and the predictive
 //!   entropy, so a GRPO loss `(weights * logprobs).sum()` back-propagates into the model.
 //!
 //! ```no_run
-//! use deepeyes_rl::model::{Batch, ComputeDevice, PadLayout, Qwen25Vl, Sequence, tensor2};
+//! use deepeyes_rl::network::{Batch, ComputeDevice, PadLayout, Qwen25Vl, Sequence, tensor2};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let device = ComputeDevice::Flex.device(true)?;
@@ -31,6 +32,7 @@ mod config;
 mod error;
 mod init;
 mod layers;
+mod policy;
 mod qwen;
 mod text;
 mod vision;
@@ -41,16 +43,10 @@ use burn::tensor::Device;
 pub use batch::{Batch, ImageInput, PadLayout, Sequence};
 pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
-pub use layers::{Embedding, Linear, RmsNorm, SwiGlu};
+pub use policy::PolicyNetwork;
 pub use qwen::{Qwen25Vl, TokenScores, tensor2, to_host};
-pub use text::{
-    DecoderInputs, DecoderLayer, RopePositions, TextAttention, TextModel, causal_bias, rope_index,
-};
-pub use vision::{
-    Grid, MASKED, PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionInputs, VisionTower,
-    segment_bias, vision_cu_seqlens, vision_position_ids, vision_window_index,
-};
-pub use weights::{HostParam, ParamInfo, param_grads, param_infos, param_values};
+pub use vision::{Grid, VisionInputs};
+pub use weights::{HostParam, ParamInfo, param_grads};
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -1,11 +1,12 @@
 //! The vision tower: patch embedding, blocks with 2D rotary attention restricted by additive
-//! window / full masks, and the patch merger. Plus the host-side helpers that turn image grids
-//! into the tower's inputs (ports of transformers' `get_vision_position_ids`,
-//! `get_vision_window_index` and `get_vision_cu_seqlens`).
+//! window / full masks, and the patch merger. Its grid-dependent inputs (patch positions, the
+//! window permutation, the attention blocks) come from the workspace's one definition of the
+//! Qwen2.5-VL geometry, [`deepeyes_core::vision`], which the ONNX Runtime backend uses too.
 
 use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use deepeyes_core::vision;
 
 use super::config::VisionConfig;
 use super::error::{Result, input_err};
@@ -13,102 +14,24 @@ use super::init::{InitKind, ParamSource};
 use super::layers::{Linear, RmsNorm, SwiGlu, apply_rotary, attention, tensor_from};
 
 /// Additive bias for masked-out attention scores (finite, so a fully masked row stays finite).
-pub const MASKED: f32 = -1.0e9;
+pub(crate) const MASKED: f32 = -1.0e9;
 
 /// The `(t, h, w)` patch grid of one image: frames / 2 × rows × columns of 14-pixel patches.
 pub type Grid = [usize; 3];
 
-/// Position `(row, column)` of every patch of `grids`, in the order the image processor emits
-/// patches (row-major over `merge × merge` blocks, repeated per temporal step).
-pub fn vision_position_ids(grids: &[Grid], merge: usize) -> Vec<[i64; 2]> {
-    let mut out = Vec::new();
-    for &[t, h, w] in grids {
-        let mut one = Vec::with_capacity(h * w);
-        for bh in 0..h / merge {
-            for bw in 0..w / merge {
-                for ih in 0..merge {
-                    for iw in 0..merge {
-                        one.push([(bh * merge + ih) as i64, (bw * merge + iw) as i64]);
-                    }
-                }
+/// The grids as the core geometry takes them.
+pub(crate) fn core_grids(grids: &[Grid]) -> Result<Vec<[u32; 3]>> {
+    grids
+        .iter()
+        .map(|g| {
+            let mut out = [0u32; 3];
+            for (slot, &d) in out.iter_mut().zip(g) {
+                *slot =
+                    u32::try_from(d).map_err(|_| input_err(format!("grid {g:?} is too large")))?;
             }
-        }
-        for _ in 0..t {
-            out.extend_from_slice(&one);
-        }
-    }
-    out
-}
-
-/// The window permutation of merged units and the cumulative window boundaries in patches,
-/// as transformers' `get_vision_window_index` computes them (empty windows removed).
-pub fn vision_window_index(
-    grids: &[Grid],
-    merge: usize,
-    window_size: usize,
-    patch_size: usize,
-) -> (Vec<usize>, Vec<usize>) {
-    let ws = (window_size / merge / patch_size).max(1);
-    let unit = merge * merge;
-    let mut index = Vec::new();
-    let mut cu = vec![0usize];
-    let mut offset = 0usize;
-    for &[t, h, w] in grids {
-        let (lh, lw) = (h / merge, w / merge);
-        // transformers pads each side up to a whole number of windows (one extra window when it
-        // already divides); windows left empty are dropped from the boundaries, as here.
-        let (nwh, nww) = (lh.div_ceil(ws), lw.div_ceil(ws));
-        for ti in 0..t {
-            for wy in 0..nwh {
-                for wx in 0..nww {
-                    let mut count = 0;
-                    for y in wy * ws..((wy + 1) * ws).min(lh) {
-                        for x in wx * ws..((wx + 1) * ws).min(lw) {
-                            index.push(offset + ti * lh * lw + y * lw + x);
-                            count += 1;
-                        }
-                    }
-                    let last = *cu.last().unwrap_or(&0);
-                    if count > 0 {
-                        cu.push(last + count * unit);
-                    }
-                }
-            }
-        }
-        offset += t * lh * lw;
-    }
-    (index, cu)
-}
-
-/// Cumulative patch counts of full-attention segments: one per frame of each image.
-pub fn vision_cu_seqlens(grids: &[Grid]) -> Vec<usize> {
-    let mut cu = vec![0usize];
-    for &[t, h, w] in grids {
-        for _ in 0..t {
-            let last = *cu.last().unwrap_or(&0);
-            cu.push(last + h * w);
-        }
-    }
-    cu
-}
-
-/// A dense `[n, n]` additive bias: 0 within each `[cu[i], cu[i+1])` block, [`MASKED`] elsewhere.
-pub fn segment_bias(cu: &[usize], n: usize) -> Vec<f32> {
-    let mut seg = vec![usize::MAX; n];
-    for (i, w) in cu.windows(2).enumerate() {
-        for s in seg.iter_mut().take(w[1].min(n)).skip(w[0]) {
-            *s = i;
-        }
-    }
-    let mut out = vec![MASKED; n * n];
-    for r in 0..n {
-        for c in 0..n {
-            if seg[r] == seg[c] {
-                out[r * n + c] = 0.0;
-            }
-        }
-    }
-    out
+            Ok(out)
+        })
+        .collect()
 }
 
 /// What the vision tower takes for one or more images: the same values the ONNX vision graph
@@ -141,19 +64,20 @@ impl VisionInputs {
                 )));
             }
         }
-        let n: usize = grids.iter().map(|g| g[0] * g[1] * g[2]).sum();
-        let pos_ids = vision_position_ids(grids, merge);
-        let (window_index, cu_window) =
-            vision_window_index(grids, merge, cfg.window_size, cfg.patch_size);
-        let cu_full = vision_cu_seqlens(grids);
-        Self::new(
-            patches,
-            pos_ids,
-            window_index,
-            segment_bias(&cu_window, n),
-            segment_bias(&cu_full, n),
-            cfg,
-        )
+        let geo = cfg.geometry()?;
+        let core = core_grids(grids)?;
+        let geometry = |e: deepeyes_core::Error| input_err(e.to_string());
+        let pos_ids = vision::vision_position_ids(&core, &geo).map_err(geometry)?;
+        let n = pos_ids.len();
+        let windows = vision::window_index(&core, &geo).map_err(geometry)?;
+        let window_index = windows.window_index.iter().map(|&i| i as usize).collect();
+        // The window permutation moves whole frames as blocks, so the frame boundaries hold in
+        // window order too.
+        let window_mask =
+            vision::segment_mask(&windows.cu_window_seqlens, n, MASKED).map_err(geometry)?;
+        let full_mask =
+            vision::segment_mask(&vision::frame_seqlens(&core), n, MASKED).map_err(geometry)?;
+        Self::new(patches, pos_ids, window_index, window_mask, full_mask, cfg)
     }
 
     /// Takes precomputed inputs (e.g. the ones fed to the ONNX graph) and checks their shapes.
@@ -443,52 +367,6 @@ impl PatchMerger {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn position_ids_are_block_major() {
-        let p = vision_position_ids(&[[1, 2, 4]], 2);
-        assert_eq!(
-            p,
-            vec![
-                [0, 0],
-                [0, 1],
-                [1, 0],
-                [1, 1],
-                [0, 2],
-                [0, 3],
-                [1, 2],
-                [1, 3]
-            ]
-        );
-    }
-
-    #[test]
-    fn window_index_of_one_window_is_identity() {
-        let (idx, cu) = vision_window_index(&[[1, 8, 8]], 2, 112, 14);
-        assert_eq!(idx, (0..16).collect::<Vec<_>>());
-        assert_eq!(cu, vec![0, 64]);
-    }
-
-    #[test]
-    fn window_index_splits_large_grids() {
-        // llm grid 6×5 with 4×4 windows: windows of 4×4, 4×1, 2×4, 2×1 units.
-        let (idx, cu) = vision_window_index(&[[1, 12, 10]], 2, 112, 14);
-        assert_eq!(cu, vec![0, 64, 80, 112, 120]);
-        assert_eq!(&idx[..4], &[0, 1, 2, 3]);
-        assert_eq!(&idx[16..20], &[4, 9, 14, 19]);
-        let mut sorted = idx.clone();
-        sorted.sort_unstable();
-        assert_eq!(sorted, (0..30).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn segment_bias_is_block_diagonal() {
-        let b = segment_bias(&[0, 2, 3], 3);
-        assert_eq!(
-            b,
-            vec![0.0, 0.0, MASKED, 0.0, 0.0, MASKED, MASKED, MASKED, 0.0]
-        );
-    }
 
     #[test]
     fn bad_vision_inputs_are_rejected() {

@@ -1,7 +1,6 @@
 //! The language model: token embedding, decoder layers with grouped-query attention and
-//! multimodal rotary positions (mRoPE), final norm. Plus the host-side helpers for its inputs:
-//! a port of transformers' `get_rope_index` (with `mm_token_type_ids` semantics) and the causal /
-//! padding bias.
+//! multimodal rotary positions (mRoPE), final norm. Plus the causal / padding bias of its inputs;
+//! the mRoPE positions come from the workspace's one definition, [`deepeyes_core::vision::rope_index`].
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
@@ -10,89 +9,11 @@ use super::config::TextConfig;
 use super::error::{Result, input_err};
 use super::init::ParamSource;
 use super::layers::{Embedding, Linear, RmsNorm, SwiGlu, apply_rotary, attention, tensor_from};
-use super::vision::{Grid, MASKED};
-
-/// mRoPE positions of one sequence: `(temporal, height, width)` per token, and the rope delta
-/// (`max position + 1 − length`) that decoding continues from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RopePositions {
-    /// One `[t, h, w]` triple per token.
-    pub positions: Vec<[i64; 3]>,
-    /// `max + 1 − len`; a token decoded after `cache_len` tokens sits at `cache_len + delta`.
-    pub delta: i64,
-}
-
-/// transformers' `get_rope_index` for one sequence of *expanded* tokens: runs of text tokens
-/// count up on all three axes; each run of `image_token_id` tokens is the next image of `grids`
-/// and gets `(start + t, start + row, start + column)` positions over its merged grid, after
-/// which counting resumes at `start + max(h, w) / merge`. A run whose length differs from its
-/// image's token count is an error (adjacent images need a separator token).
-pub fn rope_index(
-    tokens: &[u32],
-    image_token_id: u32,
-    grids: &[Grid],
-    merge: usize,
-) -> Result<RopePositions> {
-    let mut positions = Vec::with_capacity(tokens.len());
-    let mut current = 0i64;
-    let mut next_image = 0usize;
-    let mut i = 0usize;
-    while i < tokens.len() {
-        let is_image = tokens[i] == image_token_id;
-        let start = i;
-        while i < tokens.len() && (tokens[i] == image_token_id) == is_image {
-            i += 1;
-        }
-        let len = i - start;
-        if !is_image {
-            positions.extend((0..len as i64).map(|k| [current + k; 3]));
-            current += len as i64;
-            continue;
-        }
-        let grid = grids.get(next_image).ok_or_else(|| {
-            input_err(format!(
-                "image pad run at token {start} has no image (only {} grids given)",
-                grids.len()
-            ))
-        })?;
-        next_image += 1;
-        let [t, h, w] = *grid;
-        let (lh, lw) = (h / merge, w / merge);
-        if len != t * lh * lw {
-            return Err(input_err(format!(
-                "image pad run at token {start} has {len} tokens, but grid {grid:?} needs {}",
-                t * lh * lw
-            )));
-        }
-        for ti in 0..t as i64 {
-            for y in 0..lh as i64 {
-                for x in 0..lw as i64 {
-                    positions.push([current + ti, current + y, current + x]);
-                }
-            }
-        }
-        current += lh.max(lw) as i64;
-    }
-    if next_image != grids.len() {
-        return Err(input_err(format!(
-            "{} grids given but the tokens hold {next_image} image pad runs",
-            grids.len()
-        )));
-    }
-    let max = positions
-        .iter()
-        .flat_map(|p| p.iter().copied())
-        .max()
-        .unwrap_or(-1);
-    Ok(RopePositions {
-        delta: max + 1 - tokens.len() as i64,
-        positions,
-    })
-}
+use super::vision::MASKED;
 
 /// `[batch, 1, seq, seq]` additive bias for right-padded rows of the given lengths: causal within
 /// each row, padding keys masked with the finite [`MASKED`].
-pub fn causal_bias(lengths: &[usize], seq: usize) -> Vec<f32> {
+pub(crate) fn causal_bias(lengths: &[usize], seq: usize) -> Vec<f32> {
     let mut out = vec![MASKED; lengths.len() * seq * seq];
     for (b, &len) in lengths.iter().enumerate() {
         for i in 0..seq {
@@ -339,36 +260,6 @@ impl TextAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn text_only_positions_count_up() {
-        let r = rope_index(&[5, 6, 7], 9, &[], 2).unwrap();
-        assert_eq!(r.positions, vec![[0; 3], [1; 3], [2; 3]]);
-        assert_eq!(r.delta, 0);
-    }
-
-    #[test]
-    fn image_positions_follow_the_grid() {
-        // 1 text token, a 2×3 merged grid (4×6 patches), 1 text token.
-        let toks = [1, 9, 9, 9, 9, 9, 9, 2];
-        let r = rope_index(&toks, 9, &[[1, 4, 6]], 2).unwrap();
-        assert_eq!(r.positions[1], [1, 1, 1]);
-        assert_eq!(r.positions[3], [1, 1, 3]);
-        assert_eq!(r.positions[4], [1, 2, 1]);
-        // After the image: start 1 + max(2, 3) = 4.
-        assert_eq!(r.positions[7], [4, 4, 4]);
-        assert_eq!(r.delta, 5 - 8);
-    }
-
-    #[test]
-    fn mismatched_pad_runs_are_errors() {
-        let e = rope_index(&[1, 9, 9, 2], 9, &[[1, 4, 6]], 2).unwrap_err();
-        assert!(e.to_string().contains("needs 6"), "{e}");
-        let e = rope_index(&[1, 2], 9, &[[1, 4, 6]], 2).unwrap_err();
-        assert!(e.to_string().contains("1 grids given"), "{e}");
-        let e = rope_index(&[9, 9, 9, 9], 9, &[], 2).unwrap_err();
-        assert!(e.to_string().contains("no image"), "{e}");
-    }
 
     #[test]
     fn causal_bias_masks_future_and_padding() {

@@ -92,6 +92,21 @@ impl TextConfig {
 }
 
 impl VisionConfig {
+    /// The tower's geometry as the workspace's one definition of it (`deepeyes_core::vision`)
+    /// takes it.
+    pub fn geometry(&self) -> Result<deepeyes_core::vision::VisionGeometry> {
+        let side = |name: &str, v: usize| {
+            u32::try_from(v).map_err(|_| ModelError::Config {
+                message: format!("vision {name} {v} is too large"),
+            })
+        };
+        Ok(deepeyes_core::vision::VisionGeometry {
+            patch_size: side("patch-size", self.patch_size)?,
+            spatial_merge_size: side("spatial-merge-size", self.spatial_merge_size)?,
+            window_size: side("window-size", self.window_size)?,
+        })
+    }
+
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_heads

@@ -109,12 +109,12 @@ fn collect<'a, M: Module>(module: &M, mode: Mode<'a>) -> Collector<'a> {
 }
 
 /// Names, ids and shapes of every float parameter of `module`, in module order.
-pub fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
+pub(crate) fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
     collect(module, Mode::Info).infos
 }
 
 /// Host copies of every parameter of `module`.
-pub fn param_values<M: Module>(module: &M) -> Vec<HostParam> {
+pub(crate) fn param_values<M: Module>(module: &M) -> Vec<HostParam> {
     collect(module, Mode::Values)
         .values
         .into_iter()

@@ -3,8 +3,10 @@
 
 use super::config::Qwen25VlConfig;
 use super::error::{Result, input_err};
-use super::text::{DecoderInputs, causal_bias, rope_index};
-use super::vision::{Grid, VisionInputs};
+use deepeyes_core::vision;
+
+use super::text::{DecoderInputs, causal_bias};
+use super::vision::{Grid, VisionInputs, core_grids};
 
 /// One image, already resized and cut into patches by the image processor.
 #[derive(Debug, Clone)]
@@ -81,7 +83,7 @@ impl Batch {
             return Err(input_err("empty batch"));
         }
         let vcfg = &config.vision;
-        let merge = vcfg.spatial_merge_size;
+        let geo = vcfg.geometry()?;
         let pad = config.image_token_id;
         let vocab = config.text.vocab_size;
         let mut expanded: Vec<Vec<u32>> = Vec::with_capacity(sequences.len());
@@ -97,10 +99,10 @@ impl Batch {
                     "sequence {b}: token {t} is outside the vocabulary ({vocab})"
                 )));
             }
-            let counts: Vec<usize> = s
-                .images
-                .iter()
-                .map(|im| im.grid[0] * (im.grid[1] / merge) * (im.grid[2] / merge))
+            let grids: Vec<Grid> = s.images.iter().map(|im| im.grid).collect();
+            let counts: Vec<usize> = core_grids(&grids)?
+                .into_iter()
+                .map(|g| geo.merged_tokens(g))
                 .collect();
             let mut ex = Vec::with_capacity(s.tokens.len());
             let mut map = Vec::with_capacity(s.tokens.len());
@@ -151,15 +153,16 @@ impl Batch {
         let mut image_row = plane as i64;
         for (b, (ex, s)) in expanded.iter().zip(sequences).enumerate() {
             let grids: Vec<Grid> = s.images.iter().map(|im| im.grid).collect();
-            let rope = rope_index(ex, pad, &grids, merge)
+            let rope = vision::rope_index(ex, pad, &core_grids(&grids)?, &geo)
                 .map_err(|e| input_err(format!("sequence {b}: {e}")))?;
             rope_deltas.push(rope.delta);
-            for (e, (&t, p)) in ex.iter().zip(&rope.positions).enumerate() {
+            for (axis, values) in rope.positions.iter().enumerate() {
+                let row = axis * plane + b * seq;
+                positions[row..row + values.len()].copy_from_slice(values);
+            }
+            for (e, &t) in ex.iter().enumerate() {
                 let flat = b * seq + e;
                 input_ids[flat] = t;
-                for (axis, &v) in p.iter().enumerate() {
-                    positions[axis * plane + flat] = v;
-                }
                 if t == pad {
                     embed_rows[flat] = image_row;
                     image_row += 1;

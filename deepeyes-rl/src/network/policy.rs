@@ -1,0 +1,73 @@
+//! The seam between the trainer and a network family.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::Device;
+
+use super::weights::param_infos;
+use super::{Batch, PadLayout, ParamInfo, Qwen25Vl, Result, Sequence, TokenScores};
+
+/// What the GRPO trainer needs of a trainable vision-language network, and all it uses.
+///
+/// [`Qwen25Vl`] implements it. A second family (Qwen3-VL, say) adds its own burn module beside
+/// it in [`crate::network`] with its own host-side batching, and implements this trait; the
+/// trainer (generic over it), the agent loop, the tools and the rewards stay as they are. The
+/// rollout side needs only an exported bundle whose `weights.json` maps the graphs' initializers
+/// to the names [`PolicyNetwork::hf_tensors`] gives (`docs/BUNDLE.md`).
+pub trait PolicyNetwork: Module + Sized {
+    /// Loads the family's Hugging Face checkpoint in `dir` (`config.json` and safetensors
+    /// weights) onto `device`.
+    fn from_pretrained(dir: &Path, device: &Device) -> Result<Self>;
+
+    /// Writes `config.json` and `model.safetensors` into `dir`, as transformers saves them.
+    fn save_pretrained(&self, dir: &Path) -> Result<()>;
+
+    /// Every parameter with its Hugging Face name and shape, as host copies: what a rollout
+    /// engine takes to run the current weights.
+    fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+    /// Per-token log-probs of `sequences` (each image once, as one `<|image_pad|>` token), and
+    /// the predictive entropy when `entropy`: `[sequences, longest]` tensors aligned with the
+    /// tokens, carrying the autodiff graph on an autodiff device.
+    fn score_sequences(&self, sequences: &[Sequence], entropy: bool) -> Result<TokenScores>;
+
+    /// The same network with its vision encoder frozen (no gradients, no optimizer state).
+    fn freeze_vision(self) -> Self;
+
+    /// The device the parameters live on.
+    fn device(&self) -> Device;
+
+    /// Every float parameter: name, id, shape and whether it trains.
+    fn params(&self) -> Vec<ParamInfo> {
+        param_infos(self)
+    }
+}
+
+impl PolicyNetwork for Qwen25Vl {
+    fn from_pretrained(dir: &Path, device: &Device) -> Result<Self> {
+        Qwen25Vl::from_pretrained(dir, device)
+    }
+
+    fn save_pretrained(&self, dir: &Path) -> Result<()> {
+        Qwen25Vl::save_pretrained(self, dir)
+    }
+
+    fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        Qwen25Vl::hf_tensors(self)
+    }
+
+    fn score_sequences(&self, sequences: &[Sequence], entropy: bool) -> Result<TokenScores> {
+        let batch = Batch::new(&self.config, sequences, PadLayout::OnePerImage)?;
+        self.score_tokens(&batch, entropy)
+    }
+
+    fn freeze_vision(self) -> Self {
+        Qwen25Vl::freeze_vision(self)
+    }
+
+    fn device(&self) -> Device {
+        Qwen25Vl::device(self)
+    }
+}

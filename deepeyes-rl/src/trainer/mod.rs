@@ -1,0 +1,392 @@
+//! The GRPO trainer: rollouts through ONNX Runtime with the current weights, rewards, group
+//! advantages, and updates of the burn model.
+//!
+//! One RL step ([`Trainer::train_step`]) is a sequence of phases, each a function of its own:
+//! 1. **rollout** (`rollout.rs`): take `batch.prompts-per-step` items from the data (reshuffled
+//!    every epoch with the `data` seed stream), hand the burn model's current weights to ONNX
+//!    Runtime ([`deepeyes_core::onnx::OnnxModel::load_with_weights`]) and sample
+//!    `grpo.group-size` trajectories per item with the agent loop and the tools;
+//! 2. **score**: the reward function (any [`RewardFn`]) scores each trajectory; with dynamic
+//!    sampling, rounds 1–2 repeat until enough groups carry a signal;
+//! 3. **advantages** (`update.rs`): group advantages and the per-token targets
+//!    ([`crate::grpo::prepare_batch`]);
+//! 4. **log-probs**: the old policy's (only when the step takes several optimizer steps) and the
+//!    KL reference's (only with a KL term), each once per step;
+//! 5. **update**: for every mini-batch of the update plan, the gradient of the clipped surrogate
+//!    accumulated over its micro-batches (`∂loss/∂logprob` from [`crate::grpo::policy_loss`],
+//!    back-propagated through the burn model), the global norm clipped, one AdamW step;
+//! 6. **log**: the step's metrics, appended to `metrics.jsonl`.
+//!
+//! The trainer sees tools and rewards only through core's traits ([`Tool`], [`RewardFn`]); the
+//! CLI builds them from the config's `[tools]` and `[reward]` tables.
+//!
+//! [`Trainer::export`] writes a bundle that runs the trained weights (the source bundle's graphs
+//! with a new `model.safetensors`), which `deepeyes run` and `deepeyes eval` load as is.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::optim::AdamWConfig;
+use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
+use deepeyes_core::onnx::OnnxOptions;
+use deepeyes_core::{PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory};
+
+use crate::config::{DatasetKind, DeviceKind, TrainConfig};
+use crate::metrics::{JsonlWriter, StepMetrics};
+use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
+use deepeyes_core::dataset::{PreparedItem, prepare_item};
+
+/// Everything that can stop training, naming the part at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The configuration, the GRPO math or the metrics files.
+    #[error(transparent)]
+    Rl(#[from] crate::Error),
+    /// The training engine.
+    #[error("training engine: {0}")]
+    Model(#[from] ModelError),
+    /// The rollout engine.
+    #[error("rollout engine: {0}")]
+    Onnx(#[from] deepeyes_core::onnx::OnnxError),
+    /// The agent loop, images, tokenizer or reward function.
+    #[error(transparent)]
+    Core(#[from] deepeyes_core::Error),
+    /// The training data.
+    #[error("data {path}: {reason}")]
+    Data {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Writing the run folder.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// Result of a training operation.
+pub type TrainResult<T> = std::result::Result<T, TrainError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Reads every good item of the configured data; bad rows are logged and skipped.
+pub fn load_items(config: &TrainConfig) -> TrainResult<Vec<Item>> {
+    let kind = match config.data.kind {
+        DatasetKind::DeepeyesParquet => dataset::DatasetKind::Verl,
+        DatasetKind::Vstar => dataset::DatasetKind::VStar,
+        DatasetKind::Hrbench => dataset::DatasetKind::HrBench,
+        DatasetKind::Synthv => dataset::DatasetKind::SynthV,
+        DatasetKind::Jsonl => dataset::DatasetKind::Jsonl,
+    };
+    let limit = config.data.limit.unwrap_or(usize::MAX);
+    let mut items = Vec::new();
+    for path in &config.data.paths {
+        let mut reader =
+            dataset::open(kind, path, &LoadOptions::default()).map_err(|e| TrainError::Data {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        for next in &mut reader {
+            if items.len() >= limit {
+                break;
+            }
+            match next {
+                Ok(item) => items.push(item),
+                Err(ReadError::Skipped(bad)) => tracing::warn!(row = %bad, "skipping a bad row"),
+                Err(ReadError::Fatal(e)) => {
+                    return Err(TrainError::Data {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+    }
+    if items.is_empty() {
+        return Err(TrainError::Data {
+            path: config.data.paths.first().cloned().unwrap_or_default(),
+            reason: "no usable items".into(),
+        });
+    }
+    Ok(items)
+}
+
+/// The policy (from `checkpoint`, else the bundle) on an autodiff device, and the frozen KL
+/// reference (the bundle's weights, on a plain device) when the loss has a KL term.
+fn networks<N: PolicyNetwork>(
+    config: &TrainConfig,
+    checkpoint: Option<&Path>,
+) -> TrainResult<(N, Option<N>)> {
+    let compute = match config.model.device {
+        DeviceKind::Cpu => ComputeDevice::Flex,
+        DeviceKind::Cuda => ComputeDevice::Cuda(0),
+    };
+    let weights = checkpoint.unwrap_or(&config.model.bundle);
+    let mut model = N::from_pretrained(weights, &compute.device(true)?)?;
+    if config.model.freeze_vision {
+        model = model.freeze_vision();
+    }
+    let reference = if config.grpo.needs_reference() {
+        Some(N::from_pretrained(
+            &config.model.bundle,
+            &compute.device(false)?,
+        )?)
+    } else {
+        None
+    };
+    Ok((model, reference))
+}
+
+/// AdamW with the configured betas, epsilon and weight decay.
+fn optimizer(config: &TrainConfig) -> burn::optim::ModuleOptimizer {
+    let o = &config.optimizer;
+    AdamWConfig::new()
+        .with_beta_1(o.betas[0] as f32)
+        .with_beta_2(o.betas[1] as f32)
+        .with_epsilon(o.eps as f32)
+        .with_weight_decay(o.weight_decay as f32)
+        .init()
+}
+
+/// A GRPO training run of a network of family `N` (Qwen2.5-VL by default).
+pub struct Trainer<N: PolicyNetwork = Qwen25Vl> {
+    config: TrainConfig,
+    items: Vec<Item>,
+    reward: Arc<dyn RewardFn>,
+    tools: Vec<Arc<dyn Tool>>,
+    templates: PromptTemplates,
+    model: Option<N>,
+    reference: Option<N>,
+    /// The bundle's image preprocessing, read once (the engine must see what ORT saw).
+    preprocess: deepeyes_core::PreprocessConfig,
+    optim: burn::optim::ModuleOptimizer,
+    onnx: OnnxOptions,
+    data_rng: Rng,
+    order: Vec<usize>,
+    cursor: usize,
+    step: u64,
+    metrics: JsonlWriter,
+}
+
+impl<N: PolicyNetwork> std::fmt::Debug for Trainer<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("step", &self.step)
+            .field("items", &self.items.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// Sets up a run of a Qwen2.5-VL policy: the data, the burn model from the bundle's
+    /// `model.safetensors`, the optimizer and the metrics file. The policy may call `tools`;
+    /// `reward` scores its trajectories. (The CLI builds both from the config's `[tools]` and
+    /// `[reward]` tables.)
+    pub fn new(
+        config: TrainConfig,
+        tools: Vec<Arc<dyn Tool>>,
+        reward: Arc<dyn RewardFn>,
+    ) -> TrainResult<Self> {
+        Self::for_network(config, tools, reward, None)
+    }
+
+    /// Continues the run saved in `checkpoint` (a folder written by
+    /// [`Trainer::save_checkpoint`]): weights, optimizer state, data order and position, step.
+    /// Metrics of later steps (logged by a run killed after the checkpoint) are dropped, so the
+    /// next step is exactly the one an uninterrupted run would take.
+    pub fn resume(
+        config: TrainConfig,
+        tools: Vec<Arc<dyn Tool>>,
+        reward: Arc<dyn RewardFn>,
+        checkpoint: &Path,
+    ) -> TrainResult<Self> {
+        Self::for_network(config, tools, reward, Some(checkpoint))
+    }
+}
+
+impl<N: PolicyNetwork> Trainer<N> {
+    /// [`Trainer::new`] (or, with a `checkpoint`, [`Trainer::resume`]) for any network family.
+    pub fn for_network(
+        config: TrainConfig,
+        tools: Vec<Arc<dyn Tool>>,
+        reward: Arc<dyn RewardFn>,
+        checkpoint: Option<&Path>,
+    ) -> TrainResult<Self> {
+        config.validate("train config")?;
+        if config.model.rollout_engine != crate::config::RolloutEngine::Ort {
+            return Err(TrainError::Rl(crate::Error::invalid(
+                "model.rollout-engine",
+                "only \"ort\" is implemented (rollouts through ONNX Runtime with the current weights)",
+            )));
+        }
+        let items = load_items(&config)?;
+        let preprocess = deepeyes_core::onnx::BundleConfig::load(&config.model.bundle)?.preprocess;
+        let (model, reference) = networks(&config, checkpoint)?;
+        let mut optim = optimizer(&config);
+        std::fs::create_dir_all(&config.output_dir).map_err(io_err(&config.output_dir))?;
+        let metrics_path = config.metrics_path();
+        let state = match checkpoint {
+            Some(dir) => {
+                let (restored, state) = checkpoint::restore(dir, optim, items.len())?;
+                optim = restored;
+                Some(state)
+            }
+            None => None,
+        };
+        let metrics = match &state {
+            Some(s) => JsonlWriter::resume(&metrics_path, s.step.checked_sub(1))?,
+            None => JsonlWriter::create(&metrics_path)?,
+        };
+        let fresh = state.is_none();
+        let state = state.unwrap_or_else(|| TrainerState {
+            step: 0,
+            data_rng: Rng::new(config.seeds.data),
+            order: (0..items.len()).collect(),
+            cursor: usize::MAX,
+        });
+        // The prompts the starting bundle was trained with (its templates.toml), if it says.
+        let templates = PromptTemplates::for_bundle(&config.model.bundle)?;
+        let mut trainer = Self {
+            config,
+            items,
+            reward,
+            tools,
+            templates,
+            model: Some(model),
+            reference,
+            preprocess,
+            optim,
+            onnx: OnnxOptions::default(),
+            data_rng: state.data_rng,
+            order: state.order,
+            cursor: state.cursor,
+            step: state.step,
+            metrics,
+        };
+        if fresh {
+            trainer.new_epoch();
+        }
+        Ok(trainer)
+    }
+
+    /// Overrides the prompt templates.
+    pub fn with_templates(mut self, templates: PromptTemplates) -> Self {
+        self.templates = templates;
+        self
+    }
+
+    /// Overrides how the rollout engine runs (threads, providers).
+    pub fn with_onnx_options(mut self, options: OnnxOptions) -> Self {
+        self.onnx = options;
+        self
+    }
+
+    /// RL steps completed.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The policy being trained.
+    pub fn model(&self) -> &N {
+        self.model
+            .as_ref()
+            .expect("the model is only taken during an update")
+    }
+
+    fn new_epoch(&mut self) {
+        self.cursor = 0;
+        if self.config.data.shuffle {
+            self.data_rng.shuffle(&mut self.order);
+        }
+    }
+
+    fn next_items(&mut self) -> Vec<PreparedItem> {
+        let n = self.config.batch.prompts_per_step;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            if self.cursor >= self.order.len() {
+                self.new_epoch();
+            }
+            let item = self.items[self.order[self.cursor]].clone();
+            self.cursor += 1;
+            out.push(prepare_item(
+                item,
+                Rng::derive_seed(self.config.seeds.data, &[self.step]),
+                true,
+            ));
+        }
+        out
+    }
+
+    /// Runs one RL step and returns its metrics (also appended to the metrics file). The step
+    /// is a sequence of phases, each in its own function:
+    /// rollout and score ([`Trainer::rollout`]), advantages ([`StepBatch::advantages`]), fixed
+    /// log-probs ([`Trainer::fixed_logprobs`]), update ([`Trainer::update`]) and log.
+    pub fn train_step(&mut self) -> TrainResult<StepMetrics> {
+        let started = Instant::now();
+        let (groups, mut time) = self.rollout()?;
+        let step = StepBatch::new(&groups);
+        let rollout = step.rollout_metrics()?;
+        let batch = step.advantages(&self.config.grpo)?;
+        let plan = self.update_plan(step.len())?;
+
+        let t = Instant::now();
+        let sequences = self.sequences(&step.trajectories)?;
+        let fixed = self.fixed_logprobs(&sequences, &plan, batch.targets.mask.ncols())?;
+        time.time_logprob_s = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let update = self.update(&sequences, &batch, &plan, &fixed)?;
+        time.time_update_s = t.elapsed().as_secs_f64();
+
+        time.time_step_s = started.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step: self.step,
+            rollout,
+            update,
+            time,
+        };
+        self.metrics.write(&metrics)?;
+        self.step += 1;
+        Ok(metrics)
+    }
+
+    /// Writes a bundle that runs the current weights into `out`: the source bundle's graphs,
+    /// tokenizer and maps, with the model's `config.json` and `model.safetensors`.
+    pub fn export(&self, out: &Path) -> TrainResult<PathBuf> {
+        export_bundle(self.model(), &self.config.model.bundle, out)
+    }
+}
+
+mod checkpoint;
+mod rollout;
+mod update;
+
+use checkpoint::TrainerState;
+pub use checkpoint::{OPTIMIZER_FILE, STATE_FILE, checkpoints, export_bundle};
+use update::StepBatch;
+pub(crate) use update::grad_norm_and_scale;
+
+/// One prompt's sampled group with its rewards.
+#[derive(Debug)]
+struct RolledGroup {
+    item: PreparedItem,
+    trajectories: Vec<Trajectory>,
+    rewards: Vec<RewardBreakdown>,
+}

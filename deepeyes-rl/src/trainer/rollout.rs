@@ -1,0 +1,150 @@
+//! The rollout and score phases of a step: the rollout engine takes the current weights, the
+//! agent samples a group per prompt, and the reward scores every trajectory (with DAPO's dynamic
+//! sampling, rounds repeat until the step has enough informative groups).
+
+use std::time::Instant;
+
+use deepeyes_core::onnx::{HostTensor, OnnxModel, Weights};
+use deepeyes_core::{
+    Agent, ImageLimits, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
+};
+
+use super::{RolledGroup, TrainResult, Trainer};
+use crate::grpo::{DynamicSampler, SamplerState};
+use crate::metrics::TimeSplit;
+use crate::network::PolicyNetwork;
+use deepeyes_core::dataset::PreparedItem;
+
+impl<N: PolicyNetwork> Trainer<N> {
+    /// The rollout and score phases: groups sampled with the current weights and scored. The
+    /// returned time split has the rollout and reward times filled in.
+    pub(super) fn rollout(&mut self) -> TrainResult<(Vec<RolledGroup>, TimeSplit)> {
+        let rollout_model = self.rollout_engine()?;
+        let agent = Agent::new(
+            &rollout_model,
+            self.tools.clone(),
+            self.templates.clone(),
+            self.config.rollout.clone(),
+        )?;
+        let mut time = TimeSplit::default();
+        let dynamic = self.config.grpo.dynamic_sampling.clone();
+        if !dynamic.enabled {
+            let groups = self.roll_round(&agent, &rollout_model, 0, &mut time)?;
+            return Ok((groups, time));
+        }
+        // DAPO: drop groups whose rewards are all equal (no advantage, no gradient) and sample
+        // more prompts until the step has its full count, within max-rounds.
+        let mut sampler =
+            DynamicSampler::new(self.config.batch.prompts_per_step, dynamic.max_rounds)?;
+        let mut round = 0;
+        loop {
+            for g in self.roll_round(&agent, &rollout_model, round, &mut time)? {
+                let totals: Vec<f64> = g.rewards.iter().map(|b| b.total).collect();
+                sampler.offer(g, &totals)?;
+            }
+            round += 1;
+            if !matches!(sampler.end_round(), SamplerState::NeedMore { .. }) {
+                break;
+            }
+        }
+        tracing::debug!(
+            rounds = sampler.rounds(),
+            dropped = sampler.dropped(),
+            "dynamic sampling"
+        );
+        Ok((sampler.into_groups(), time))
+    }
+
+    /// The rollout engine, running the policy's current weights.
+    fn rollout_engine(&self) -> TrainResult<OnnxModel> {
+        Ok(OnnxModel::load_with_weights(
+            &self.config.model.bundle,
+            &self.onnx,
+            &rollout_weights(self.model()),
+        )?)
+    }
+
+    /// Samples one group per next item and scores it; round `r > 0` (dynamic sampling) draws
+    /// from its own seed stream.
+    fn roll_round(
+        &mut self,
+        agent: &Agent<'_>,
+        rollout_model: &OnnxModel,
+        round: u64,
+        time: &mut TimeSplit,
+    ) -> TrainResult<Vec<RolledGroup>> {
+        let t = Instant::now();
+        let prepared = self.next_items();
+        let groups = self.sample(agent, &prepared, round)?;
+        time.time_rollout_s += t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        let scored = self.score(rollout_model.codec(), prepared, groups)?;
+        time.time_reward_s += t.elapsed().as_secs_f64();
+        Ok(scored)
+    }
+
+    /// The rollout phase of one round: a group of trajectories per prompt.
+    fn sample(
+        &self,
+        agent: &Agent<'_>,
+        prepared: &[PreparedItem],
+        round: u64,
+    ) -> TrainResult<Vec<Vec<Trajectory>>> {
+        let limits = ImageLimits::default();
+        let mut tasks = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            tasks.push(Task {
+                question: p.question.clone(),
+                images: p.item.decode_images(&limits)?,
+            });
+        }
+        let path: &[u64] = if round == 0 {
+            &[self.step]
+        } else {
+            &[self.step, round]
+        };
+        let seed = Rng::derive_seed(self.config.seeds.rollout, path);
+        Ok(agent.run_batch(&tasks, self.config.grpo.group_size, seed)?)
+    }
+
+    /// The score phase of one round: the reward of every trajectory, over its decoded
+    /// response region.
+    fn score(
+        &self,
+        codec: &dyn TokenCodec,
+        prepared: Vec<PreparedItem>,
+        groups: Vec<Vec<Trajectory>>,
+    ) -> TrainResult<Vec<RolledGroup>> {
+        let mut out = Vec::with_capacity(prepared.len());
+        for (p, trajectories) in prepared.into_iter().zip(groups) {
+            let truth = p.ground_truth();
+            let mut rewards = Vec::with_capacity(trajectories.len());
+            for traj in &trajectories {
+                let response = codec.decode(traj.response_tokens())?;
+                rewards.push(self.reward.score(&RewardInput {
+                    data_source: &p.item.data_source,
+                    question: &p.question,
+                    ground_truth: &truth,
+                    response: &response,
+                    trajectory: Some(traj),
+                })?);
+            }
+            out.push(RolledGroup {
+                item: p,
+                trajectories,
+                rewards,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The model's parameters as the rollout engine takes them.
+fn rollout_weights<N: PolicyNetwork>(model: &N) -> Weights {
+    model
+        .hf_tensors()
+        .into_iter()
+        .map(|(name, (shape, data))| (name, HostTensor { shape, data }))
+        .collect()
+}

@@ -1,0 +1,354 @@
+//! The advantage, log-prob and update phases of a step: the scored groups become per-token
+//! targets, the training engine scores the trajectories, and AdamW steps on the gradient of the
+//! clipped surrogate.
+
+use std::collections::HashMap;
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::Tensor;
+use deepeyes_core::preprocess::preprocess_image;
+use deepeyes_core::{RewardBreakdown, Trajectory};
+use ndarray::{Array2, ArrayView2, Axis};
+
+use super::{RolledGroup, TrainResult, Trainer};
+use crate::grpo::{
+    GrpoConfig, LossStats, MiniBatch, PolicyLossInput, PreparedBatch, UpdatePlan, plan_updates,
+    policy_loss, prepare_batch,
+};
+use crate::metrics::{RolloutMetrics, ScoredTrajectory, UpdateMetrics, rollout_metrics};
+use crate::network::{ImageInput, PolicyNetwork, Sequence, TokenScores, tensor2, to_host};
+use crate::schedule::grad_clip_factor;
+
+/// The scored groups of a step, flattened: trajectory `i` belongs to group `group_ids[i]`.
+pub(super) struct StepBatch<'a> {
+    /// Every trajectory of the step, group by group.
+    pub(super) trajectories: Vec<&'a Trajectory>,
+    group_ids: Vec<usize>,
+    rewards: Vec<&'a RewardBreakdown>,
+    /// Each group's ground-truth boxes on its first image.
+    boxes: Vec<Vec<[f64; 4]>>,
+}
+
+impl<'a> StepBatch<'a> {
+    pub(super) fn new(groups: &'a [RolledGroup]) -> Self {
+        let mut step = Self {
+            trajectories: Vec::new(),
+            group_ids: Vec::new(),
+            rewards: Vec::new(),
+            boxes: groups
+                .iter()
+                .map(|g| g.item.item.first_image_boxes())
+                .collect(),
+        };
+        for (g, group) in groups.iter().enumerate() {
+            for (traj, reward) in group.trajectories.iter().zip(&group.rewards) {
+                step.trajectories.push(traj);
+                step.rewards.push(reward);
+                step.group_ids.push(g);
+            }
+        }
+        step
+    }
+
+    /// Trajectories in the step.
+    pub(super) fn len(&self) -> usize {
+        self.trajectories.len()
+    }
+
+    /// What the step's rollouts and rewards measured.
+    pub(super) fn rollout_metrics(&self) -> TrainResult<RolloutMetrics> {
+        let scored: Vec<ScoredTrajectory<'_>> = (0..self.len())
+            .map(|i| ScoredTrajectory {
+                trajectory: self.trajectories[i],
+                reward: self.rewards[i],
+                group: self.group_ids[i],
+                gt_boxes: &self.boxes[self.group_ids[i]],
+            })
+            .collect();
+        Ok(rollout_metrics(&scored)?)
+    }
+
+    /// The advantage phase: group-normalised advantages and the per-token targets.
+    pub(super) fn advantages(&self, config: &GrpoConfig) -> TrainResult<PreparedBatch> {
+        let totals: Vec<f64> = self.rewards.iter().map(|b| b.total).collect();
+        Ok(prepare_batch(
+            config,
+            &self.trajectories,
+            &totals,
+            &self.group_ids,
+        )?)
+    }
+}
+
+/// Log-probs that stay fixed during a step's updates, `[trajectories, width]`.
+pub(super) struct FixedLogprobs {
+    /// The policy's before its first update; `None` when the step takes a single optimizer
+    /// step (the update's own forward pass then gives them, and the ratio is exactly 1).
+    old: Option<Array2<f32>>,
+    /// The frozen reference's, for the KL term; `None` without one.
+    reference: Option<Array2<f32>>,
+}
+
+/// The first `width` columns of a row-major `[rows, cols]` engine buffer (zeros beyond `cols`).
+fn host_grid(host: &[f32], rows: usize, cols: usize, width: usize) -> Array2<f32> {
+    let mut grid = Array2::<f32>::zeros((rows, width));
+    let w = width.min(cols);
+    for (i, mut row) in grid.rows_mut().into_iter().enumerate() {
+        row.slice_mut(ndarray::s![..w])
+            .assign(&ndarray::ArrayView1::from(&host[i * cols..i * cols + w]));
+    }
+    grid
+}
+
+/// Rows `rows` of a step-wide `[trajectories, step width]` array, cut to a micro-batch's `width`
+/// (the longest of its rows).
+fn rows_of(all: &Array2<f32>, rows: &[usize], width: usize) -> Array2<f32> {
+    all.select(Axis(0), rows)
+        .slice(ndarray::s![.., ..width])
+        .to_owned()
+}
+
+/// A row-major `[rows, cols]` engine buffer holding `grid` in its first columns.
+fn engine_buffer(grid: ArrayView2<'_, f32>, cols: usize) -> Vec<f32> {
+    let w = grid.ncols().min(cols);
+    let mut out = vec![0.0f32; grid.nrows() * cols];
+    for (i, row) in grid.rows().into_iter().enumerate() {
+        for (slot, v) in out[i * cols..i * cols + w].iter_mut().zip(row) {
+            *slot = *v;
+        }
+    }
+    out
+}
+
+/// `model`'s log-probs of every token of `sequences`, without gradients, `[n, width]`: scored
+/// in chunks of `chunk` rows, each row's values up to its own length.
+fn logprobs_of<N: PolicyNetwork>(
+    model: &N,
+    sequences: &[Sequence],
+    chunk: usize,
+    width: usize,
+) -> TrainResult<Array2<f32>> {
+    let n = sequences.len();
+    let mut out = Array2::<f32>::zeros((n, width));
+    for start in (0..n).step_by(chunk.max(1)) {
+        let seqs = &sequences[start..(start + chunk.max(1)).min(n)];
+        let logprobs = model.score_sequences(seqs, false)?.logprobs;
+        let cols = logprobs.dims()[1];
+        let host = to_host(logprobs.detach());
+        for (i, seq) in seqs.iter().enumerate() {
+            let len = seq.tokens.len().min(cols).min(width);
+            out.row_mut(start + i)
+                .slice_mut(ndarray::s![..len])
+                .assign(&ndarray::ArrayView1::from(&host[i * cols..i * cols + len]));
+        }
+    }
+    Ok(out)
+}
+
+impl<N: PolicyNetwork> Trainer<N> {
+    /// How the step's `n` trajectories are split into optimizer steps and micro-batches.
+    pub(super) fn update_plan(&self, n: usize) -> TrainResult<UpdatePlan> {
+        let b = &self.config.batch;
+        Ok(plan_updates(
+            n,
+            b.mini_batch_trajectories(self.config.grpo.group_size),
+            b.micro_batch.max(1),
+            b.epochs,
+            None,
+        )?)
+    }
+
+    /// The training engine's inputs: every trajectory with its images preprocessed, each
+    /// image once (the samples of a group share their input image).
+    pub(super) fn sequences(&self, trajectories: &[&Trajectory]) -> TrainResult<Vec<Sequence>> {
+        let mut preprocessed = HashMap::new();
+        trajectories
+            .iter()
+            .map(|t| self.sequence(t, &mut preprocessed))
+            .collect()
+    }
+
+    /// The log-prob phase: the old policy's log-probs (only when the step takes more than one
+    /// optimizer step) and the reference's (only with a KL term), each computed once per step.
+    pub(super) fn fixed_logprobs(
+        &self,
+        sequences: &[Sequence],
+        plan: &UpdatePlan,
+        width: usize,
+    ) -> TrainResult<FixedLogprobs> {
+        let chunk = self.config.batch.logprob_micro_batch;
+        let old = if plan.optimizer_steps() == 1 {
+            None
+        } else {
+            Some(logprobs_of(self.model(), sequences, chunk, width)?)
+        };
+        let reference = match &self.reference {
+            Some(r) => Some(logprobs_of(r, sequences, chunk, width)?),
+            None => None,
+        };
+        Ok(FixedLogprobs { old, reference })
+    }
+
+    /// The update phase: for each mini-batch of `plan`, the gradient accumulated over its
+    /// micro-batches, clipped, and one AdamW step.
+    pub(super) fn update(
+        &mut self,
+        sequences: &[Sequence],
+        batch: &PreparedBatch,
+        plan: &UpdatePlan,
+        fixed: &FixedLogprobs,
+    ) -> TrainResult<UpdateMetrics> {
+        let lr = self
+            .config
+            .schedule
+            .lr(self.config.optimizer.lr, self.step, self.config.steps);
+        let mut stats: Option<LossStats> = None;
+        let (mut grad_norm, mut skipped, mut optimizer_steps) = (0.0, 0, 0);
+        for mini in plan.epochs.iter().flatten() {
+            let mut accumulator = GradientsAccumulator::<N>::new();
+            for rows in &mini.micro_batches {
+                let (micro_stats, grads) =
+                    self.micro_batch_gradients(sequences, batch, mini, rows, fixed)?;
+                match &mut stats {
+                    Some(s) => s.merge(&micro_stats),
+                    None => stats = Some(micro_stats),
+                }
+                accumulator.accumulate(self.model(), grads);
+            }
+            let mut grads = accumulator.grads();
+            grad_norm = grad_norm_and_scale(self.model(), &mut grads, None);
+            if !grad_norm.is_finite() {
+                skipped += 1;
+                tracing::warn!(step = self.step, "non-finite gradient norm; update skipped");
+                continue;
+            }
+            let factor = grad_clip_factor(grad_norm, self.config.optimizer.grad_clip)?;
+            if factor < 1.0 {
+                grad_norm_and_scale(self.model(), &mut grads, Some(factor));
+            }
+            let model = self.model.take().expect("the model is present");
+            self.model = Some(self.optim.step(lr, model, grads));
+            optimizer_steps += 1;
+        }
+        Ok(UpdateMetrics::from_loss(
+            &stats.unwrap_or_default(),
+            grad_norm,
+            lr,
+            optimizer_steps,
+            skipped,
+        ))
+    }
+
+    /// The loss statistics and parameter gradients of one micro-batch (`rows` of the step):
+    /// `∂loss/∂logprob` from [`policy_loss`], back-propagated through the engine's log-probs.
+    fn micro_batch_gradients(
+        &self,
+        sequences: &[Sequence],
+        batch: &PreparedBatch,
+        mini: &MiniBatch,
+        rows: &[usize],
+        fixed: &FixedLogprobs,
+    ) -> TrainResult<(LossStats, GradientsParams)> {
+        let grpo = &self.config.grpo;
+        let targets = batch.targets.select(rows)?;
+        let scale = batch.targets.loss_scale(grpo.loss_normalization, mini)?;
+        let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
+        let model = self.model();
+        let scores: TokenScores = model.score_sequences(&seqs, grpo.needs_entropy())?;
+        let (width, cols) = (targets.mask.ncols(), scores.logprobs.dims()[1]);
+        let grid = |t: &Tensor<2>| host_grid(&to_host(t.clone().detach()), rows.len(), cols, width);
+        let logp = grid(&scores.logprobs);
+        let old = match &fixed.old {
+            Some(old) => rows_of(old, rows, width),
+            None => logp.clone(),
+        };
+        let entropy = scores.entropy.as_ref().map(grid);
+        let reference = fixed.reference.as_ref().map(|r| rows_of(r, rows, width));
+        let out = policy_loss(
+            grpo,
+            &PolicyLossInput {
+                logprobs: logp.view(),
+                old_logprobs: old.view(),
+                advantages: targets.advantages.view(),
+                mask: targets.mask.view(),
+                ref_logprobs: reference.as_ref().map(|a| a.view()),
+                entropy: entropy.as_ref().map(|a| a.view()),
+                rollout_logprobs: Some(targets.rollout_logprobs.view()),
+            },
+            scale,
+        )?;
+        // d loss / d logprob (and d loss / d entropy) as per-token weights on the engine's
+        // outputs, so backward gives the loss's parameter gradient.
+        let weights = |g: ArrayView2<'_, f32>| {
+            tensor2(engine_buffer(g, cols), rows.len(), cols, &model.device())
+        };
+        let mut surrogate: Tensor<1> = (weights(out.grad_logprobs.view())? * scores.logprobs).sum();
+        if let (Some(grad), Some(ent)) = (&out.grad_entropy, scores.entropy) {
+            surrogate = surrogate + (weights(grad.view())? * ent).sum();
+        }
+        let grads = GradientsParams::from_grads(surrogate.backward(), model);
+        Ok((out.stats, grads))
+    }
+
+    /// The training engine's view of a trajectory: its tokens (one pad per image) and images,
+    /// each image preprocessed once per `cache` (keyed by its pixel buffer, which the
+    /// trajectories of a step keep alive).
+    fn sequence(
+        &self,
+        traj: &Trajectory,
+        cache: &mut std::collections::HashMap<usize, ImageInput>,
+    ) -> TrainResult<Sequence> {
+        let mut images = Vec::with_capacity(traj.images.len());
+        for im in &traj.images {
+            let input = match cache.entry(im.image.buffer_id()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                std::collections::hash_map::Entry::Vacant(e) => e
+                    .insert(ImageInput::from(preprocess_image(
+                        &im.image,
+                        &self.preprocess,
+                    )?))
+                    .clone(),
+            };
+            images.push(input);
+        }
+        Ok(Sequence {
+            tokens: traj.tokens.clone(),
+            images,
+        })
+    }
+}
+
+/// Global L2 norm of accumulated gradients, and the same gradients scaled by `factor`.
+pub(crate) fn grad_norm_and_scale<N: PolicyNetwork>(
+    model: &N,
+    grads: &mut GradientsParams,
+    factor: Option<f64>,
+) -> f64 {
+    fn visit<const D: usize>(
+        grads: &mut GradientsParams,
+        id: burn::module::ParamId,
+        factor: Option<f64>,
+    ) -> f64 {
+        let Some(g) = grads.remove::<D>(id) else {
+            return 0.0;
+        };
+        let sq = f64::from(to_host(g.clone().powf_scalar(2.0).sum())[0]);
+        let g = match factor {
+            Some(f) => g.mul_scalar(f),
+            None => g,
+        };
+        grads.register::<D>(id, g);
+        sq
+    }
+    let mut total = 0.0;
+    for p in model.params().iter().filter(|p| p.trainable) {
+        total += match p.shape.len() {
+            1 => visit::<1>(grads, p.id, factor),
+            2 => visit::<2>(grads, p.id, factor),
+            3 => visit::<3>(grads, p.id, factor),
+            4 => visit::<4>(grads, p.id, factor),
+            _ => visit::<5>(grads, p.id, factor),
+        };
+    }
+    total.sqrt()
+}
