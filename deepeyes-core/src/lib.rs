@@ -29,6 +29,7 @@ pub mod protocol;
 pub mod reward;
 pub mod rng;
 pub mod sampling;
+pub mod testing;
 pub mod tool;
 pub mod trajectory;
 pub mod vision;

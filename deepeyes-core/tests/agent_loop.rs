@@ -5,113 +5,11 @@ use std::sync::Arc;
 
 use deepeyes_core::model::FinishReason;
 use deepeyes_core::protocol::{IM_END, IMAGE_PAD, TOOL_CALL_END};
+use deepeyes_core::testing::{CharCodec, ScriptedModel};
 use deepeyes_core::{
-    Agent, AgentConfig, Error, FnTool, GenerateRequest, Generation, Image, ImageSource,
-    PromptTemplates, StopReason, Task, TokenCodec, Tool, ToolError, ToolOutcome, ToolOutput,
-    ToolSpec, VisionLanguageModel,
+    Agent, AgentConfig, Error, FnTool, Image, ImageSource, PromptTemplates, StopReason, Task,
+    TokenCodec, Tool, ToolError, ToolOutcome, ToolOutput, ToolSpec,
 };
-
-/// A character-level codec whose protocol markers are single ids (a test double).
-struct CharCodec;
-
-const SPECIALS: &[&str] = &[
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|image_pad|>",
-    "<|vision_end|>",
-    "<tool_call>",
-    "</tool_call>",
-];
-
-impl TokenCodec for CharCodec {
-    fn encode(&self, text: &str) -> deepeyes_core::Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        'outer: while !rest.is_empty() {
-            for (i, s) in SPECIALS.iter().enumerate() {
-                if let Some(r) = rest.strip_prefix(s) {
-                    ids.push(i as u32);
-                    rest = r;
-                    continue 'outer;
-                }
-            }
-            let c = rest.chars().next().unwrap();
-            ids.push(1000 + c as u32);
-            rest = &rest[c.len_utf8()..];
-        }
-        Ok(ids)
-    }
-
-    fn decode(&self, ids: &[u32]) -> deepeyes_core::Result<String> {
-        ids.iter()
-            .map(|&id| match SPECIALS.get(id as usize) {
-                Some(s) => Ok((*s).to_string()),
-                None => char::from_u32(id - 1000)
-                    .map(String::from)
-                    .ok_or_else(|| Error::Tokenizer(format!("bad id {id}"))),
-            })
-            .collect()
-    }
-}
-
-type Script = dyn Fn(usize, u64) -> String + Send + Sync;
-
-/// Replays scripted assistant turns (a test double). The turn index is read off the context
-/// (number of assistant headers so far), as a stateless backend must.
-struct ScriptedModel {
-    script: Box<Script>,
-    bad_logprobs: bool,
-}
-
-impl ScriptedModel {
-    fn new(script: impl Fn(usize, u64) -> String + Send + Sync + 'static) -> Self {
-        Self {
-            script: Box::new(script),
-            bad_logprobs: false,
-        }
-    }
-}
-
-impl VisionLanguageModel for ScriptedModel {
-    fn generate(&self, req: &GenerateRequest<'_>) -> deepeyes_core::Result<Generation> {
-        let codec = CharCodec;
-        let context = codec.decode(req.tokens)?;
-        let turn = context.matches("<|im_start|>assistant\n").count() - 1;
-        let mut tokens = codec.encode(&(self.script)(turn, req.seed))?;
-        let mut finish = FinishReason::Length;
-        // Cut at the first stop sequence, keeping it.
-        let mut cut = None;
-        for end in 1..=tokens.len() {
-            if req
-                .stop_sequences
-                .iter()
-                .any(|s| tokens[..end].ends_with(s))
-            {
-                cut = Some(end);
-                break;
-            }
-        }
-        if let Some(end) = cut {
-            tokens.truncate(end);
-            finish = FinishReason::Stop;
-        }
-        if tokens.len() > req.max_new_tokens {
-            tokens.truncate(req.max_new_tokens);
-            finish = FinishReason::Length;
-        }
-        let n = tokens.len() + usize::from(self.bad_logprobs);
-        Ok(Generation {
-            logprobs: vec![-0.5; n],
-            tokens,
-            finish,
-        })
-    }
-
-    fn codec(&self) -> &dyn TokenCodec {
-        &CharCodec
-    }
-}
 
 fn image(w: u32, h: u32) -> Image {
     Image::from_rgb(image::RgbImage::from_fn(w, h, |x, y| {
@@ -419,8 +317,8 @@ fn groups_are_deterministic_per_seed() {
 
 #[test]
 fn broken_backends_fail_loudly() {
-    let mut model = ScriptedModel::new(|_, _| format!("<answer>x</answer>{IM_END}"));
-    model.bad_logprobs = true;
+    let model =
+        ScriptedModel::new(|_, _| format!("<answer>x</answer>{IM_END}")).with_bad_logprobs();
     let err = agent(&model, AgentConfig::default())
         .run(&task(), 1)
         .unwrap_err();

@@ -1,95 +1,25 @@
 //! One notion of "correct" and one of IoU: `deepeyes eval` and the training step see the same
 //! trajectory the same way.
 //!
-//! A scripted model answers (and zooms) exactly as told, through the real agent loop and the real
+//! A scripted model (`deepeyes_core::testing`) answers (and zooms) exactly as told, through the real agent loop and the real
 //! zoom tool. Evaluation grades with the reward's accuracy term ([`VisualConfig::accuracy`]); the
 //! training step scores the decoded response with DeepEyes' reward pipeline and measures IoU with
 //! [`rollout_metrics`]. Every verdict and every IoU must agree.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use deepeyes_core::dataset::{
     GroundTruthBox, Item, ItemImage, Position, PreparedItem, prepare_item,
 };
-use deepeyes_core::protocol::{IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START};
+use deepeyes_core::testing::ScriptedModel;
 use deepeyes_core::{
-    Agent, FinishReason, GenerateRequest, Generation, Image, ImageLimits, PreprocessConfig,
-    PromptTemplates, RewardFn, RewardInput, Task, TokenCodec, Trajectory, VisionLanguageModel,
+    Agent, Image, ImageLimits, PreprocessConfig, PromptTemplates, RewardFn, RewardInput, Task,
+    Trajectory, VisionLanguageModel,
 };
 use deepeyes_reward::{PipelineConfig, Registry, VisualConfig};
 use deepeyes_rl::eval::{EvalConfig, Evaluator, ItemRecord};
 use deepeyes_rl::metrics::{ScoredTrajectory, rollout_metrics};
 use deepeyes_tools::{CoordinateFrame, ToolRegistry, ToolsConfig};
-
-/// A codec with one id per protocol marker and one per character.
-struct CharCodec;
-
-const SPECIALS: [&str; 5] = [IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END];
-const CHAR_BASE: u32 = 16;
-
-impl TokenCodec for CharCodec {
-    fn encode(&self, text: &str) -> deepeyes_core::Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        'outer: while let Some(c) = rest.chars().next() {
-            for (id, special) in SPECIALS.iter().enumerate() {
-                if let Some(after) = rest.strip_prefix(special) {
-                    ids.push(id as u32);
-                    rest = after;
-                    continue 'outer;
-                }
-            }
-            ids.push(CHAR_BASE + c as u32);
-            rest = &rest[c.len_utf8()..];
-        }
-        Ok(ids)
-    }
-
-    fn decode(&self, ids: &[u32]) -> deepeyes_core::Result<String> {
-        ids.iter()
-            .map(|&id| match SPECIALS.get(id as usize) {
-                Some(s) => Ok((*s).to_string()),
-                None => char::from_u32(id - CHAR_BASE)
-                    .map(String::from)
-                    .ok_or_else(|| deepeyes_core::Error::Tokenizer(format!("bad id {id}"))),
-            })
-            .collect()
-    }
-}
-
-/// Plays back `turns[k]` when its context holds `k + 1` images (the input, then one per crop).
-struct ScriptedModel {
-    codec: CharCodec,
-    turns: Vec<String>,
-    calls: Mutex<usize>,
-}
-
-impl ScriptedModel {
-    fn new(turns: &[String]) -> Self {
-        Self {
-            codec: CharCodec,
-            turns: turns.to_vec(),
-            calls: Mutex::new(0),
-        }
-    }
-}
-
-impl VisionLanguageModel for ScriptedModel {
-    fn generate(&self, request: &GenerateRequest<'_>) -> deepeyes_core::Result<Generation> {
-        *self.calls.lock().unwrap() += 1;
-        let text = format!("{}{IM_END}", self.turns[request.images.len() - 1]);
-        let tokens = self.codec.encode(&text)?;
-        Ok(Generation {
-            logprobs: vec![0.0; tokens.len()],
-            tokens,
-            finish: FinishReason::Stop,
-        })
-    }
-
-    fn codec(&self) -> &dyn TokenCodec {
-        &self.codec
-    }
-}
 
 fn png(width: u32, height: u32) -> Vec<u8> {
     let raw: Vec<u8> = (0..width * height * 3).map(|v| (v % 251) as u8).collect();
@@ -130,7 +60,7 @@ fn tools(frame: CoordinateFrame) -> Vec<Arc<dyn deepeyes_core::Tool>> {
 
 /// What `deepeyes eval` records for `item` when the model plays `turns`.
 fn evaluate(item: &PreparedItem, turns: &[String], frame: CoordinateFrame) -> ItemRecord {
-    let model = ScriptedModel::new(turns);
+    let model = ScriptedModel::from_turns(turns.to_vec());
     let grader = VisualConfig::default().accuracy(None);
     let evaluator = Evaluator::new(
         &model,
@@ -153,7 +83,7 @@ fn train_rollout(
     turns: &[String],
     frame: CoordinateFrame,
 ) -> (Trajectory, deepeyes_core::RewardBreakdown) {
-    let model = ScriptedModel::new(turns);
+    let model = ScriptedModel::from_turns(turns.to_vec());
     let agent = Agent::new(
         &model,
         tools(frame),

@@ -1,83 +1,12 @@
 //! The example plugin and the built-ins driven through `deepeyes_core::Agent` by a scripted model.
 
-use std::sync::Mutex;
-
-use deepeyes_core::protocol::{IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START};
+use deepeyes_core::testing::{CharCodec, ScriptedModel};
 use deepeyes_core::{
-    Agent, AgentConfig, FinishReason, GenerateRequest, Generation, PromptTemplates, StopReason,
-    Task, TokenCodec, ToolOutcome, VisionLanguageModel,
+    Agent, AgentConfig, PromptTemplates, StopReason, Task, TokenCodec, ToolOutcome,
 };
 use deepeyes_tools::{CropRect, PluginConfig, ToolRegistry, ToolsConfig};
 
 use crate::support::{pattern, plugin};
-
-/// A codec with one id per protocol marker and one per character.
-struct CharCodec;
-
-const SPECIALS: [&str; 5] = [IM_START, IM_END, VISION_START, IMAGE_PAD, VISION_END];
-const CHAR_BASE: u32 = 16;
-
-impl TokenCodec for CharCodec {
-    fn encode(&self, text: &str) -> deepeyes_core::Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        'outer: while let Some(c) = rest.chars().next() {
-            for (id, special) in SPECIALS.iter().enumerate() {
-                if let Some(after) = rest.strip_prefix(special) {
-                    ids.push(id as u32);
-                    rest = after;
-                    continue 'outer;
-                }
-            }
-            ids.push(CHAR_BASE + c as u32);
-            rest = &rest[c.len_utf8()..];
-        }
-        Ok(ids)
-    }
-
-    fn decode(&self, ids: &[u32]) -> deepeyes_core::Result<String> {
-        ids.iter()
-            .map(|&id| match SPECIALS.get(id as usize) {
-                Some(s) => Ok((*s).to_string()),
-                None => char::from_u32(id - CHAR_BASE)
-                    .map(String::from)
-                    .ok_or_else(|| deepeyes_core::Error::Tokenizer(format!("bad id {id}"))),
-            })
-            .collect()
-    }
-}
-
-/// A model that plays back fixed turns and records the images it was shown.
-struct ScriptedModel {
-    codec: CharCodec,
-    turns: Vec<String>,
-    seen: Mutex<Vec<Vec<(u32, u32)>>>,
-}
-
-impl VisionLanguageModel for ScriptedModel {
-    fn generate(&self, request: &GenerateRequest<'_>) -> deepeyes_core::Result<Generation> {
-        let mut seen = self.seen.lock().unwrap();
-        let turn = seen.len();
-        seen.push(
-            request
-                .images
-                .iter()
-                .map(|i| (i.width(), i.height()))
-                .collect(),
-        );
-        let text = format!("{}{IM_END}", self.turns[turn]);
-        let tokens = self.codec.encode(&text)?;
-        Ok(Generation {
-            logprobs: vec![0.0; tokens.len()],
-            tokens,
-            finish: FinishReason::Stop,
-        })
-    }
-
-    fn codec(&self) -> &dyn TokenCodec {
-        &self.codec
-    }
-}
 
 #[test]
 fn agent_uses_plugin_and_zoom_in() {
@@ -86,16 +15,12 @@ fn agent_uses_plugin_and_zoom_in() {
         .plugins
         .push(PluginConfig::new(plugin("grid-overlay-plugin")));
     let registry = ToolRegistry::from_config(&config).unwrap();
-    let model = ScriptedModel {
-        codec: CharCodec,
-        turns: vec![
-            r#"<think>I need coordinates.</think><tool_call>{"name": "image_grid_overlay_tool", "arguments": {"step": 100}}</tool_call>"#.into(),
-            r#"<think>The sign is between x=200 and 400.</think><tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [200, 100, 400, 250], "label": "sign"}}</tool_call>"#.into(),
-            r#"<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 20, 20]}}</tool_call>"#.into(),
-            "<think>Done.</think><answer>red</answer>".into(),
-        ],
-        seen: Mutex::new(Vec::new()),
-    };
+    let model = ScriptedModel::from_turns([
+        r#"<think>I need coordinates.</think><tool_call>{"name": "image_grid_overlay_tool", "arguments": {"step": 100}}</tool_call>"#,
+        r#"<think>The sign is between x=200 and 400.</think><tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [200, 100, 400, 250], "label": "sign"}}</tool_call>"#,
+        r#"<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [10, 10, 20, 20]}}</tool_call>"#,
+        "<think>Done.</think><answer>red</answer>",
+    ]);
     let agent = Agent::new(
         &model,
         registry.tools(),
@@ -157,7 +82,7 @@ fn agent_uses_plugin_and_zoom_in() {
     assert_ne!(traj.images[1].image, original);
 
     // The model saw 1, 2, 3 and again 3 images (the rejected call added none).
-    let seen = model.seen.lock().unwrap();
+    let seen = model.seen_images();
     assert_eq!(seen.iter().map(Vec::len).collect::<Vec<_>>(), [1, 2, 3, 3]);
     // The error observation is in the context the model continued.
     let text = CharCodec.decode(&traj.tokens).unwrap();

@@ -1,0 +1,162 @@
+//! Test doubles for driving the agent loop without a real model: a character-level codec and a
+//! model that replays scripted turns. For tests of tools, rewards and trainers (this workspace's
+//! and a user's own); nothing in deepeyes runs them as a feature.
+//!
+//! ```
+//! use deepeyes_core::testing::ScriptedModel;
+//! use deepeyes_core::{Agent, AgentConfig, Image, PromptTemplates, Task};
+//!
+//! let model = ScriptedModel::from_turns(["<think>Easy.</think><answer>red</answer>"]);
+//! let agent = Agent::new(&model, vec![], PromptTemplates::default(), AgentConfig::default())?;
+//! let task = Task { question: "Colour?".into(), images: vec![Image::from_raw(28, 28, vec![0; 28 * 28 * 3])?] };
+//! assert_eq!(agent.run(&task, 0)?.answer.as_deref(), Some("red"));
+//! # Ok::<(), deepeyes_core::Error>(())
+//! ```
+
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::model::{FinishReason, GenerateRequest, Generation, TokenCodec, VisionLanguageModel};
+use crate::protocol::{
+    IM_END, IM_START, IMAGE_PAD, TOOL_CALL_END, TOOL_CALL_START, VISION_END, VISION_START,
+};
+
+/// The markers [`CharCodec`] encodes as single ids, in id order.
+const SPECIALS: [&str; 7] = [
+    IM_START,
+    IM_END,
+    VISION_START,
+    IMAGE_PAD,
+    VISION_END,
+    TOOL_CALL_START,
+    TOOL_CALL_END,
+];
+
+/// Ids of ordinary characters start here (`id = CHAR_BASE + char`).
+const CHAR_BASE: u32 = 1000;
+
+/// A character-level codec: every protocol marker is one id, every other character its own id.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CharCodec;
+
+impl TokenCodec for CharCodec {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut rest = text;
+        'outer: while let Some(c) = rest.chars().next() {
+            for (id, special) in SPECIALS.iter().enumerate() {
+                if let Some(after) = rest.strip_prefix(special) {
+                    ids.push(id as u32);
+                    rest = after;
+                    continue 'outer;
+                }
+            }
+            ids.push(CHAR_BASE + c as u32);
+            rest = &rest[c.len_utf8()..];
+        }
+        Ok(ids)
+    }
+
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        ids.iter()
+            .map(|&id| match SPECIALS.get(id as usize) {
+                Some(s) => Ok((*s).to_string()),
+                None => id
+                    .checked_sub(CHAR_BASE)
+                    .and_then(char::from_u32)
+                    .map(String::from)
+                    .ok_or_else(|| Error::Tokenizer(format!("bad id {id}"))),
+            })
+            .collect()
+    }
+}
+
+/// The script of a [`ScriptedModel`]: the text of assistant turn `turn` (0-based) for a request
+/// with sampling seed `seed`.
+type Script = dyn Fn(usize, u64) -> String + Send + Sync;
+
+/// Replays scripted assistant turns. The turn index is read off the context (the assistant
+/// headers in it), as a stateless backend must; generation stops at the request's stop
+/// sequences (kept) or its token limit.
+pub struct ScriptedModel {
+    script: Box<Script>,
+    bad_logprobs: bool,
+    seen: Mutex<Vec<Vec<(u32, u32)>>>,
+}
+
+impl std::fmt::Debug for ScriptedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptedModel").finish_non_exhaustive()
+    }
+}
+
+impl ScriptedModel {
+    /// A model whose turn `turn` for seed `seed` is the text `script(turn, seed)`, as is (end it
+    /// with `<|im_end|>` to end the turn as a chat model does).
+    pub fn new(script: impl Fn(usize, u64) -> String + Send + Sync + 'static) -> Self {
+        Self {
+            script: Box::new(script),
+            bad_logprobs: false,
+            seen: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A model that plays `turns` in order, each ended with `<|im_end|>` (a turn past the last
+    /// plays the last again).
+    pub fn from_turns<S: Into<String>>(turns: impl IntoIterator<Item = S>) -> Self {
+        let turns: Vec<String> = turns.into_iter().map(Into::into).collect();
+        Self::new(move |turn, _| {
+            let text = turns.get(turn).or(turns.last()).map_or("", String::as_str);
+            format!("{text}{IM_END}")
+        })
+    }
+
+    /// The same model, returning one log-prob too many (a backend bug the agent must catch).
+    #[must_use]
+    pub fn with_bad_logprobs(mut self) -> Self {
+        self.bad_logprobs = true;
+        self
+    }
+
+    /// The `(width, height)` of every image each request showed the model, request by request.
+    pub fn seen_images(&self) -> Vec<Vec<(u32, u32)>> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl VisionLanguageModel for ScriptedModel {
+    fn generate(&self, req: &GenerateRequest<'_>) -> Result<Generation> {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.push(req.images.iter().map(|i| (i.width(), i.height())).collect());
+        }
+        let context = CharCodec.decode(req.tokens)?;
+        let header = format!("{IM_START}assistant\n");
+        let turn = context.matches(&header).count().saturating_sub(1);
+        let mut tokens = CharCodec.encode(&(self.script)(turn, req.seed))?;
+        let mut finish = FinishReason::Length;
+        // Cut at the first stop sequence, keeping it.
+        let cut = (1..=tokens.len()).find(|&end| {
+            req.stop_sequences
+                .iter()
+                .any(|s| tokens[..end].ends_with(s))
+        });
+        if let Some(end) = cut {
+            tokens.truncate(end);
+            finish = FinishReason::Stop;
+        }
+        if tokens.len() > req.max_new_tokens {
+            tokens.truncate(req.max_new_tokens);
+            finish = FinishReason::Length;
+        }
+        let n = tokens.len() + usize::from(self.bad_logprobs);
+        Ok(Generation {
+            logprobs: vec![-0.5; n],
+            tokens,
+            finish,
+        })
+    }
+
+    fn codec(&self) -> &dyn TokenCodec {
+        &CharCodec
+    }
+}
