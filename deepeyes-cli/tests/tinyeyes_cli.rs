@@ -199,7 +199,8 @@ fn pretrain_resume_continues_exactly() {
     // Stopped after step 2 (as a kill after the step-2 save leaves it), then resumed to 4.
     run(&split, "2", false);
     run(&split, "4", true);
-    let weights = |d: &Path| std::fs::read(d.join("checkpoint/model.safetensors")).unwrap();
+    let weights =
+        |d: &Path| std::fs::read(d.join("checkpoints/step-00000004/model.safetensors")).unwrap();
     assert!(weights(&whole) == weights(&split), "resumed weights differ");
     let metrics = |d: &Path| std::fs::read_to_string(d.join("base-metrics.jsonl")).unwrap();
     let (a, b) = (metrics(&whole), metrics(&split));

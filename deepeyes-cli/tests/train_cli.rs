@@ -93,7 +93,7 @@ fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     // The DeepEyes reward's terms are reported.
     assert!(first["reward_terms"]["accuracy"].is_number(), "{first}");
     assert!(
-        run.join("checkpoints/step-000001/model.safetensors")
+        run.join("checkpoints/step-00000001/model.safetensors")
             .is_file()
     );
     let bundle = run.join("final");
@@ -113,7 +113,7 @@ fn train_prints_a_table_writes_metrics_and_bundles_that_eval_loads() {
     let out = deepeyes(&[
         "export",
         "--checkpoint",
-        run.join("checkpoints/step-000001").to_str().unwrap(),
+        run.join("checkpoints/step-00000001").to_str().unwrap(),
         "--out",
         exported.to_str().unwrap(),
     ]);
@@ -177,56 +177,108 @@ fn metrics_without_times(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[test]
-fn a_run_killed_mid_step_resumes_exactly() {
-    let steps = 4;
+/// Metrics of an uninterrupted `steps`-step run with a checkpoint every `every` steps, and how
+/// long the run took.
+fn uninterrupted(steps: u64, every: u64) -> (Vec<serde_json::Value>, std::time::Duration) {
     let whole = tempfile::tempdir().unwrap();
-    let config = write_config(whole.path(), "", steps, 2);
+    let config = write_config(whole.path(), "", steps, every);
+    let started = std::time::Instant::now();
     let out = train(&config, &[]);
+    let took = started.elapsed();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let want = metrics_without_times(&whole.path().join("run"));
+    (metrics_without_times(&whole.path().join("run")), took)
+}
+
+#[test]
+fn runs_killed_at_random_moments_resume_exactly() {
+    let steps = 4;
+    let (want, took) = uninterrupted(steps, 1);
     assert_eq!(want.len(), steps as usize);
 
     let cut = tempfile::tempdir().unwrap();
-    let config = write_config(cut.path(), "", steps, 2);
-    let mut child = train_command(&config, &[])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let config = write_config(cut.path(), "", steps, 1);
     let run = cut.path().join("run");
-    let marker = run.join("checkpoints/step-000002/trainer-state.json");
-    let started = std::time::Instant::now();
-    while !marker.exists() {
-        assert!(
-            started.elapsed().as_secs() < 300,
-            "no checkpoint after 300 s"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "the run ended early");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    // SIGKILL after a seeded random delay, again and again, until a run finishes: kills land
+    // mid-step and mid-checkpoint-write alike, and each restart resumes from the newest intact
+    // checkpoint (or starts over when the first was never finished).
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut kills = 0;
+    loop {
+        let has_checkpoint = std::fs::read_dir(run.join("checkpoints"))
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().join("manifest.json").is_file())
+            })
+            .unwrap_or(false);
+        let mode = if has_checkpoint {
+            "--resume"
+        } else {
+            "--overwrite"
+        };
+        let mut child = train_command(&config, &[mode])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        // 10–40 % of an uninterrupted run: start-up, steps and checkpoint writes alike.
+        let share = 0.1 + 0.3 * ((state >> 11) as f64 / (1u64 << 53) as f64);
+        let delay = took.mul_f64(share);
+        std::thread::sleep(delay);
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "run {kills} failed");
+            break;
+        }
+        child.kill().unwrap();
+        assert!(!child.wait().unwrap().success());
+        kills += 1;
+        assert!(kills < 20, "the run never finished between kills");
     }
-    // Step 3 is under way: SIGKILL, no chance to clean up.
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    child.kill().unwrap();
-    let status = child.wait().unwrap();
-    assert!(!status.success());
-
-    let out = train(&config, &["--resume"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        kills >= 2,
+        "only {kills} kills: the delays are too long for this machine"
     );
     let got = metrics_without_times(&run);
-    assert_eq!(got.len(), steps as usize);
     assert_eq!(
         got, want,
-        "the resumed run differs from the uninterrupted one"
+        "the run killed {kills} times differs from the uninterrupted one"
     );
+}
+
+#[test]
+fn a_damaged_newest_checkpoint_is_skipped_and_the_previous_resumes_exactly() {
+    let steps = 3;
+    let (want, _) = uninterrupted(steps, 1);
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "", steps, 1);
+    let out = train(&config, &[]);
+    assert!(out.status.success());
+    let run = dir.path().join("run");
+    let newest = run.join("checkpoints/step-00000003");
+    let weights = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes.truncate(bytes.len() - 100);
+    std::fs::write(&weights, bytes).unwrap();
+
+    // A fresh run refuses the folder; --resume says what it skipped and continues from step 2.
+    let refused = train(&config, &[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("holds an earlier run"), "{stderr}");
+    let out = train(&config, &["--resume"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("step-00000003") && stderr.contains("skipping a checkpoint"),
+        "{stderr}"
+    );
+    assert_eq!(metrics_without_times(&run), want);
 }
 
 #[test]
@@ -236,5 +288,5 @@ fn resume_without_a_checkpoint_is_a_clear_error() {
     let out = deepeyes(&["train", "--config", config.to_str().unwrap(), "--resume"]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("no checkpoint in"), "{stderr}");
+    assert!(stderr.contains("no intact checkpoint in"), "{stderr}");
 }

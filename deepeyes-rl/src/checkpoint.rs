@@ -159,6 +159,23 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Size and lower-case hex SHA-256 of the file at `path`, read in 1 MiB pieces.
+fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hex(&hasher.finalize())))
+}
+
 struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
@@ -221,9 +238,22 @@ impl CheckpointWriter {
         for entry in fs::read_dir(root).map_err(|e| Error::io(root, e))? {
             let entry = entry.map_err(|e| Error::io(root, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            if (name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX))
-                && entry.path().is_dir()
+            if !entry.path().is_dir() {
+                continue;
+            }
+            // A `.old-` folder is a good checkpoint that a replacement of the same step moved
+            // aside; if the kill came before the replacement took its place, it goes back.
+            if let Some(original) = name
+                .strip_prefix(OLD_PREFIX)
+                .and_then(|rest| rest.rsplit_once('-'))
+                .map(|(step_name, _pid)| root.join(step_name))
+                && !original.exists()
             {
+                tracing::info!(path = %original.display(), "restoring a checkpoint moved aside");
+                fs::rename(entry.path(), &original).map_err(|e| Error::io(&original, e))?;
+                continue;
+            }
+            if name.starts_with(TMP_PREFIX) || name.starts_with(OLD_PREFIX) {
                 tracing::info!(path = %entry.path().display(), "removing an unfinished checkpoint");
                 fs::remove_dir_all(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
             }
@@ -241,6 +271,35 @@ impl CheckpointWriter {
             blobs: Vec::new(),
             committed: false,
         })
+    }
+
+    /// The temporary folder the checkpoint is built in, for producers that write their files
+    /// themselves (then [`CheckpointWriter::adopt`] each).
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Records a file that a producer wrote into [`CheckpointWriter::dir`] as a blob: hashed,
+    /// fsynced and listed in the manifest like [`CheckpointWriter::add_bytes`]' blobs.
+    pub fn adopt(&mut self, name: &str) -> Result<()> {
+        check_blob_name(name)?;
+        if self.blobs.iter().any(|b| b.name == name) {
+            return Err(Error::invalid(
+                "blob name",
+                format!("{name:?} was added twice"),
+            ));
+        }
+        let path = self.tmp.join(name);
+        let (bytes, sha256) = hash_file(&path)?;
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&path, e))?;
+        self.blobs.push(BlobEntry {
+            name: name.to_string(),
+            bytes,
+            sha256,
+        });
+        Ok(())
     }
 
     /// Adds a blob from memory.
@@ -375,7 +434,11 @@ impl Checkpoint {
             if e.kind() == io::ErrorKind::NotFound {
                 Error::checkpoint(
                     dir,
-                    format!("no {MANIFEST_FILE}: not a (finished) checkpoint"),
+                    format!(
+                        "no {MANIFEST_FILE}: not a finished checkpoint (checkpoints written before \
+                         deepeyes' checkpoint format {FORMAT_VERSION} have none and cannot be \
+                         resumed; start the run over with `deepeyes train --overwrite`)"
+                    ),
                 )
             } else {
                 Error::io(&manifest_path, e)
@@ -484,27 +547,25 @@ impl Checkpoint {
         Ok(bytes)
     }
 
-    /// Hashes a blob on disk (streaming) and checks it against the manifest.
+    /// Checks blob `name` against the manifest's size and SHA-256, reading it in pieces.
     pub fn verify_blob(&self, name: &str) -> Result<()> {
         let entry = self.entry(name)?;
-        let path = self.dir.join(&entry.name);
-        let mut file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(|e| Error::io(&path, e))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        if hex(&hasher.finalize()) != entry.sha256 {
+        let (bytes, sha) = hash_file(&self.dir.join(&entry.name))?;
+        if bytes != entry.bytes || sha != entry.sha256 {
             return Err(Error::checkpoint(
                 &self.dir,
                 format!("blob {name} is damaged: its SHA-256 does not match the manifest"),
             ));
         }
         Ok(())
+    }
+
+    /// Checks every blob and the config against the manifest: what a resumed run relies on.
+    pub fn verify(&self) -> Result<()> {
+        for name in self.blob_names() {
+            self.verify_blob(name)?;
+        }
+        self.config_toml().map(|_| ())
     }
 
     /// The stored config text (hash-checked).
@@ -545,16 +606,34 @@ pub fn list_checkpoints(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     Ok(out)
 }
 
-/// The newest checkpoint under `root` that opens cleanly (older ones are tried when the newest
-/// is damaged, with a warning); `None` when there is none.
-pub fn latest_checkpoint(root: &Path) -> Result<Option<Checkpoint>> {
+/// A checkpoint a resume passed over, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    /// Its folder.
+    pub dir: PathBuf,
+    /// Why it cannot be resumed.
+    pub reason: String,
+}
+
+/// The newest checkpoint under `root` whose every file matches its manifest
+/// ([`Checkpoint::verify`]), and the newer ones passed over with the reason for each (a kill
+/// mid-write leaves no such folder; damage, truncation or a checkpoint of an older format does).
+pub fn latest_intact(root: &Path) -> Result<(Option<Checkpoint>, Vec<Skipped>)> {
+    let mut skipped = Vec::new();
     for (step, dir) in list_checkpoints(root)?.into_iter().rev() {
-        match Checkpoint::open(&dir) {
-            Ok(c) => return Ok(Some(c)),
-            Err(e) => tracing::warn!(step, error = %e, "skipping an unreadable checkpoint"),
+        let checked = Checkpoint::open(&dir).and_then(|c| c.verify().map(|()| c));
+        match checked {
+            Ok(c) => return Ok((Some(c), skipped)),
+            Err(e) => {
+                tracing::warn!(step, error = %e, "skipping a checkpoint that cannot be resumed");
+                skipped.push(Skipped {
+                    dir,
+                    reason: e.to_string(),
+                });
+            }
         }
     }
-    Ok(None)
+    Ok((None, skipped))
 }
 
 /// Removes all but the newest `keep_last` checkpoints (`0` keeps all); returns the removed

@@ -23,7 +23,7 @@ fn base_stage_lowers_its_loss_and_saves_a_loadable_checkpoint() {
         soft_coordinates: 1.0,
         ..BaseStageConfig::default()
     };
-    let mut stage = BaseStage::new(&init, config).unwrap();
+    let mut stage = BaseStage::new(&init, config.clone()).unwrap();
     let losses: Vec<f64> = (0..30).map(|_| stage.train_step().unwrap().loss).collect();
     assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
     let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
@@ -46,8 +46,16 @@ fn base_stage_lowers_its_loss_and_saves_a_loadable_checkpoint() {
         assert!((0.0..=1.0).contains(&v), "{e:?}");
     }
 
-    let saved = dir.path().join("checkpoint");
-    stage.save(&init, &saved).unwrap();
+    let saved = stage.save(&init, &dir.path().join("checkpoints")).unwrap();
+    assert!(saved.ends_with("step-00000030"));
+    let resumed = deepeyes_rl::checkpoint::latest_intact(&dir.path().join("checkpoints"))
+        .unwrap()
+        .0
+        .unwrap();
+    assert_eq!(
+        BaseStage::resume(&resumed, config).unwrap().step_count(),
+        30
+    );
     let device = ComputeDevice::Flex.device(false).unwrap();
     let model = Qwen25Vl::from_pretrained(&saved, &device).unwrap();
     assert_eq!(model.config, stage.model().config);

@@ -324,6 +324,8 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "DeepEyes (accuracy + format + tool bonus)"
         }
     )?;
+    // The demo owns its output folder: a rerun starts its training over.
+    super::train::discard_run(&config)?;
     let mut trainer = Trainer::new(config, tools, reward)
         .context("setting up training")?
         .with_onnx_options(OnnxOptions {

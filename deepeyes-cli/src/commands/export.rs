@@ -8,12 +8,13 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
-use deepeyes_rl::trainer::{OPTIMIZER_FILE, STATE_FILE};
+use deepeyes_rl::checkpoint::{CONFIG_FILE, MANIFEST_FILE};
+use deepeyes_rl::trainer::OPTIMIZER_FILE;
 
 /// Arguments of `deepeyes export`.
 #[derive(Debug, Args)]
 pub(crate) struct ExportArgs {
-    /// A checkpoint folder written by `deepeyes train` (`checkpoints/step-NNNNNN` or `final`).
+    /// A checkpoint folder written by `deepeyes train` (`checkpoints/step-NNNNNNNN` or `final`).
     #[arg(long, value_name = "DIR")]
     checkpoint: PathBuf,
     /// The bundle folder to write.
@@ -37,7 +38,8 @@ pub(crate) fn run(args: ExportArgs) -> anyhow::Result<ExitCode> {
     {
         let entry = entry?;
         let name = entry.file_name();
-        if name == OPTIMIZER_FILE || name == STATE_FILE || !entry.path().is_file() {
+        let not_bundle = [OPTIMIZER_FILE, MANIFEST_FILE, CONFIG_FILE];
+        if not_bundle.iter().any(|n| name == *n) || !entry.path().is_file() {
             continue;
         }
         let to = args.out.join(&name);

@@ -7,17 +7,19 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
+use deepeyes_rl::checkpoint::latest_intact;
 use deepeyes_rl::tinyeyes::{BaseStage, BaseStageConfig, init_checkpoint};
 
 /// Arguments of `deepeyes pretrain-synthetic`.
 #[derive(Debug, Args)]
 pub(crate) struct PretrainArgs {
-    /// Output directory: `checkpoint/` (the trained weights, a Hugging Face directory),
-    /// `base-metrics.jsonl`, and `bundle/` when `--bundle-template` is given.
+    /// Output directory: `checkpoints/step-NNNNNNNN/` (the two newest saves: the weights as a
+    /// Hugging Face directory, the optimizer state and a manifest), `base-metrics.jsonl`, and
+    /// `bundle/` when `--bundle-template` is given.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
     /// Start from this checkpoint instead of a fresh one (`init-tinyeyes` output, or an earlier
-    /// run's `checkpoint/`).
+    /// run's `checkpoints/step-NNNNNNNN/`).
     #[arg(long, value_name = "DIR")]
     from: Option<PathBuf>,
     /// A TinyEyes ONNX bundle whose graphs run the trained weights (`bundle/` is written).
@@ -57,11 +59,29 @@ pub(crate) struct PretrainArgs {
 pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    let checkpoint = args.out.join("checkpoint");
-    let source = match &args.from {
-        _ if args.resume => checkpoint.clone(),
-        Some(dir) => dir.clone(),
-        None => {
+    let checkpoints = args.out.join("checkpoints");
+    let resumed = if args.resume {
+        let (newest, skipped) = latest_intact(&checkpoints).context("listing checkpoints")?;
+        let Some(newest) = newest else {
+            let why: String = skipped
+                .iter()
+                .map(|s| format!("\n  {}: {}", s.dir.display(), s.reason))
+                .collect();
+            anyhow::bail!(
+                "--resume: no intact checkpoint in {}{why}",
+                checkpoints.display()
+            );
+        };
+        Some(newest)
+    } else {
+        None
+    };
+    // The folder whose tokenizer, configs and templates each save copies: the newest checkpoint
+    // once there is one (pruning keeps it).
+    let mut source = match (&resumed, &args.from) {
+        (Some(c), _) => c.dir().to_path_buf(),
+        (None, Some(dir)) => dir.clone(),
+        (None, None) => {
             let dir = args.out.join("init");
             init_checkpoint(&dir, args.seed)
                 .with_context(|| format!("initialising TinyEyes in {}", dir.display()))?;
@@ -84,8 +104,8 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         },
         ..BaseStageConfig::default()
     };
-    let stage = if args.resume {
-        BaseStage::resume(&checkpoint, config.clone())
+    let stage = if let Some(checkpoint) = &resumed {
+        BaseStage::resume(checkpoint, config.clone())
     } else {
         BaseStage::new(&source, config.clone())
     };
@@ -169,14 +189,14 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
             )?;
             metrics.flush()?;
             window = (0.0, 0.0, 0);
-            stage
-                .save(&source, &checkpoint)
-                .with_context(|| format!("saving {}", checkpoint.display()))?;
+            source = stage
+                .save(&source, &checkpoints)
+                .with_context(|| format!("saving a checkpoint in {}", checkpoints.display()))?;
         }
     }
     // Every evaluation saves, the last step included; a run of zero steps saves the start.
     if config.steps == 0 {
-        stage.save(&source, &checkpoint)?;
+        source = stage.save(&source, &checkpoints)?;
     }
     if let Some(template) = &args.bundle_template {
         let bundle = args.out.join("bundle");
@@ -185,6 +205,6 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         // The template's bundle config stays; only the weights are new.
         writeln!(stdout, "wrote {}", bundle.display())?;
     }
-    writeln!(stdout, "wrote {}", checkpoint.display())?;
+    writeln!(stdout, "wrote {}", source.display())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,7 +1,7 @@
 //! `deepeyes train --config FILE.toml`: GRPO training with a live table per step.
 //!
 //! Metrics go to `metrics.jsonl` in the run folder; every `checkpoint.every` steps, and at the
-//! end, the policy is written as a model bundle (`checkpoints/step-NNNNNN`, `final`) that
+//! end, the policy is written as a model bundle (`checkpoints/step-NNNNNNNN`, `final`) that
 //! `deepeyes run` and `deepeyes eval` load as is.
 
 use std::io::Write;
@@ -15,9 +15,10 @@ use deepeyes_core::onnx::OnnxOptions;
 use deepeyes_core::{RewardFn, Tool};
 use deepeyes_reward::{PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
+use deepeyes_rl::checkpoint::latest_intact;
 use deepeyes_rl::config::RewardSource;
 use deepeyes_rl::metrics::{StepMetrics, ToolCollapseDetector};
-use deepeyes_rl::trainer::{Trainer, checkpoints};
+use deepeyes_rl::trainer::Trainer;
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -36,8 +37,12 @@ pub(crate) struct TrainArgs {
     no_judge: bool,
     /// Continue the run from its newest checkpoint (weights, optimizer, data position); the
     /// next steps equal those of an uninterrupted run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "overwrite")]
     resume: bool,
+    /// Start over in an output folder that holds an earlier run, deleting its checkpoints and
+    /// metrics (without this, such a folder is refused).
+    #[arg(long)]
+    overwrite: bool,
     /// Threads per ONNX Runtime graph during rollouts (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
@@ -79,6 +84,22 @@ pub(crate) fn config_tools(config: &TrainConfig) -> anyhow::Result<Vec<Arc<dyn T
         .tools())
 }
 
+/// Deletes what a run in `config`'s output folder wrote (checkpoints, metrics, final bundle),
+/// for `--overwrite`.
+pub(crate) fn discard_run(config: &TrainConfig) -> anyhow::Result<()> {
+    for dir in [config.checkpoint_dir(), config.output_dir.join("final")] {
+        if dir.is_dir() {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
+    let metrics = config.metrics_path();
+    if metrics.is_file() {
+        std::fs::remove_file(&metrics)
+            .with_context(|| format!("removing {}", metrics.display()))?;
+    }
+    Ok(())
+}
+
 /// Trains and writes the final bundle.
 pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let mut config = TrainConfig::load(&args.config)
@@ -105,19 +126,26 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     );
     let tools = config_tools(&config)?;
     let trainer = if args.resume {
-        let Some((step, dir)) = checkpoints(&checkpoint_root)
-            .context("listing checkpoints")?
-            .pop()
-        else {
+        let (checkpoint, skipped) =
+            latest_intact(&checkpoint_root).context("listing checkpoints")?;
+        let Some(checkpoint) = checkpoint else {
+            let why: String = skipped
+                .iter()
+                .map(|s| format!("\n  {}: {}", s.dir.display(), s.reason))
+                .collect();
             anyhow::bail!(
-                "--resume: no checkpoint in {}; start without --resume",
+                "--resume: no intact checkpoint in {}{why}\nstart without --resume (with \
+                 --overwrite if the folder holds an earlier run)",
                 checkpoint_root.display()
             );
         };
-        tracing::info!(step, path = %dir.display(), "resuming");
-        Trainer::resume(config, tools, reward, &dir)
-            .with_context(|| format!("resuming from {}", dir.display()))?
+        tracing::info!(step = checkpoint.state().step, path = %checkpoint.dir().display(), "resuming");
+        Trainer::resume(config, tools, reward, checkpoint.dir())
+            .with_context(|| format!("resuming from {}", checkpoint.dir().display()))?
     } else {
+        if args.overwrite {
+            discard_run(&config)?;
+        }
         Trainer::new(config, tools, reward).context("setting up training")?
     };
     let mut trainer = trainer.with_onnx_options(OnnxOptions {

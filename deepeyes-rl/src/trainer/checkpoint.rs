@@ -1,136 +1,118 @@
-//! Checkpoints of a run (the bundle of the current weights, the optimizer state and where the
-//! run stands) and bundle export.
+//! The trainer's checkpoints, in the one checkpoint format ([`crate::checkpoint`]: built in a
+//! temporary folder, every file fsynced and listed with its SHA-256 in the manifest with the
+//! resolved config, published by one rename), and bundle export.
+//!
+//! A checkpoint is a bundle that runs the current weights (so any checkpoint can be evaluated
+//! or served as is), plus the optimizer state; the manifest's state holds the step, the data
+//! stream's generator and the epoch's item order and position.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::optim::ModuleOptimizer;
 use deepeyes_core::Rng;
 
 use super::{TrainError, TrainResult, Trainer, io_err};
+use crate::checkpoint::{Checkpoint, CheckpointWriter, DataCursor, TrainState, prune_checkpoints};
 use crate::network::PolicyNetwork;
-
-impl<N: PolicyNetwork> Trainer<N> {
-    /// Writes a checkpoint of the run after the steps done so far into
-    /// `checkpoint.dir/step-NNNNNN`: a bundle that runs the current weights (so any checkpoint can
-    /// be evaluated), the optimizer state and the trainer state. It is written in a temporary
-    /// folder renamed into place, so a kill never leaves a half-written checkpoint; older ones
-    /// beyond `checkpoint.keep-last` are removed.
-    pub fn save_checkpoint(&self) -> TrainResult<PathBuf> {
-        let root = self.config.checkpoint_dir();
-        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
-        let name = format!("step-{:06}", self.step);
-        let dir = root.join(&name);
-        let tmp = root.join(format!(".{name}.partial"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-        }
-        export_bundle(self.model(), &self.config.model.bundle, &tmp)?;
-        let bytes = self.optim.into_bytes().map_err(|e| TrainError::Data {
-            path: tmp.join(OPTIMIZER_FILE),
-            reason: format!("cannot serialise the optimizer state: {e:?}"),
-        })?;
-        let path = tmp.join(OPTIMIZER_FILE);
-        std::fs::write(&path, &bytes[..]).map_err(io_err(&path))?;
-        let state = TrainerState {
-            step: self.step,
-            data_rng: self.data_rng.clone(),
-            order: self.order.clone(),
-            cursor: self.cursor,
-        };
-        let path = tmp.join(STATE_FILE);
-        let text = serde_json::to_string_pretty(&state).expect("the state serialises");
-        std::fs::write(&path, text).map_err(io_err(&path))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        let keep = self.config.checkpoint.keep_last;
-        if keep > 0 {
-            let all = checkpoints(&root)?;
-            for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-                std::fs::remove_dir_all(old).map_err(io_err(old))?;
-            }
-        }
-        Ok(dir)
-    }
-}
-
-/// Reads the optimizer state and the trainer state of `dir` into `optim`, checking that the
-/// checkpoint's data has `items` items.
-pub(super) fn restore(
-    dir: &Path,
-    optim: ModuleOptimizer,
-    items: usize,
-) -> TrainResult<(ModuleOptimizer, TrainerState)> {
-    let path = dir.join(OPTIMIZER_FILE);
-    let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-    let optim = optim
-        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-        .map_err(|e| TrainError::Data {
-            path: path.clone(),
-            reason: format!("not an optimizer state: {e:?}"),
-        })?;
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let state: TrainerState = serde_json::from_str(&text).map_err(|e| TrainError::Data {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    if state.order.len() != items {
-        return Err(TrainError::Data {
-            path,
-            reason: format!(
-                "the checkpoint's data has {} items, the configured data {}",
-                state.order.len(),
-                items
-            ),
-        });
-    }
-    Ok((optim, state))
-}
 
 /// The optimizer state inside a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
-/// The trainer state inside a checkpoint.
-pub const STATE_FILE: &str = "trainer-state.json";
 
-/// Where a run stands, saved with each checkpoint.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct TrainerState {
-    /// RL steps completed.
+/// The name of the data stream's generator in a checkpoint's state.
+const DATA_RNG: &str = "data";
+
+impl<N: PolicyNetwork> Trainer<N> {
+    /// Writes a checkpoint of the run after the steps done so far into
+    /// `checkpoint.dir/step-NNNNNNNN`. A kill at any moment leaves the previous checkpoints
+    /// intact and this one either complete or absent; older ones beyond
+    /// `checkpoint.keep-last` are removed only once it is durable.
+    pub fn save_checkpoint(&self) -> TrainResult<PathBuf> {
+        let root = self.config.checkpoint_dir();
+        let mut writer = CheckpointWriter::begin(&root, self.step)?;
+        export_bundle(self.model(), &self.config.model.bundle, writer.dir())?;
+        let mut names: Vec<String> = std::fs::read_dir(writer.dir())
+            .map_err(io_err(writer.dir()))?
+            .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()
+            .map_err(io_err(writer.dir()))?;
+        names.sort();
+        for name in &names {
+            writer.adopt(name)?;
+        }
+        let bytes = self.optim.into_bytes().map_err(|e| TrainError::Data {
+            path: root.clone(),
+            reason: format!("cannot serialise the optimizer state: {e:?}"),
+        })?;
+        writer.add_bytes(OPTIMIZER_FILE, &bytes[..])?;
+        let dir = writer.commit(&self.run_state(), &self.config.to_toml_string()?)?;
+        prune_checkpoints(&root, self.config.checkpoint.keep_last)?;
+        Ok(dir)
+    }
+
+    /// Where the run stands, as a checkpoint records it.
+    fn run_state(&self) -> TrainState {
+        TrainState {
+            step: self.step,
+            rngs: BTreeMap::from([(DATA_RNG.to_string(), self.data_rng.clone())]),
+            data_cursor: DataCursor {
+                epoch: 0,
+                position: self.cursor as u64,
+            },
+            extra: serde_json::json!({ "order": self.order }),
+        }
+    }
+}
+
+/// Where a resumed run stands: the data stream's generator, the epoch's item order and the
+/// next position in it, and the steps completed.
+pub(super) struct RunPosition {
     pub(super) step: u64,
-    /// The data-order stream.
     pub(super) data_rng: Rng,
-    /// The current epoch's item order.
     pub(super) order: Vec<usize>,
-    /// The next position in `order`.
     pub(super) cursor: usize,
 }
 
-/// The complete checkpoints in `root`, oldest first, with their step.
-pub fn checkpoints(root: &Path) -> TrainResult<Vec<(u64, PathBuf)>> {
-    let mut out = Vec::new();
-    let entries = match std::fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(io_err(root)(e)),
+/// Reads a verified checkpoint's optimizer state into `optim` and its run position, checking
+/// that its data had `items` items.
+pub(super) fn restore(
+    checkpoint: &Checkpoint,
+    optim: ModuleOptimizer,
+    items: usize,
+) -> TrainResult<(ModuleOptimizer, RunPosition)> {
+    let dir = checkpoint.dir();
+    let bad = |reason: String| TrainError::Data {
+        path: dir.to_path_buf(),
+        reason,
     };
-    for entry in entries {
-        let entry = entry.map_err(io_err(root))?;
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some(step) = name
-            .strip_prefix("step-")
-            .and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if entry.path().join(STATE_FILE).is_file() {
-            out.push((step, entry.path()));
-        }
+    let bytes = checkpoint.read_blob(OPTIMIZER_FILE)?;
+    let optim = optim
+        .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
+        .map_err(|e| bad(format!("not an optimizer state: {e:?}")))?;
+    let state = checkpoint.state();
+    let data_rng = state
+        .rngs
+        .get(DATA_RNG)
+        .cloned()
+        .ok_or_else(|| bad(format!("the state has no {DATA_RNG:?} generator")))?;
+    let order: Vec<usize> = serde_json::from_value(state.extra["order"].clone())
+        .map_err(|e| bad(format!("the state's item order: {e}")))?;
+    if order.len() != items {
+        return Err(bad(format!(
+            "the checkpoint's data has {} items, the configured data {items}",
+            order.len()
+        )));
     }
-    out.sort();
-    Ok(out)
+    let cursor = usize::try_from(state.data_cursor.position).unwrap_or(usize::MAX);
+    Ok((
+        optim,
+        RunPosition {
+            step: state.step,
+            data_rng,
+            order,
+            cursor,
+        },
+    ))
 }
 
 /// Writes `model`'s weights as a bundle in `out`, next to copies of the files of `source` (a

@@ -32,6 +32,7 @@ use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
 use deepeyes_core::onnx::OnnxOptions;
 use deepeyes_core::{PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory};
 
+use crate::checkpoint::{Checkpoint, list_checkpoints};
 use crate::config::{DatasetKind, DeviceKind, TrainConfig};
 use crate::metrics::{JsonlWriter, StepMetrics};
 use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
@@ -148,6 +149,33 @@ fn networks<N: PolicyNetwork>(
     Ok((model, reference))
 }
 
+/// The checkpoint in `dir`, every file checked against its manifest.
+fn verified(dir: &Path) -> TrainResult<Checkpoint> {
+    let checkpoint = Checkpoint::open(dir)?;
+    checkpoint.verify()?;
+    Ok(checkpoint)
+}
+
+/// A fresh run must not overwrite another run's results: refuses an output folder that holds
+/// checkpoints or metrics (resume that run, or remove them first: `deepeyes train --overwrite`).
+fn refuse_earlier_run(config: &TrainConfig) -> TrainResult<()> {
+    let checkpoints = list_checkpoints(&config.checkpoint_dir())?;
+    let metrics = config.metrics_path();
+    let has_metrics = std::fs::metadata(&metrics).is_ok_and(|m| m.len() > 0);
+    if checkpoints.is_empty() && !has_metrics {
+        return Ok(());
+    }
+    Err(TrainError::Data {
+        path: config.output_dir.clone(),
+        reason: format!(
+            "holds an earlier run ({} checkpoints{}); resume it (`deepeyes train --resume`) or \
+             start over and discard it (`--overwrite`)",
+            checkpoints.len(),
+            if has_metrics { ", metrics.jsonl" } else { "" }
+        ),
+    })
+}
+
 /// AdamW with the configured betas, epsilon and weight decay.
 fn optimizer(config: &TrainConfig) -> burn::optim::ModuleOptimizer {
     let o = &config.optimizer;
@@ -190,7 +218,8 @@ impl<N: PolicyNetwork> std::fmt::Debug for Trainer<N> {
 
 impl Trainer {
     /// Sets up a run of a Qwen2.5-VL policy: the data, the burn model from the bundle's
-    /// `model.safetensors`, the optimizer and the metrics file. The policy may call `tools`;
+    /// `model.safetensors`, the optimizer and the metrics file. Refuses an output folder that
+    /// holds another run's checkpoints or metrics. The policy may call `tools`;
     /// `reward` scores its trajectories. (The CLI builds both from the config's `[tools]` and
     /// `[reward]` tables.)
     pub fn new(
@@ -202,9 +231,11 @@ impl Trainer {
     }
 
     /// Continues the run saved in `checkpoint` (a folder written by
-    /// [`Trainer::save_checkpoint`]): weights, optimizer state, data order and position, step.
-    /// Metrics of later steps (logged by a run killed after the checkpoint) are dropped, so the
-    /// next step is exactly the one an uninterrupted run would take.
+    /// [`Trainer::save_checkpoint`], every file checked against its manifest first): weights,
+    /// optimizer state, data order and position, step. Metrics of later steps (logged by a run
+    /// killed after the checkpoint) are dropped, so the next step is exactly the one an
+    /// uninterrupted run would take. [`crate::checkpoint::latest_intact`] finds the checkpoint
+    /// to resume.
     pub fn resume(
         config: TrainConfig,
         tools: Vec<Arc<dyn Tool>>,
@@ -230,26 +261,33 @@ impl<N: PolicyNetwork> Trainer<N> {
                 "only \"ort\" is implemented (rollouts through ONNX Runtime with the current weights)",
             )));
         }
+        let checkpoint = match checkpoint {
+            Some(dir) => Some(verified(dir)?),
+            None => {
+                refuse_earlier_run(&config)?;
+                None
+            }
+        };
         let items = load_items(&config)?;
         let preprocess = deepeyes_core::onnx::BundleConfig::load(&config.model.bundle)?.preprocess;
-        let (model, reference) = networks(&config, checkpoint)?;
+        let (model, reference) = networks(&config, checkpoint.as_ref().map(Checkpoint::dir))?;
         let mut optim = optimizer(&config);
         std::fs::create_dir_all(&config.output_dir).map_err(io_err(&config.output_dir))?;
         let metrics_path = config.metrics_path();
-        let state = match checkpoint {
-            Some(dir) => {
-                let (restored, state) = checkpoint::restore(dir, optim, items.len())?;
+        let position = match &checkpoint {
+            Some(c) => {
+                let (restored, position) = checkpoint::restore(c, optim, items.len())?;
                 optim = restored;
-                Some(state)
+                Some(position)
             }
             None => None,
         };
-        let metrics = match &state {
-            Some(s) => JsonlWriter::resume(&metrics_path, s.step.checked_sub(1))?,
+        let metrics = match &position {
+            Some(p) => JsonlWriter::resume(&metrics_path, p.step.checked_sub(1))?,
             None => JsonlWriter::create(&metrics_path)?,
         };
-        let fresh = state.is_none();
-        let state = state.unwrap_or_else(|| TrainerState {
+        let fresh = position.is_none();
+        let state = position.unwrap_or_else(|| RunPosition {
             step: 0,
             data_rng: Rng::new(config.seeds.data),
             order: (0..items.len()).collect(),
@@ -378,8 +416,8 @@ mod checkpoint;
 mod rollout;
 mod update;
 
-use checkpoint::TrainerState;
-pub use checkpoint::{OPTIMIZER_FILE, STATE_FILE, checkpoints, export_bundle};
+use checkpoint::RunPosition;
+pub use checkpoint::{OPTIMIZER_FILE, export_bundle};
 use update::StepBatch;
 pub(crate) use update::grad_norm_and_scale;
 

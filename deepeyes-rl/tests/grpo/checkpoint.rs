@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use deepeyes_core::Rng;
 use deepeyes_rl::TrainConfig;
 use deepeyes_rl::checkpoint::{
-    Checkpoint, CheckpointWriter, DataCursor, MANIFEST_FILE, TrainState, latest_checkpoint,
-    list_checkpoints, prune_checkpoints, write_file_atomic,
+    CONFIG_FILE, Checkpoint, CheckpointWriter, DataCursor, MANIFEST_FILE, TrainState,
+    latest_intact, list_checkpoints, prune_checkpoints, write_file_atomic,
 };
 use deepeyes_rl::metrics::ToolCollapseDetector;
 
@@ -50,7 +50,7 @@ fn round_trip_continues_the_rng_exactly() {
     let dir = w.commit(&state(16, &rng), &config_text()).unwrap();
     assert!(dir.ends_with("step-00000016"));
 
-    let ckpt = latest_checkpoint(root.path()).unwrap().unwrap();
+    let ckpt = latest_intact(root.path()).unwrap().0.unwrap();
     assert_eq!(ckpt.dir(), dir);
     assert_eq!(ckpt.state().step, 16);
     assert_eq!(
@@ -124,7 +124,7 @@ fn damage_is_reported_by_name() {
     std::fs::remove_file(dir.join(MANIFEST_FILE)).unwrap();
     let err = Checkpoint::open(&dir).unwrap_err();
     assert!(
-        err.to_string().contains("not a (finished) checkpoint"),
+        err.to_string().contains("not a finished checkpoint"),
         "{err}"
     );
 }
@@ -148,11 +148,7 @@ fn unfinished_writes_leave_nothing_behind() {
     std::fs::create_dir(root.path().join(".tmp-step-00000003-999")).unwrap();
     std::fs::write(root.path().join(".tmp-step-00000003-999/a.bin"), b"partial").unwrap();
     assert_eq!(
-        latest_checkpoint(root.path())
-            .unwrap()
-            .unwrap()
-            .state()
-            .step,
+        latest_intact(root.path()).unwrap().0.unwrap().state().step,
         1
     );
     assert_eq!(list_checkpoints(root.path()).unwrap().len(), 1);
@@ -170,11 +166,7 @@ fn unfinished_writes_leave_nothing_behind() {
     let dir5 = w.commit(&TrainState::new(5), "").unwrap();
     std::fs::write(dir5.join("a.bin"), b"a").unwrap();
     assert_eq!(
-        latest_checkpoint(root.path())
-            .unwrap()
-            .unwrap()
-            .state()
-            .step,
+        latest_intact(root.path()).unwrap().0.unwrap().state().step,
         1
     );
 }
@@ -225,4 +217,86 @@ fn atomic_file_write_replaces_content() {
     write_file_atomic(&path, b"two").unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), b"two");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+/// Writes checkpoints 1 and 2 with a weights blob, an optimizer blob and a config.
+fn two_checkpoints(root: &std::path::Path) -> std::path::PathBuf {
+    let mut newest = std::path::PathBuf::new();
+    for step in [1, 2] {
+        let mut w = CheckpointWriter::begin(root, step).unwrap();
+        w.add_bytes("model.safetensors", &vec![step as u8; 4096])
+            .unwrap();
+        std::fs::write(w.dir().join("tokenizer.json"), b"{\"model\": {}}").unwrap();
+        w.adopt("tokenizer.json").unwrap();
+        w.add_bytes("optimizer.bpk", b"moments").unwrap();
+        newest = w.commit(&TrainState::new(step), "steps = 2\n").unwrap();
+    }
+    newest
+}
+
+#[test]
+fn any_damaged_file_of_the_newest_checkpoint_falls_back_to_the_previous() {
+    let names = [
+        "model.safetensors",
+        "tokenizer.json",
+        "optimizer.bpk",
+        MANIFEST_FILE,
+        CONFIG_FILE,
+    ];
+    for name in names {
+        for truncate in [false, true] {
+            let root = tempfile::tempdir().unwrap();
+            let newest = two_checkpoints(root.path());
+            let (intact, skipped) = latest_intact(root.path()).unwrap();
+            assert_eq!(intact.unwrap().state().step, 2);
+            assert!(skipped.is_empty());
+
+            let path = newest.join(name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            if truncate {
+                bytes.truncate(bytes.len() / 2);
+            } else {
+                // Same size, one byte changed: only the hash can tell.
+                let last = bytes.len() - 2;
+                bytes[last] ^= 0x20;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+
+            let (intact, skipped) = latest_intact(root.path()).unwrap();
+            let intact = intact.unwrap_or_else(|| panic!("{name}: nothing intact: {skipped:?}"));
+            assert_eq!(intact.state().step, 1, "{name} (truncated: {truncate})");
+            assert_eq!(skipped.len(), 1, "{name}");
+            assert_eq!(skipped[0].dir, newest);
+            assert!(!skipped[0].reason.is_empty());
+        }
+    }
+}
+
+#[test]
+fn a_checkpoint_of_the_old_format_is_skipped_with_what_to_do() {
+    let root = tempfile::tempdir().unwrap();
+    let old = root.path().join("step-000004");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::write(old.join("trainer-state.json"), b"{}").unwrap();
+    let (intact, skipped) = latest_intact(root.path()).unwrap();
+    assert!(intact.is_none());
+    assert!(
+        skipped[0].reason.contains("--overwrite"),
+        "{:?}",
+        skipped[0]
+    );
+}
+
+#[test]
+fn a_kill_while_replacing_a_step_keeps_the_good_copy() {
+    // Rewriting step 2 moves the good copy aside, then renames the new one into place; a kill
+    // between the two leaves only the copy aside, which the next writer puts back.
+    let root = tempfile::tempdir().unwrap();
+    let newest = two_checkpoints(root.path());
+    let aside = root.path().join(".old-step-00000002-4242");
+    std::fs::rename(&newest, &aside).unwrap();
+    drop(CheckpointWriter::begin(root.path(), 3).unwrap());
+    assert!(!aside.exists());
+    let (intact, _) = latest_intact(root.path()).unwrap();
+    assert_eq!(intact.unwrap().state().step, 2);
 }

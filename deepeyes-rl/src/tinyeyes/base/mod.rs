@@ -15,7 +15,7 @@
 //!   dot, else a guess). The loss covers the call and the answer: the base learns the tool-call
 //!   format and uses it rarely and imprecisely. GRPO must teach when and where to zoom.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::optim::AdamWConfig;
@@ -26,6 +26,7 @@ use deepeyes_core::{Image, Rng};
 use tokenizers::Tokenizer;
 
 use super::format::{COORDINATE_STEP, TinyEyesFormat};
+use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainState, prune_checkpoints};
 use crate::network::{Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, to_host};
 use crate::schedule::{ScheduleConfig, ScheduleKind, grad_clip_factor};
 use crate::synthv::{SynthVConfig, generate};
@@ -40,7 +41,8 @@ use samples::*;
 pub const GROUND_QUESTION: &str = "Where is the small white card? Give its box.";
 
 /// Settings of the base stage.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct BaseStageConfig {
     /// Optimizer steps.
     pub steps: u64,
@@ -510,24 +512,17 @@ impl BaseStage {
         self.coordinate_tokens[idx].1
     }
 
-    /// Saves the run in `dir`, atomically (written beside it, then renamed): the weights as a
-    /// Hugging Face checkpoint (tokenizer, configs and prompt templates copied from `source`),
-    /// the AdamW state ([`BASE_OPTIMIZER_FILE`]) and the step ([`BASE_STATE_FILE`]), so
-    /// [`BaseStage::resume`] continues exactly where it stopped.
-    pub fn save(&self, source: &Path, dir: &Path) -> TrainResult<()> {
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TrainError::Io { path, source }
-        };
-        let name = dir.file_name().map_or_else(
-            || "checkpoint".to_string(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        let tmp = dir.with_file_name(format!(".{name}.partial"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    /// Saves the run as checkpoint `root/step-NNNNNNNN` in the one checkpoint format
+    /// ([`crate::checkpoint`]: fsynced, hashed in a manifest with the resolved settings,
+    /// published by one rename): the weights as a Hugging Face checkpoint (tokenizer, configs
+    /// and prompt templates copied from `source`) and the AdamW state
+    /// ([`BASE_OPTIMIZER_FILE`]); the manifest's state holds the step and seed, so
+    /// [`BaseStage::resume`] continues exactly where it stopped. The two newest checkpoints are
+    /// kept, so a damaged one has a fallback.
+    pub fn save(&self, source: &Path, root: &Path) -> TrainResult<PathBuf> {
+        let mut writer = CheckpointWriter::begin(root, self.step)?;
+        let dir = writer.dir().to_path_buf();
+        let mut files = Vec::new();
         for file in [
             "tokenizer.json",
             "tokenizer_config.json",
@@ -538,73 +533,74 @@ impl BaseStage {
         ] {
             let from = source.join(file);
             if from.is_file() {
-                std::fs::copy(&from, tmp.join(file)).map_err(io(&from))?;
+                std::fs::copy(&from, dir.join(file)).map_err(io_at(&from))?;
+                files.push(file);
             }
         }
         // Keep the token ids transformers needs (save_pretrained writes the architecture only).
         let keep = std::fs::read_to_string(source.join("config.json")).ok();
-        self.model().save_pretrained(&tmp)?;
+        self.model().save_pretrained(&dir)?;
         if let Some(text) = keep {
-            let path = tmp.join("config.json");
-            std::fs::write(&path, text).map_err(io(&path))?;
+            let path = dir.join("config.json");
+            std::fs::write(&path, text).map_err(io_at(&path))?;
         }
-        let path = tmp.join(BASE_OPTIMIZER_FILE);
+        for file in files
+            .into_iter()
+            .chain(["config.json", "model.safetensors"])
+        {
+            writer.adopt(file)?;
+        }
         let bytes = self.optim.into_bytes().map_err(|e| TrainError::Data {
-            path: path.clone(),
+            path: root.to_path_buf(),
             reason: format!("cannot serialise the optimizer state: {e:?}"),
         })?;
-        std::fs::write(&path, &bytes[..]).map_err(io(&path))?;
-        let path = tmp.join(BASE_STATE_FILE);
-        let state = serde_json::json!({"step": self.step, "seed": self.config.seed});
-        std::fs::write(&path, state.to_string()).map_err(io(&path))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(io(dir))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(io(dir))
+        writer.add_bytes(BASE_OPTIMIZER_FILE, &bytes[..])?;
+        let mut state = TrainState::new(self.step);
+        state.extra = serde_json::json!({ "seed": self.config.seed });
+        let settings = toml::to_string(&self.config)
+            .map_err(|e| data_err(root, format!("cannot write the settings: {e}")))?;
+        let saved = writer.commit(&state, &settings)?;
+        prune_checkpoints(root, 2)?;
+        Ok(saved)
     }
 
-    /// Continues a run saved by [`BaseStage::save`] in `checkpoint`: its weights, optimizer
-    /// state and step. Canvases and batches are derived from the seed and the step, so the
-    /// steps that follow are those of an uninterrupted run with the same `config`.
-    pub fn resume(checkpoint: &Path, config: BaseStageConfig) -> TrainResult<Self> {
-        let path = checkpoint.join(BASE_STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let state: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| data_err(&path, e))?;
-        let (Some(step), Some(seed)) = (state["step"].as_u64(), state["seed"].as_u64()) else {
-            return Err(data_err(&path, "expected {\"step\": N, \"seed\": S}"));
-        };
-        if seed != config.seed {
+    /// Continues the run saved by [`BaseStage::save`] in `checkpoint` (the newest intact one,
+    /// as [`crate::checkpoint::latest_intact`] finds it): its weights, optimizer state and step.
+    /// Canvases and batches are derived from the seed and the step, so the steps that follow
+    /// are those of an uninterrupted run with the same `config`.
+    pub fn resume(checkpoint: &Checkpoint, config: BaseStageConfig) -> TrainResult<Self> {
+        let state = checkpoint.state();
+        let seed = state.extra["seed"].as_u64();
+        if seed != Some(config.seed) {
             return Err(data_err(
-                &path,
+                checkpoint.dir(),
                 format!(
-                    "the run used seed {seed}, not {}; resume with --seed {seed}",
+                    "the run used seed {seed:?}, not {}; resume with the run's settings",
                     config.seed
                 ),
             ));
         }
-        let mut stage = Self::new(checkpoint, config)?;
-        let path = checkpoint.join(BASE_OPTIMIZER_FILE);
-        let bytes = std::fs::read(&path).map_err(|source| TrainError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let mut stage = Self::new(checkpoint.dir(), config)?;
+        let bytes = checkpoint.read_blob(BASE_OPTIMIZER_FILE)?;
         stage.optim = stage
             .optim
             .from_bytes(burn::tensor::Bytes::from_bytes_vec(bytes))
-            .map_err(|e| data_err(&path, format!("not an optimizer state: {e:?}")))?;
-        stage.step = step;
+            .map_err(|e| data_err(checkpoint.dir(), format!("not an optimizer state: {e:?}")))?;
+        stage.step = state.step;
         Ok(stage)
     }
 }
 
 /// The AdamW state inside a base-stage checkpoint.
 pub const BASE_OPTIMIZER_FILE: &str = "optimizer.bpk";
-/// The step (and seed) of a base-stage checkpoint.
-pub const BASE_STATE_FILE: &str = "base-state.json";
+
+/// An I/O error at `path`.
+fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 #[cfg(test)]
 mod tests {
