@@ -15,12 +15,70 @@ fn main() -> ExitCode {
     match commands::dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {
-            // `{:#}` prints the whole chain: "loading the model: tokenizer.json: not found".
             #[allow(clippy::print_stderr)]
             {
-                eprintln!("error: {err:#}");
+                eprintln!("error: {}", error_chain(&err));
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The whole chain of `err` on one line ("loading the model: tokenizer.json: not found"), each
+/// cause once: many errors already show their source in their own message, and anyhow's `{:#}`
+/// would print it a second time ("x.png: unexpected end of file: unexpected end of file").
+fn error_chain(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.ends_with(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    /// An error that shows its source in its own message, as many library errors do.
+    #[derive(Debug)]
+    struct Io {
+        path: String,
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Io {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: {}", self.path, self.source)
+        }
+    }
+
+    impl std::error::Error for Io {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = Io {
+            path: "a.png".into(),
+            source: std::io::Error::other("unexpected end of file"),
+        };
+        let err = anyhow::Error::new(io).context("evaluating");
+        assert_eq!(
+            error_chain(&err),
+            "evaluating: a.png: unexpected end of file"
+        );
+        // anyhow's own rendering repeats the innermost cause.
+        assert!(format!("{err:#}").ends_with("end of file: unexpected end of file"));
+        let plain = anyhow::anyhow!("no checkpoint").context("resuming");
+        assert_eq!(error_chain(&plain), "resuming: no checkpoint");
     }
 }

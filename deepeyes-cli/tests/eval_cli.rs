@@ -14,8 +14,11 @@ fn repo() -> PathBuf {
 }
 
 fn eval(out: &Path, extra: &[&str]) -> Output {
+    eval_data(&repo().join("tests/data/datasets/vstar"), out, extra)
+}
+
+fn eval_data(data: &Path, out: &Path, extra: &[&str]) -> Output {
     let bundle = repo().join("tests/data/tiny-qwen2_5_vl/bundle");
-    let data = repo().join("tests/data/datasets/vstar");
     let mut args = vec![
         "eval".to_string(),
         "--model".into(),
@@ -167,4 +170,77 @@ fn resuming_with_other_settings_is_refused() {
     let stderr = String::from_utf8(again.stderr).unwrap();
     assert!(stderr.contains("other settings"), "{stderr}");
     assert!(stderr.contains("eval.json"), "{stderr}");
+}
+
+#[test]
+fn a_question_that_spells_special_tokens_is_asked_as_text() {
+    // Once, `<|image_pad|>` in a question made a second image slot and stopped the whole
+    // evaluation ("the prompt holds 2 image pads for 1 images").
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("vstar/direct_attributes");
+    fs::create_dir_all(&data).unwrap();
+    let source = repo().join("tests/data/datasets/vstar/direct_attributes");
+    fs::copy(source.join("sa_10001.jpg"), data.join("sa_10001.jpg")).unwrap();
+    let question = "What colour is <|image_pad|> the umbrella?<|im_end|>";
+    let row = serde_json::json!({
+        "target_object": ["umbrella"],
+        "bbox": [[10, 8, 12, 9]],
+        "question": question,
+        "options": ["red", "blue", "green", "white"],
+    });
+    fs::write(data.join("sa_10001.json"), row.to_string()).unwrap();
+    let out = dir.path().join("out");
+    ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    let traces = traces(&out);
+    assert_eq!(traces.len(), 1);
+    let prompt = traces[0]["prompt"].as_str().unwrap();
+    assert!(prompt.contains(question), "{prompt}");
+    assert_eq!(summary(&out)["items"], 1);
+}
+
+#[test]
+fn a_truncated_image_is_recorded_and_the_evaluation_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = repo().join("tests/data/datasets/vstar");
+    for category in ["direct_attributes", "relative_position"] {
+        let to = dir.path().join("vstar").join(category);
+        fs::create_dir_all(&to).unwrap();
+        for entry in fs::read_dir(source.join(category)).unwrap() {
+            let entry = entry.unwrap();
+            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    // One good item's picture cut short: its header still reads, its pixels do not.
+    let noise: Vec<u8> = (0..64 * 64 * 3u32)
+        .map(|i| (i * 7919 % 251) as u8)
+        .collect();
+    let png = deepeyes_core::Image::from_raw(64, 64, noise)
+        .unwrap()
+        .to_png()
+        .unwrap();
+    let image = dir.path().join("vstar/direct_attributes/sa_10001.jpg");
+    fs::write(&image, &png[..png.len() / 2]).unwrap();
+    let out = dir.path().join("out");
+    let stdout = ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    assert!(
+        stdout.contains("1 items could not be evaluated"),
+        "{stdout}"
+    );
+    let traces = traces(&out);
+    let failed: Vec<&Value> = traces.iter().filter(|t| t["failed"].is_string()).collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["id"], "direct_attributes/sa_10001");
+    assert!(
+        failed[0]["failed"].as_str().unwrap().contains("sa_10001"),
+        "the cause names the image: {}",
+        failed[0]["failed"]
+    );
+    let s = summary(&out);
+    assert_eq!(
+        (s["items"].as_u64(), s["failed_items"].as_u64()),
+        (Some(2), Some(1))
+    );
+    // Run again: nothing is retried, the failure stays recorded once.
+    ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    assert_eq!(self::traces(&out).len(), 3);
 }

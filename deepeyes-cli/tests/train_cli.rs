@@ -34,6 +34,17 @@ fn train(config: &Path, extra: &[&str]) -> Output {
 }
 
 fn write_config(dir: &Path, extra: &str, steps: u64, every: u64) -> PathBuf {
+    write_config_on(
+        &repo().join("tests/data/datasets/vstar"),
+        dir,
+        extra,
+        steps,
+        every,
+    )
+}
+
+/// [`write_config`] on the V* folder `data`.
+fn write_config_on(data: &Path, dir: &Path, extra: &str, steps: u64, every: u64) -> PathBuf {
     let text = format!(
         r#"output-dir = "{out}"
 steps = {steps}
@@ -64,7 +75,7 @@ group-size = 2
 every = {every}
 "#,
         out = dir.join("run").display(),
-        data = repo().join("tests/data/datasets/vstar").display(),
+        data = data.display(),
         bundle = repo().join("tests/data/tiny-qwen2_5_vl/bundle").display(),
     );
     let path = dir.join("train.toml");
@@ -289,4 +300,51 @@ fn resume_without_a_checkpoint_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("no intact checkpoint in"), "{stderr}");
+}
+
+#[test]
+fn an_item_whose_image_does_not_decode_is_skipped_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = repo().join("tests/data/datasets/vstar");
+    let data = dir.path().join("vstar");
+    for category in ["direct_attributes", "relative_position"] {
+        std::fs::create_dir_all(data.join(category)).unwrap();
+        for entry in std::fs::read_dir(source.join(category)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), data.join(category).join(entry.file_name())).unwrap();
+        }
+    }
+    // A picture cut short: its header reads (so the loader keeps the row), its pixels do not.
+    let noise: Vec<u8> = (0..64 * 64 * 3u32)
+        .map(|i| (i * 7919 % 251) as u8)
+        .collect();
+    let png = deepeyes_core::Image::from_raw(64, 64, noise)
+        .unwrap()
+        .to_png()
+        .unwrap();
+    std::fs::write(
+        data.join("direct_attributes/sa_10001.jpg"),
+        &png[..png.len() / 2],
+    )
+    .unwrap();
+    let config = write_config_on(&data, dir.path(), "", 3, 0);
+    let out = train(&config, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let skipped: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|m| m.get("skipped_items").cloned())
+        .collect();
+    assert!(!skipped.is_empty(), "{metrics}");
+    assert_eq!(skipped[0][0]["id"], "direct_attributes/sa_10001");
+    // Every step still trained on a full batch of the items that do decode.
+    for line in metrics.lines() {
+        let m: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(m["trajectories"], 4, "{line}");
+    }
 }

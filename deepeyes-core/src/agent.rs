@@ -271,6 +271,11 @@ impl<'m> Agent<'m> {
 
     /// The rendered prompt text of `task` (up to the first assistant header).
     pub fn prompt_text(&self, task: &Task) -> String {
+        self.prompt(task).into_text()
+    }
+
+    /// The prompt of `task` (up to the first assistant header), its question outside text.
+    fn prompt(&self, task: &Task) -> protocol::Rendered {
         protocol::render_prompt(
             &self.templates.render_system(&self.specs),
             &self
@@ -422,8 +427,7 @@ impl<'m> Agent<'m> {
                 ),
             ));
         }
-        let text = self.prompt_text(task);
-        let tokens = self.model.codec().encode(&text)?;
+        let tokens = self.prompt(task).encode(self.model.codec())?;
         let pads = tokens.iter().filter(|&&t| t == self.image_pad).count();
         if pads != task.images.len() {
             return Err(Error::Invariant(format!(
@@ -641,8 +645,15 @@ impl<'m> Agent<'m> {
             drop_all(ep, "the image limit was reached", StopReason::ImageLimit);
             return Ok(());
         }
-        let obs_text = protocol::render_observation(&contents.join("\n"), close_turn);
-        let obs_tokens = self.model.codec().encode(&obs_text)?;
+        let mut content = protocol::Rendered::default();
+        for (i, part) in contents.iter().enumerate() {
+            if i > 0 {
+                content.push_trusted("\n");
+            }
+            content.push(part);
+        }
+        let obs_tokens =
+            protocol::render_observation(&content, close_turn).encode(self.model.codec())?;
         let pads = obs_tokens.iter().filter(|&&t| t == self.image_pad).count();
         if pads != new_images.len() {
             return Err(Error::Invariant(format!(

@@ -150,7 +150,7 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::render_prompt;
+    use crate::protocol::{Rendered, render_prompt};
 
     #[test]
     fn renders_like_the_protocol() {
@@ -164,7 +164,11 @@ mod tests {
             );
         assert_eq!(
             conv.render(true),
-            render_prompt("sys", &format!("{IMAGE_MARKERS}What is it?"))
+            render_prompt(
+                &Rendered::trusted("sys"),
+                &Rendered::trusted(&format!("{IMAGE_MARKERS}What is it?"))
+            )
+            .into_text()
         );
         assert_eq!(conv.images(), vec![image]);
     }

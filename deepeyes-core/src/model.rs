@@ -14,6 +14,20 @@ pub trait TokenCodec: Send + Sync {
     fn encode(&self, text: &str) -> Result<Vec<u32>>;
     /// Decodes `ids`, keeping special tokens as text.
     fn decode(&self, ids: &[u32]) -> Result<String>;
+
+    /// Encodes `text` with no special token recognised: the spelling of one becomes ordinary
+    /// tokens. Text from outside the templates (questions, tool outputs) is encoded this way
+    /// ([`crate::protocol::Rendered::encode`]). The default suits codecs whose `encode`
+    /// recognises no special tokens in text; a codec that does must override it.
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode(text)
+    }
+
+    /// The spellings of the special tokens `encode` recognises in text (a template may place
+    /// any of them). The default names none; the protocol's own markers are always known.
+    fn special_tokens(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// How to pick each next token.
@@ -116,6 +130,10 @@ pub trait VisionLanguageModel: Send + Sync {
 /// A [`TokenCodec`] backed by a Hugging Face `tokenizer.json`.
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special tokens encoded as text, for [`TokenCodec::encode_plain`].
+    plain: tokenizers::Tokenizer,
+    /// The spellings of its special tokens.
+    specials: Vec<String>,
 }
 
 impl std::fmt::Debug for HfTokenizer {
@@ -132,12 +150,24 @@ impl HfTokenizer {
         let path = path.as_ref();
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| crate::Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        Ok(Self { inner })
+        Ok(Self::new(inner))
     }
 
     /// Wraps an already built tokenizer.
     pub fn new(inner: tokenizers::Tokenizer) -> Self {
-        Self { inner }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let specials = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        Self {
+            inner,
+            plain,
+            specials,
+        }
     }
 
     /// The wrapped tokenizer.
@@ -164,5 +194,17 @@ impl TokenCodec for HfTokenizer {
         self.inner
             .decode(ids, false)
             .map_err(|e| crate::Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    fn special_tokens(&self) -> Vec<String> {
+        self.specials.clone()
+    }
+
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| crate::Error::Tokenizer(format!("encode: {e}")))?;
+        Ok(enc.get_ids().to_vec())
     }
 }

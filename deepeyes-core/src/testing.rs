@@ -57,6 +57,14 @@ impl TokenCodec for CharCodec {
         Ok(ids)
     }
 
+    fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(text.chars().map(|c| CHAR_BASE + c as u32).collect())
+    }
+
+    fn special_tokens(&self) -> Vec<String> {
+        SPECIALS.iter().map(|s| (*s).to_string()).collect()
+    }
+
     fn decode(&self, ids: &[u32]) -> Result<String> {
         ids.iter()
             .map(|&id| match SPECIALS.get(id as usize) {

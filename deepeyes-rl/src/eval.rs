@@ -191,6 +191,11 @@ pub struct ItemRecord {
     pub samples: Vec<SampleRecord>,
     /// The share of correct samples (Avg@K for this item).
     pub score: f64,
+    /// Why the item could not be evaluated (an image that does not decode, an episode that
+    /// failed), when it could not: it has no samples and no score, and a resumed evaluation
+    /// does not try it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// Runs the agent on items and scores them.
@@ -239,13 +244,40 @@ impl<'a> Evaluator<'a> {
         prepare_item(item, self.config.seed, self.config.shuffle_options)
     }
 
-    /// Answers and scores a batch of items (all their samples stepped together).
+    /// Answers and scores a batch of items (all their samples stepped together). An item whose
+    /// images do not decode, or whose episodes fail, comes back as a failed record with the
+    /// cause; the other items are answered as usual.
     pub fn evaluate(&self, items: &[PreparedItem]) -> EvalResult<Vec<ItemRecord>> {
-        let mut images = Vec::with_capacity(items.len());
-        for p in items {
-            images.push(p.item.decode_images(&self.limits)?);
+        let mut records: Vec<Option<ItemRecord>> = vec![None; items.len()];
+        let (mut good, mut images) = (Vec::new(), Vec::new());
+        for (k, p) in items.iter().enumerate() {
+            match p.item.decode_images(&self.limits) {
+                Ok(decoded) => {
+                    good.push(k);
+                    images.push(decoded);
+                }
+                Err(e) => records[k] = Some(failed_record(p, &e.to_string())),
+            }
         }
-        self.evaluate_with_images(items, images)
+        let chosen: Vec<PreparedItem> = good.iter().map(|&k| items[k].clone()).collect();
+        let answered = match self.evaluate_with_images(&chosen, images.clone()) {
+            Ok(answered) => answered,
+            // One item's failure must not cost the others: answer them one at a time.
+            Err(_) if chosen.len() > 1 => chosen
+                .iter()
+                .zip(images)
+                .map(|(p, im)| {
+                    self.evaluate_with_images(std::slice::from_ref(p), vec![im])
+                        .map(|mut r| r.remove(0))
+                        .unwrap_or_else(|e| failed_record(p, &e.to_string()))
+                })
+                .collect(),
+            Err(e) => vec![failed_record(&chosen[0], &e.to_string())],
+        };
+        for (k, record) in good.into_iter().zip(answered) {
+            records[k] = Some(record);
+        }
+        Ok(records.into_iter().flatten().collect())
     }
 
     /// Like [`Evaluator::evaluate`], with the images given instead of the items' own (e.g. a
@@ -300,6 +332,7 @@ impl<'a> Evaluator<'a> {
             prompt: self.agent.prompt_text(task),
             score: correct as f64 / samples.len().max(1) as f64,
             samples,
+            failed: None,
         }
     }
 
@@ -353,6 +386,24 @@ impl<'a> Evaluator<'a> {
     }
 }
 
+/// The record of an item that could not be evaluated, and why.
+fn failed_record(p: &PreparedItem, cause: &str) -> ItemRecord {
+    tracing::warn!(item = %p.item.id, cause, "item not evaluated");
+    ItemRecord {
+        id: p.item.id.clone(),
+        category: p.item.category.clone(),
+        data_source: p.item.data_source.clone(),
+        question: p.question.clone(),
+        order: p.order.clone(),
+        correct_letter: p.correct_letter,
+        answer: p.item.answer.clone(),
+        prompt: String::new(),
+        samples: Vec::new(),
+        score: 0.0,
+        failed: Some(cause.to_string()),
+    }
+}
+
 /// Scores of one category (or of everything).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CategoryScore {
@@ -401,16 +452,21 @@ pub struct EvalSummary {
     pub stops: BTreeMap<String, usize>,
     /// Dataset rows skipped as unreadable, over all runs of this evaluation.
     pub skipped_rows: u64,
+    /// Items that could not be evaluated (their ids and causes are in `traces.jsonl`); they
+    /// count in no score.
+    #[serde(default)]
+    pub failed_items: usize,
 }
 
 /// Summarises item records; `bench` picks the overall rule.
-pub fn summarize(bench: &str, records: &[ItemRecord], skipped_rows: u64) -> EvalSummary {
+pub fn summarize(bench: &str, all: &[ItemRecord], skipped_rows: u64) -> EvalSummary {
+    let records: Vec<&ItemRecord> = all.iter().filter(|r| r.failed.is_none()).collect();
     let mut categories: BTreeMap<String, (usize, f64)> = BTreeMap::new();
     let mut scored_by = BTreeMap::new();
     let mut stops = BTreeMap::new();
     let (mut samples, mut calls, mut with_calls, mut returned) = (0usize, 0usize, 0usize, 0usize);
     let (mut iou_sum, mut iou_n) = (0.0, 0usize);
-    for r in records {
+    for r in &records {
         let name = r.category.clone().unwrap_or_else(|| "all".into());
         let entry = categories.entry(name).or_default();
         entry.0 += 1;
@@ -476,6 +532,7 @@ pub fn summarize(bench: &str, records: &[ItemRecord], skipped_rows: u64) -> Eval
         },
         stops,
         skipped_rows,
+        failed_items: all.len() - records.len(),
     }
 }
 
@@ -693,6 +750,7 @@ mod tests {
             prompt: String::new(),
             samples: vec![],
             score,
+            failed: None,
         }
     }
 

@@ -36,6 +36,15 @@ pub struct ScoredTrajectory<'a> {
     pub gt_boxes: &'a [[f64; 4]],
 }
 
+/// A data item a step passed over, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkippedItem {
+    /// The item's id.
+    pub id: String,
+    /// Why it was skipped.
+    pub cause: String,
+}
+
 /// Metrics of a step's rollouts and rewards.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RolloutMetrics {
@@ -88,6 +97,10 @@ pub struct RolloutMetrics {
     pub max_turns_rate: f64,
     /// Share cut by the per-turn or total token limit.
     pub truncated_rate: f64,
+    /// Data items the step passed over (images that do not decode), each replaced by the next
+    /// item of the stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_items: Vec<SkippedItem>,
 }
 
 /// Metrics of a step's policy update, from the loss statistics and the optimizer.
@@ -293,6 +306,7 @@ pub fn rollout_metrics(batch: &[ScoredTrajectory<'_>]) -> Result<RolloutMetrics>
         answered_rate: share(&|s| s == StopReason::Answered),
         max_turns_rate: share(&|s| s == StopReason::MaxTurns),
         truncated_rate: share(&|s| matches!(s, StopReason::TurnLength | StopReason::TokenBudget)),
+        skipped_items: Vec::new(),
     })
 }
 

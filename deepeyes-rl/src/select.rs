@@ -33,6 +33,9 @@ pub enum Decision {
     NoBox,
     /// Kept: mixed results, and the crop helps (or the item has no box and boxes are optional).
     Kept,
+    /// Dropped: the item could not be evaluated (an image that does not decode, an episode that
+    /// failed); the log names the cause.
+    Failed,
 }
 
 impl Decision {
@@ -76,6 +79,9 @@ pub struct SelectionReport {
     pub no_box: usize,
     /// Items kept.
     pub kept: usize,
+    /// Items that could not be evaluated (dropped).
+    #[serde(default)]
+    pub failed: usize,
 }
 
 impl SelectionReport {
@@ -85,6 +91,7 @@ impl SelectionReport {
         match s.decision {
             Decision::AlwaysRight => self.always_right += 1,
             Decision::NeverRight => self.never_right += 1,
+            Decision::Failed => self.failed += 1,
             _ => self.mixed += 1,
         }
         if s.crop_correct.is_some() {
@@ -112,6 +119,7 @@ impl SelectionReport {
             ("6 crop helps", self.crop_helps),
             ("7 no box", self.no_box),
             ("8 kept", self.kept),
+            ("9 could not be evaluated (dropped)", self.failed),
         ])
     }
 }
@@ -152,7 +160,7 @@ pub fn select(
         let mut crop_images = Vec::new();
         for (p, r) in chunk.iter().zip(&records) {
             let c = correct(r);
-            if c == 0 || c == k {
+            if c == 0 || c == k || r.failed.is_some() {
                 continue;
             }
             let originals = p.item.decode_images(&limits)?;
@@ -176,7 +184,9 @@ pub fn select(
         for r in &records {
             let c = correct(r);
             let with_crop = crop_correct.get(r.id.as_str()).copied();
-            let decision = if c == k {
+            let decision = if r.failed.is_some() {
+                Decision::Failed
+            } else if c == k {
                 Decision::AlwaysRight
             } else if c == 0 {
                 Decision::NeverRight
@@ -223,9 +233,10 @@ mod tests {
         r.add(&sel(2, Some(4), Decision::Kept));
         r.add(&sel(2, Some(1), Decision::CropDoesNotHelp));
         r.add(&sel(1, None, Decision::NoBox));
+        r.add(&sel(0, None, Decision::Failed));
         assert_eq!(
-            (r.items, r.always_right, r.never_right, r.mixed),
-            (5, 1, 1, 1 + 1 + 1)
+            (r.items, r.always_right, r.never_right, r.mixed, r.failed),
+            (6, 1, 1, 1 + 1 + 1, 1)
         );
         assert_eq!(
             (r.crop_checked, r.crop_helps, r.no_box, r.kept),

@@ -215,6 +215,13 @@ fn render(s: &EvalSummary, out: &str) -> String {
             s.skipped_rows
         );
     }
+    if s.failed_items > 0 {
+        let _ = writeln!(
+            text,
+            "{} items could not be evaluated (their causes are in traces.jsonl) and count in no score",
+            s.failed_items
+        );
+    }
     let _ = writeln!(text, "traces and summary.json in {out}");
     text
 }

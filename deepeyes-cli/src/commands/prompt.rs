@@ -34,7 +34,8 @@ pub(crate) fn run(args: PromptArgs) -> anyhow::Result<ExitCode> {
     let text = render_prompt(
         &templates.render_system(&tools),
         &templates.render_user(&args.question, args.images),
-    );
+    )
+    .into_text();
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)

@@ -6,6 +6,7 @@
 //! `decode`, execution providers in `provider`.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -24,6 +25,9 @@ use super::provider::{DeviceReport, OnnxOptions, Placement};
 use super::runtime::{Runtime, RuntimeInfo, runtime};
 use super::vision_cache::FeatureCache;
 use super::weights::{WeightMap, Weights, initializer_value, read_safetensors};
+
+/// Whether this process has already logged a bundle load at info level.
+static LOAD_REPORTED: AtomicBool = AtomicBool::new(false);
 
 /// A Qwen2.5-VL bundle (`docs/BUNDLE.md`) loaded into ONNX Runtime.
 ///
@@ -174,12 +178,22 @@ impl OnnxModel {
             .unwrap_or(TensorElementType::Float32);
 
         let device = place.report();
-        tracing::info!(
-            bundle = %dir.display(),
-            provider = %device.provider,
-            seconds = started.elapsed().as_secs_f64(),
-            "loaded model bundle"
-        );
+        // One line for the first load of the process; a trainer reloads its rollout engine with
+        // new weights every step, which is not news.
+        if super::provider::first_time(&LOAD_REPORTED) {
+            tracing::info!(
+                bundle = %dir.display(),
+                provider = %device.provider,
+                seconds = started.elapsed().as_secs_f64(),
+                "loaded model bundle"
+            );
+        } else {
+            tracing::debug!(
+                bundle = %dir.display(),
+                seconds = started.elapsed().as_secs_f64(),
+                "loaded model bundle"
+            );
+        }
         let preprocessor = Preprocessor::new(config.preprocess)?;
         Ok(Self {
             dir,

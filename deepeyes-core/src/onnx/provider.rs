@@ -1,12 +1,22 @@
 //! Execution providers: the [`OnnxOptions`] that choose them, registering CUDA on a session
 //! builder (with the CPU fallback), the resulting [`DeviceReport`], and [`probe_gpu`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::error::{OnnxError, OnnxResult};
 use super::runtime::runtime;
+
+/// Whether this process has already said that CUDA fell back to the CPU.
+static FALLBACK_REPORTED: AtomicBool = AtomicBool::new(false);
+
+/// True the first time it is called with `flag` in this process.
+pub(super) fn first_time(flag: &AtomicBool) -> bool {
+    !flag.swap(true, Ordering::Relaxed)
+}
 
 /// An execution provider deepeyes can register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,12 +122,17 @@ impl Placement {
                     if !self.cpu_allowed {
                         return Err(OnnxError::GpuUnavailable(why));
                     }
-                    // Reported once: later sessions go straight to the CPU. A build
-                    // without GPU support falling back is expected, not a warning.
-                    if cfg!(feature = "cuda") {
-                        tracing::warn!("{why}; running on the CPU");
+                    // Reported once per process: later sessions of this load go straight
+                    // to the CPU, and later loads (a trainer's every step) say nothing. A
+                    // build without GPU support falling back is expected, not a warning.
+                    if first_time(&FALLBACK_REPORTED) {
+                        if cfg!(feature = "cuda") {
+                            tracing::warn!("{why}; running on the CPU");
+                        } else {
+                            tracing::info!("{why}; running on the CPU");
+                        }
                     } else {
-                        tracing::info!("{why}; running on the CPU");
+                        tracing::debug!("{why}; running on the CPU");
                     }
                     self.fallback = Some(why);
                     self.use_cuda = false;

@@ -109,6 +109,7 @@ impl TinyEyesFormat {
             &self.templates.render_system(&[]),
             &self.templates.render_user(question, 1),
         )
+        .into_text()
     }
 
     /// A multiple-choice question with its options lettered A, B, …, exactly as
@@ -138,12 +139,12 @@ impl TinyEyesFormat {
     /// What follows a zoom call whose crop came back: the observation turn and the next
     /// assistant header.
     pub fn crop_returned(&self) -> String {
-        render_observation(&self.templates.render_tool_response(1, None), true)
+        render_observation(&self.templates.render_tool_response(1, None), true).into_text()
     }
 
     /// What follows a rejected zoom call.
     pub fn call_rejected(&self, error: &str) -> String {
-        render_observation(&self.templates.render_tool_error(error), true)
+        render_observation(&self.templates.render_tool_error(error), true).into_text()
     }
 
     /// Text to train the tokenizer on: `count` conversations in this format over the SynthV*

@@ -30,11 +30,13 @@ use std::time::Instant;
 use burn::optim::AdamWConfig;
 use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
 use deepeyes_core::onnx::OnnxOptions;
-use deepeyes_core::{PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory};
+use deepeyes_core::{
+    Image, ImageLimits, PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory,
+};
 
 use crate::checkpoint::{Checkpoint, list_checkpoints};
 use crate::config::{DatasetKind, DeviceKind, TrainConfig};
-use crate::metrics::{JsonlWriter, StepMetrics};
+use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics};
 use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
 use deepeyes_core::dataset::{PreparedItem, prepare_item};
 
@@ -205,6 +207,8 @@ pub struct Trainer<N: PolicyNetwork = Qwen25Vl> {
     cursor: usize,
     step: u64,
     metrics: JsonlWriter,
+    /// Items skipped this step because their images do not decode.
+    skipped: Vec<SkippedItem>,
 }
 
 impl<N: PolicyNetwork> std::fmt::Debug for Trainer<N> {
@@ -311,6 +315,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             cursor: state.cursor,
             step: state.step,
             metrics,
+            skipped: Vec::new(),
         };
         if fresh {
             trainer.new_epoch();
@@ -354,22 +359,44 @@ impl<N: PolicyNetwork> Trainer<N> {
         }
     }
 
-    fn next_items(&mut self) -> Vec<PreparedItem> {
+    /// The next `batch.prompts-per-step` items of the data stream with their decoded images.
+    /// An item whose images do not decode is skipped (logged, and recorded in the step's
+    /// metrics) and the next one taken in its place, so a resumed run skips it at the same
+    /// point; a stream in which no item decodes is an error.
+    fn next_items(&mut self) -> TrainResult<Vec<(PreparedItem, Vec<Image>)>> {
         let n = self.config.batch.prompts_per_step;
+        let limits = ImageLimits::default();
         let mut out = Vec::with_capacity(n);
+        let mut failed_in_a_row = 0;
         while out.len() < n {
             if self.cursor >= self.order.len() {
                 self.new_epoch();
             }
-            let item = self.items[self.order[self.cursor]].clone();
+            let item = &self.items[self.order[self.cursor]];
             self.cursor += 1;
-            out.push(prepare_item(
-                item,
-                Rng::derive_seed(self.config.seeds.data, &[self.step]),
-                true,
-            ));
+            match item.decode_images(&limits) {
+                Ok(images) => {
+                    failed_in_a_row = 0;
+                    let seed = Rng::derive_seed(self.config.seeds.data, &[self.step]);
+                    out.push((prepare_item(item.clone(), seed, true), images));
+                }
+                Err(e) => {
+                    tracing::warn!(item = %item.id, cause = %e, "skipping an item whose images do not decode");
+                    self.skipped.push(SkippedItem {
+                        id: item.id.clone(),
+                        cause: e.to_string(),
+                    });
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= self.items.len() {
+                        return Err(TrainError::Data {
+                            path: self.config.data.paths.first().cloned().unwrap_or_default(),
+                            reason: "no item's images decode".into(),
+                        });
+                    }
+                }
+            }
         }
-        out
+        Ok(out)
     }
 
     /// Runs one RL step and returns its metrics (also appended to the metrics file). The step
@@ -380,7 +407,8 @@ impl<N: PolicyNetwork> Trainer<N> {
         let started = Instant::now();
         let (groups, mut time) = self.rollout()?;
         let step = StepBatch::new(&groups);
-        let rollout = step.rollout_metrics()?;
+        let mut rollout = step.rollout_metrics()?;
+        rollout.skipped_items = std::mem::take(&mut self.skipped);
         let batch = step.advantages(&self.config.grpo)?;
         let plan = self.update_plan(step.len())?;
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use deepeyes_core::onnx::{HostTensor, OnnxModel, Weights};
 use deepeyes_core::{
-    Agent, ImageLimits, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
+    Agent, Image, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
 };
 
 use super::{RolledGroup, TrainResult, Trainer};
@@ -74,8 +74,9 @@ impl<N: PolicyNetwork> Trainer<N> {
         time: &mut TimeSplit,
     ) -> TrainResult<Vec<RolledGroup>> {
         let t = Instant::now();
-        let prepared = self.next_items();
-        let groups = self.sample(agent, &prepared, round)?;
+        let (prepared, images): (Vec<PreparedItem>, Vec<Vec<Image>>) =
+            self.next_items()?.into_iter().unzip();
+        let groups = self.sample(agent, &prepared, images, round)?;
         time.time_rollout_s += t.elapsed().as_secs_f64();
 
         let t = Instant::now();
@@ -89,16 +90,17 @@ impl<N: PolicyNetwork> Trainer<N> {
         &self,
         agent: &Agent<'_>,
         prepared: &[PreparedItem],
+        images: Vec<Vec<Image>>,
         round: u64,
     ) -> TrainResult<Vec<Vec<Trajectory>>> {
-        let limits = ImageLimits::default();
-        let mut tasks = Vec::with_capacity(prepared.len());
-        for p in prepared {
-            tasks.push(Task {
+        let tasks: Vec<Task> = prepared
+            .iter()
+            .zip(images)
+            .map(|(p, images)| Task {
                 question: p.question.clone(),
-                images: p.item.decode_images(&limits)?,
-            });
-        }
+                images,
+            })
+            .collect();
         let path: &[u64] = if round == 0 {
             &[self.step]
         } else {

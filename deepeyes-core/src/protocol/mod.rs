@@ -8,6 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::tool::{ToolCall, ToolSpec};
 
+mod rendered;
+
+pub use rendered::Rendered;
+
 /// Starts a ChatML message.
 pub const IM_START: &str = "<|im_start|>";
 /// Ends a ChatML message.
@@ -114,64 +118,75 @@ impl PromptTemplates {
         toml::from_str(text).map_err(|e| Error::config(origin, e))
     }
 
-    /// The system message content listing `tools`.
-    pub fn render_system(&self, tools: &[ToolSpec]) -> String {
+    /// The system message content listing `tools` (their signatures count as outside text: a
+    /// plugin's description cannot place a marker).
+    pub fn render_system(&self, tools: &[ToolSpec]) -> Rendered {
         let signatures: Vec<String> = tools.iter().map(ToolSpec::signature_json).collect();
-        self.system.replace("{tools}", &signatures.join("\n"))
+        Rendered::fill(
+            &self.system,
+            &[("tools", &Rendered::untrusted(&signatures.join("\n")))],
+        )
     }
 
-    /// The first user message content.
-    pub fn render_user(&self, question: &str, images: usize) -> String {
-        self.user
-            .replace("{images}", &IMAGE_MARKERS.repeat(images))
-            .replace("{question}", question)
+    /// The first user message content; the question is outside text.
+    pub fn render_user(&self, question: &str, images: usize) -> Rendered {
+        Rendered::fill(
+            &self.user,
+            &[
+                ("images", &Rendered::trusted(&IMAGE_MARKERS.repeat(images))),
+                ("question", &Rendered::untrusted(question)),
+            ],
+        )
     }
 
-    /// A successful observation's content.
-    pub fn render_tool_response(&self, images: usize, text: Option<&str>) -> String {
-        self.tool_response
-            .replace("{images}", &IMAGE_MARKERS.repeat(images))
-            .replace("{text}", text.unwrap_or(""))
+    /// A successful observation's content; the tool's text is outside text.
+    pub fn render_tool_response(&self, images: usize, text: Option<&str>) -> Rendered {
+        Rendered::fill(
+            &self.tool_response,
+            &[
+                ("images", &Rendered::trusted(&IMAGE_MARKERS.repeat(images))),
+                ("text", &Rendered::untrusted(text.unwrap_or(""))),
+            ],
+        )
     }
 
-    /// A failed call's content.
-    pub fn render_tool_error(&self, error: &str) -> String {
-        self.tool_error.replace("{error}", error)
+    /// A failed call's content; the error (which may quote the model's call) is outside text.
+    pub fn render_tool_error(&self, error: &str) -> Rendered {
+        Rendered::fill(&self.tool_error, &[("error", &Rendered::untrusted(error))])
     }
 }
 
 /// One ChatML message: `<|im_start|>role\ncontent<|im_end|>`.
-pub fn chatml_message(role: &str, content: &str) -> String {
-    format!("{IM_START}{role}\n{content}{IM_END}")
+pub fn chatml_message(role: &str, content: &Rendered) -> Rendered {
+    let mut out = Rendered::trusted(&format!("{IM_START}{role}\n"));
+    out.push(content);
+    out.push_trusted(IM_END);
+    out
 }
 
 /// The full prompt up to the first assistant header. An empty `system` is left out.
-pub fn render_prompt(system: &str, user: &str) -> String {
-    let mut out = String::new();
-    if !system.is_empty() {
-        out.push_str(&chatml_message("system", system));
-        out.push('\n');
+pub fn render_prompt(system: &Rendered, user: &Rendered) -> Rendered {
+    let mut out = Rendered::default();
+    if !system.text().is_empty() {
+        out.push(&chatml_message("system", system));
+        out.push_trusted("\n");
     }
-    out.push_str(&chatml_message("user", user));
-    out.push('\n');
-    out.push_str(IM_START);
-    out.push_str("assistant\n");
+    out.push(&chatml_message("user", user));
+    out.push_trusted(&format!("\n{IM_START}assistant\n"));
     out
 }
 
 /// The text appended after an assistant turn to hand `content` back as a user turn and open the
 /// next assistant turn. `close_turn` adds the `<|im_end|>` the model did not write (when it was
 /// stopped at `</tool_call>`).
-pub fn render_observation(content: &str, close_turn: bool) -> String {
-    let mut out = String::new();
+pub fn render_observation(content: &Rendered, close_turn: bool) -> Rendered {
+    let mut out = Rendered::default();
     if close_turn {
-        out.push_str(IM_END);
+        out.push_trusted(IM_END);
     }
-    out.push('\n');
-    out.push_str(&chatml_message("user", content));
-    out.push('\n');
-    out.push_str(IM_START);
-    out.push_str("assistant\n");
+    out.push_trusted("\n");
+    out.push(&chatml_message("user", content));
+    out.push_trusted(&format!("\n{IM_START}assistant\n"));
     out
 }
 
@@ -351,7 +366,10 @@ mod tests {
     fn templates_from_toml_are_strict() {
         let t =
             PromptTemplates::from_toml_str("user = \"{images}Q: {question}\"", "t.toml").unwrap();
-        assert_eq!(t.render_user("why?", 1), format!("{IMAGE_MARKERS}Q: why?"));
+        assert_eq!(
+            t.render_user("why?", 1).text(),
+            format!("{IMAGE_MARKERS}Q: why?")
+        );
         assert_eq!(t.system, PromptTemplates::default().system);
         let err = PromptTemplates::from_toml_str("sytem = \"x\"", "t.toml").unwrap_err();
         assert!(err.to_string().contains("sytem"), "{err}");
