@@ -4,14 +4,14 @@
 //! Needs the ONNX Runtime library (`scripts/setup_ort.sh`).
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod support;
+
+use support::repo;
 
 fn eval(out: &Path, extra: &[&str]) -> Output {
     eval_data(&repo().join("tests/data/datasets/vstar"), out, extra)
@@ -201,27 +201,9 @@ fn a_question_that_spells_special_tokens_is_asked_as_text() {
 #[test]
 fn a_truncated_image_is_recorded_and_the_evaluation_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let source = repo().join("tests/data/datasets/vstar");
-    for category in ["direct_attributes", "relative_position"] {
-        let to = dir.path().join("vstar").join(category);
-        fs::create_dir_all(&to).unwrap();
-        for entry in fs::read_dir(source.join(category)).unwrap() {
-            let entry = entry.unwrap();
-            fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-    // One good item's picture cut short: its header still reads, its pixels do not.
-    let noise: Vec<u8> = (0..64 * 64 * 3u32)
-        .map(|i| (i * 7919 % 251) as u8)
-        .collect();
-    let png = deepeyes_core::Image::from_raw(64, 64, noise)
-        .unwrap()
-        .to_png()
-        .unwrap();
-    let image = dir.path().join("vstar/direct_attributes/sa_10001.jpg");
-    fs::write(&image, &png[..png.len() / 2]).unwrap();
+    let data = support::vstar_with_a_truncated_image(dir.path());
     let out = dir.path().join("out");
-    let stdout = ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    let stdout = ok(&eval_data(&data, &out, &[]));
     assert!(
         stdout.contains("1 items could not be evaluated"),
         "{stdout}"
@@ -241,6 +223,6 @@ fn a_truncated_image_is_recorded_and_the_evaluation_goes_on() {
         (Some(2), Some(1))
     );
     // Run again: nothing is retried, the failure stays recorded once.
-    ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    ok(&eval_data(&data, &out, &[]));
     assert_eq!(self::traces(&out).len(), 3);
 }

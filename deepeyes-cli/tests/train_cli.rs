@@ -5,9 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+mod support;
+
+use support::repo;
 
 fn deepeyes(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_deepeyes"))
@@ -305,28 +305,7 @@ fn resume_without_a_checkpoint_is_a_clear_error() {
 #[test]
 fn an_item_whose_image_does_not_decode_is_skipped_and_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let source = repo().join("tests/data/datasets/vstar");
-    let data = dir.path().join("vstar");
-    for category in ["direct_attributes", "relative_position"] {
-        std::fs::create_dir_all(data.join(category)).unwrap();
-        for entry in std::fs::read_dir(source.join(category)).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), data.join(category).join(entry.file_name())).unwrap();
-        }
-    }
-    // A picture cut short: its header reads (so the loader keeps the row), its pixels do not.
-    let noise: Vec<u8> = (0..64 * 64 * 3u32)
-        .map(|i| (i * 7919 % 251) as u8)
-        .collect();
-    let png = deepeyes_core::Image::from_raw(64, 64, noise)
-        .unwrap()
-        .to_png()
-        .unwrap();
-    std::fs::write(
-        data.join("direct_attributes/sa_10001.jpg"),
-        &png[..png.len() / 2],
-    )
-    .unwrap();
+    let data = support::vstar_with_a_truncated_image(dir.path());
     let config = write_config_on(&data, dir.path(), "", 3, 0);
     let out = train(&config, &[]);
     assert!(

@@ -322,17 +322,10 @@ impl<'a> Evaluator<'a> {
             .collect();
         let correct = samples.iter().filter(|s| s.verdict.correct).count();
         ItemRecord {
-            id: p.item.id.clone(),
-            category: p.item.category.clone(),
-            data_source: p.item.data_source.clone(),
-            question: p.question.clone(),
-            order: p.order.clone(),
-            correct_letter: p.correct_letter,
-            answer: p.item.answer.clone(),
             prompt: self.agent.prompt_text(task),
             score: correct as f64 / samples.len().max(1) as f64,
             samples,
-            failed: None,
+            ..ItemRecord::of(p)
         }
     }
 
@@ -386,21 +379,31 @@ impl<'a> Evaluator<'a> {
     }
 }
 
+impl ItemRecord {
+    /// The record of `p` before it is answered: what the item says, no samples, no score.
+    fn of(p: &PreparedItem) -> Self {
+        Self {
+            id: p.item.id.clone(),
+            category: p.item.category.clone(),
+            data_source: p.item.data_source.clone(),
+            question: p.question.clone(),
+            order: p.order.clone(),
+            correct_letter: p.correct_letter,
+            answer: p.item.answer.clone(),
+            prompt: String::new(),
+            samples: Vec::new(),
+            score: 0.0,
+            failed: None,
+        }
+    }
+}
+
 /// The record of an item that could not be evaluated, and why.
 fn failed_record(p: &PreparedItem, cause: &str) -> ItemRecord {
     tracing::warn!(item = %p.item.id, cause, "item not evaluated");
     ItemRecord {
-        id: p.item.id.clone(),
-        category: p.item.category.clone(),
-        data_source: p.item.data_source.clone(),
-        question: p.question.clone(),
-        order: p.order.clone(),
-        correct_letter: p.correct_letter,
-        answer: p.item.answer.clone(),
-        prompt: String::new(),
-        samples: Vec::new(),
-        score: 0.0,
         failed: Some(cause.to_string()),
+        ..ItemRecord::of(p)
     }
 }
 
