@@ -54,7 +54,8 @@ pub struct PluginConfig {
     /// The shared library. In a TOML file, a relative path is resolved against the file's
     /// directory.
     pub path: PathBuf,
-    /// Whether the tool is offered to the model.
+    /// Whether the tool is offered to the model. A disabled plugin is not loaded at all: none of
+    /// its code runs, and a registry built from the config does not list it.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
     /// Configuration handed to the plugin's `create` as JSON.
@@ -200,7 +201,11 @@ impl ToolRegistry {
             config.rotate.enabled,
         )?;
         for plugin in &config.plugins {
-            registry.load_plugin(plugin)?;
+            if plugin.enabled {
+                registry.load_plugin(plugin)?;
+            } else {
+                tracing::debug!(path = %plugin.path.display(), "plugin disabled: not loaded");
+            }
         }
         Ok(registry)
     }
@@ -380,6 +385,19 @@ mod tests {
             );
         }
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_disabled_plugin_is_not_loaded() {
+        // Not even opened: a path with no library behind it is no error while disabled.
+        let mut plugin = PluginConfig::new("/nonexistent/libdisabled_plugin.so");
+        plugin.enabled = false;
+        let mut config = ToolsConfig::default();
+        config.plugins.push(plugin.clone());
+        let reg = ToolRegistry::from_config(&config).unwrap();
+        assert_eq!(reg.names(), ["image_zoom_in_tool", "image_rotate_tool"]);
+        config.plugins[0].enabled = true;
+        assert!(ToolRegistry::from_config(&config).is_err());
     }
 
     #[test]
