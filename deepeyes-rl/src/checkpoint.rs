@@ -282,14 +282,7 @@ impl CheckpointWriter {
     /// Records a file that a producer wrote into [`CheckpointWriter::dir`] as a blob: hashed,
     /// fsynced and listed in the manifest like [`CheckpointWriter::add_bytes`]' blobs.
     pub fn adopt(&mut self, name: &str) -> Result<()> {
-        check_blob_name(name)?;
-        if self.blobs.iter().any(|b| b.name == name) {
-            return Err(Error::invalid(
-                "blob name",
-                format!("{name:?} was added twice"),
-            ));
-        }
-        let path = self.tmp.join(name);
+        let path = self.new_blob_path(name)?;
         let (bytes, sha256) = hash_file(&path)?;
         File::open(&path)
             .and_then(|f| f.sync_all())
@@ -300,6 +293,18 @@ impl CheckpointWriter {
             sha256,
         });
         Ok(())
+    }
+
+    /// Where blob `name` goes, once the name is checked to be usable and not yet taken.
+    fn new_blob_path(&self, name: &str) -> Result<PathBuf> {
+        check_blob_name(name)?;
+        if self.blobs.iter().any(|b| b.name == name) {
+            return Err(Error::invalid(
+                "blob name",
+                format!("{name:?} was added twice"),
+            ));
+        }
+        Ok(self.tmp.join(name))
     }
 
     /// Adds a blob from memory.
@@ -313,14 +318,7 @@ impl CheckpointWriter {
         name: &str,
         write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
     ) -> Result<()> {
-        check_blob_name(name)?;
-        if self.blobs.iter().any(|b| b.name == name) {
-            return Err(Error::invalid(
-                "blob name",
-                format!("{name:?} was added twice"),
-            ));
-        }
-        let path = self.tmp.join(name);
+        let path = self.new_blob_path(name)?;
         let file = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = HashingWriter {
             inner: BufWriter::new(file),

@@ -297,10 +297,7 @@ impl<'a> Evaluator<'a> {
         let tasks: Vec<Task> = items
             .iter()
             .zip(images)
-            .map(|(p, images)| Task {
-                question: p.question.clone(),
-                images,
-            })
+            .map(|(p, images)| p.task(images))
             .collect();
         let seeds: Vec<u64> = items.iter().map(|p| p.seed).collect();
         let groups = self

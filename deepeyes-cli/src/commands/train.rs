@@ -140,7 +140,7 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
             );
         };
         tracing::info!(step = checkpoint.state().step, path = %checkpoint.dir().display(), "resuming");
-        Trainer::resume(config, tools, reward, checkpoint.dir())
+        Trainer::resume(config, tools, reward, &checkpoint)
             .with_context(|| format!("resuming from {}", checkpoint.dir().display()))?
     } else {
         if args.overwrite {

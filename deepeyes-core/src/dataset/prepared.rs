@@ -2,7 +2,9 @@
 //! item id) and written into the question, and the reference answer a reward or a grader sees.
 //! Training, evaluation and data selection ask items exactly this way.
 
+use crate::agent::Task;
 use crate::dataset::{Item, option_letter};
+use crate::image::Image;
 use crate::rng::Rng;
 
 /// An item ready to be asked: its options in the order shown and the prompt question.
@@ -59,6 +61,15 @@ pub fn prepare_item(item: Item, seed: u64, shuffle: bool) -> PreparedItem {
 }
 
 impl PreparedItem {
+    /// What the agent is asked: this item's question, as shown, about `images` (its decoded
+    /// images, or stand-ins such as a crop of the ground-truth region).
+    pub fn task(&self, images: Vec<Image>) -> Task {
+        Task {
+            question: self.question.clone(),
+            images,
+        }
+    }
+
     /// The reference answer as a reward function and a grader see it: the correct option's
     /// letter as shown, or the answer text of an open question.
     pub fn ground_truth(&self) -> String {

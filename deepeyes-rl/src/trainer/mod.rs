@@ -151,13 +151,6 @@ fn networks<N: PolicyNetwork>(
     Ok((model, reference))
 }
 
-/// The checkpoint in `dir`, every file checked against its manifest.
-fn verified(dir: &Path) -> TrainResult<Checkpoint> {
-    let checkpoint = Checkpoint::open(dir)?;
-    checkpoint.verify()?;
-    Ok(checkpoint)
-}
-
 /// A fresh run must not overwrite another run's results: refuses an output folder that holds
 /// checkpoints or metrics (resume that run, or remove them first: `deepeyes train --overwrite`).
 fn refuse_earlier_run(config: &TrainConfig) -> TrainResult<()> {
@@ -234,17 +227,17 @@ impl Trainer {
         Self::for_network(config, tools, reward, None)
     }
 
-    /// Continues the run saved in `checkpoint` (a folder written by
-    /// [`Trainer::save_checkpoint`], every file checked against its manifest first): weights,
-    /// optimizer state, data order and position, step. Metrics of later steps (logged by a run
-    /// killed after the checkpoint) are dropped, so the next step is exactly the one an
-    /// uninterrupted run would take. [`crate::checkpoint::latest_intact`] finds the checkpoint
-    /// to resume.
+    /// Continues the run saved in `checkpoint` (written by [`Trainer::save_checkpoint`]):
+    /// weights, optimizer state, data order and position, step. Metrics of later steps (logged
+    /// by a run killed after the checkpoint) are dropped, so the next step is exactly the one an
+    /// uninterrupted run would take. Take the checkpoint from
+    /// [`crate::checkpoint::latest_intact`], which has checked every file against its manifest
+    /// (so the weights are hashed once, not again here).
     pub fn resume(
         config: TrainConfig,
         tools: Vec<Arc<dyn Tool>>,
         reward: Arc<dyn RewardFn>,
-        checkpoint: &Path,
+        checkpoint: &Checkpoint,
     ) -> TrainResult<Self> {
         Self::for_network(config, tools, reward, Some(checkpoint))
     }
@@ -256,7 +249,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         config: TrainConfig,
         tools: Vec<Arc<dyn Tool>>,
         reward: Arc<dyn RewardFn>,
-        checkpoint: Option<&Path>,
+        checkpoint: Option<&Checkpoint>,
     ) -> TrainResult<Self> {
         config.validate("train config")?;
         if config.model.rollout_engine != crate::config::RolloutEngine::Ort {
@@ -265,20 +258,16 @@ impl<N: PolicyNetwork> Trainer<N> {
                 "only \"ort\" is implemented (rollouts through ONNX Runtime with the current weights)",
             )));
         }
-        let checkpoint = match checkpoint {
-            Some(dir) => Some(verified(dir)?),
-            None => {
-                refuse_earlier_run(&config)?;
-                None
-            }
-        };
+        if checkpoint.is_none() {
+            refuse_earlier_run(&config)?;
+        }
         let items = load_items(&config)?;
         let preprocess = deepeyes_core::onnx::BundleConfig::load(&config.model.bundle)?.preprocess;
-        let (model, reference) = networks(&config, checkpoint.as_ref().map(Checkpoint::dir))?;
+        let (model, reference) = networks(&config, checkpoint.map(Checkpoint::dir))?;
         let mut optim = optimizer(&config);
         std::fs::create_dir_all(&config.output_dir).map_err(io_err(&config.output_dir))?;
         let metrics_path = config.metrics_path();
-        let position = match &checkpoint {
+        let position = match checkpoint {
             Some(c) => {
                 let (restored, position) = checkpoint::restore(c, optim, items.len())?;
                 optim = restored;

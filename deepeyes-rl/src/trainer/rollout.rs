@@ -96,10 +96,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         let tasks: Vec<Task> = prepared
             .iter()
             .zip(images)
-            .map(|(p, images)| Task {
-                question: p.question.clone(),
-                images,
-            })
+            .map(|(p, images)| p.task(images))
             .collect();
         let path: &[u64] = if round == 0 {
             &[self.step]
