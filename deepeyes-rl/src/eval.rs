@@ -262,6 +262,7 @@ impl<'a> Evaluator<'a> {
         let chosen: Vec<PreparedItem> = good.iter().map(|&k| items[k].clone()).collect();
         let answered = match self.evaluate_with_images(&chosen, images.clone()) {
             Ok(answered) => answered,
+            Err(_) if chosen.is_empty() => Vec::new(),
             // One item's failure must not cost the others: answer them one at a time.
             Err(_) if chosen.len() > 1 => chosen
                 .iter()
