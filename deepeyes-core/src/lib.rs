@@ -33,6 +33,7 @@ pub mod testing;
 pub mod tool;
 pub mod trajectory;
 pub mod vision;
+pub mod weights;
 
 pub use agent::{Agent, AgentConfig, Task};
 pub use error::{Error, Result};
@@ -50,3 +51,4 @@ pub use reward::{
 pub use rng::Rng;
 pub use tool::{FnTool, Tool, ToolCall, ToolContext, ToolError, ToolOutput, ToolSpec};
 pub use trajectory::{ImageSource, StopReason, ToolCallRecord, ToolOutcome, Trajectory};
+pub use weights::{HostTensor, WeightReceiver, WeightUpdate, Weights};

@@ -189,15 +189,7 @@ fn greedy_generation_gives_transformers_tokens() {
 fn generation_from_raw_images_uses_the_rust_preprocessing() {
     let golden = Golden::load();
     let model = model();
-    let images: Vec<Image> = (0..2)
-        .map(|k| {
-            Image::open(
-                tiny_fixture::root().join(format!("golden/image{k}.png")),
-                &ImageLimits::default(),
-            )
-            .unwrap()
-        })
-        .collect();
+    let images = golden_images();
     let ids = golden.u32s("prompt_ids");
     let prompt = model.prepare_images(&ids, &images).unwrap();
     assert_eq!(prompt.grids, golden.grids());
@@ -439,6 +431,86 @@ fn weights_given_in_memory_are_the_ones_that_run() {
             assert_eq!(row[v], base_row[v], "position {pos}, token {v}");
         }
     }
+}
+
+/// The golden images, decoded as a user's would be.
+fn golden_images() -> Vec<Image> {
+    (0..2)
+        .map(|k| {
+            Image::open(
+                tiny_fixture::root().join(format!("golden/image{k}.png")),
+                &ImageLimits::default(),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// Every logit of the golden prompt with its images, from `model`'s current weights (the
+/// images through the vision encoder and its feature cache, as generation sees them).
+fn image_prompt_logits(model: &OnnxModel) -> Vec<f32> {
+    let prompt = model
+        .prepare_images(&Golden::load().u32s("prompt_ids"), &golden_images())
+        .unwrap();
+    model
+        .prefill(&[&prompt], LogitsOf::All)
+        .unwrap()
+        .0
+        .remove(0)
+}
+
+#[test]
+fn the_same_sessions_take_new_weights_in_place() {
+    use deepeyes_core::{WeightReceiver, WeightUpdate};
+    let options = one_thread();
+    let old = bundle_weights();
+    let engine = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &old).unwrap();
+    assert_eq!(engine.weights_version(), None);
+    let before = image_prompt_logits(&engine);
+
+    // Every parameter changes, as after an optimizer step (the vision tower's too, so cached
+    // image features of the old weights would show).
+    let mut new = old.clone();
+    for t in new.values_mut() {
+        for (i, v) in t.data.iter_mut().enumerate() {
+            *v = *v * 1.05 + 0.01 * ((i % 7) as f32 - 3.0);
+        }
+    }
+    let update = WeightUpdate {
+        version: 1,
+        tensors: &new,
+    };
+    engine.receive_weights(&update).unwrap();
+    assert_eq!(engine.weights_version(), Some(1));
+    let after = image_prompt_logits(&engine);
+    let fresh = OnnxModel::load_with_weights(tiny_fixture::bundle(), &options, &new).unwrap();
+    let want = image_prompt_logits(&fresh);
+    let diff = max_abs_diff(&after, &want);
+    report("in-place weights vs a fresh load of them", diff);
+    assert!(
+        diff <= 1e-5,
+        "in-place weights differ from a fresh load by {diff}"
+    );
+    let moved = max_abs_diff(&after, &before);
+    assert!(moved > 1e-2, "the logits did not change ({moved})");
+
+    // A bad update names the parameter at fault and changes nothing.
+    let mut bad = new.clone();
+    bad.remove("model.norm.weight");
+    let e = engine
+        .receive_weights(&WeightUpdate {
+            version: 2,
+            tensors: &bad,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("model.norm.weight"), "{e}");
+    assert_eq!(engine.weights_version(), Some(1));
+    assert_eq!(image_prompt_logits(&engine), after);
+
+    // A model that runs the weights it was loaded with says how to get one that takes updates.
+    let e = model().receive_weights(&update).unwrap_err().to_string();
+    assert!(e.contains("load_with_weights"), "{e}");
 }
 
 /// A 7B's graphs keep their weights in `<graph>.onnx.data` files beside them (protobufs stop at

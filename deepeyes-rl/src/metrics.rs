@@ -170,6 +170,9 @@ impl UpdateMetrics {
 /// Wall-clock split of a step, in seconds.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimeSplit {
+    /// Handing the policy's current weights to the rollout engine.
+    #[serde(default)]
+    pub time_weight_sync_s: f64,
     /// Sampling the trajectories (tools included).
     pub time_rollout_s: f64,
     /// Scoring them.

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions};
-use deepeyes_core::{RewardBreakdown, RewardInput, RewardTerm};
+use deepeyes_core::{RewardBreakdown, RewardInput, RewardTerm, WeightReceiver};
 use deepeyes_reward::{Bounds, PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
 use deepeyes_rl::network::{Batch, PadLayout, Sequence, to_host};
@@ -121,6 +121,8 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
         .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
         .unwrap();
     let mut trainer = trainer(config(&out, 8, ""), &rewards);
+    let engine = trainer.rollout_engine().unwrap();
+    assert_eq!(engine.weights_version(), Some(0));
     let mut means = Vec::new();
     for _ in 0..8 {
         let m = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
@@ -190,6 +192,27 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     assert_eq!(got[0].len(), want.len());
     assert!(diff <= 1e-4, "ORT and burn disagree by {diff}");
     assert!(moved > 1e-3, "training did not change the weights ORT runs");
+
+    // The rollout engine built before the first step is the one that runs the trained weights:
+    // eight optimizer steps later its sessions, never rebuilt, give the burn model's logits.
+    let synced = trainer.rollout_engine().unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&engine, &synced),
+        "the rollout engine was rebuilt"
+    );
+    assert_eq!(engine.weights_version(), Some(8));
+    let prompt = engine.prepare(&tokens, &[]).unwrap();
+    let (live, _) = engine.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let diff = live[0]
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("rollout engine after 8 steps vs burn: max |Δ| = {diff:.2e}");
+    assert!(
+        diff <= 1e-4,
+        "the rollout engine and burn disagree by {diff}"
+    );
 }
 
 /// Like [`low_token_share`], but constant for one V* item, so its groups carry no signal.

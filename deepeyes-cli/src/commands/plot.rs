@@ -132,6 +132,7 @@ const PANELS: &[PanelSpec] = &[
     PanelSpec {
         title: "time per step (s)",
         series: &[
+            ("time_weight_sync_s", "weight sync"),
             ("time_rollout_s", "rollout"),
             ("time_reward_s", "reward"),
             ("time_logprob_s", "log-prob"),

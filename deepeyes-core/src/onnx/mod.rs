@@ -15,6 +15,7 @@ pub mod config;
 mod decode;
 mod error;
 mod generate;
+mod in_place;
 mod model;
 mod prompt;
 mod provider;

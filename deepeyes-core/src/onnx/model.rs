@@ -6,13 +6,13 @@
 //! `decode`, execution providers in `provider`.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::value::{Tensor, TensorElementType};
+use ort::value::{DynValue, Tensor, TensorElementType};
 
 use crate::model::HfTokenizer;
 use crate::preprocess::Preprocessor;
@@ -24,7 +24,7 @@ use super::error::{OnnxError, OnnxResult};
 use super::provider::{DeviceReport, OnnxOptions, Placement};
 use super::runtime::{Runtime, RuntimeInfo, runtime};
 use super::vision_cache::FeatureCache;
-use super::weights::{WeightMap, Weights, initializer_value, read_safetensors};
+use super::weights::{MapEntry, WeightMap, Weights, initializer_value, read_safetensors};
 
 /// Whether this process has already logged a bundle load at info level.
 static LOAD_REPORTED: AtomicBool = AtomicBool::new(false);
@@ -50,14 +50,14 @@ static LOAD_REPORTED: AtomicBool = AtomicBool::new(false);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct OnnxModel {
-    dir: PathBuf,
+    pub(super) dir: PathBuf,
     /// The bundle's configuration.
     pub(super) config: BundleConfig,
     /// The options it was loaded with.
     pub(super) options: OnnxOptions,
     tokenizer: HfTokenizer,
-    runtime: Arc<Runtime>,
-    device: DeviceReport,
+    pub(super) runtime: Arc<Runtime>,
+    pub(super) device: DeviceReport,
     /// The vision encoder graph.
     pub(super) vision: Mutex<Session>,
     /// The token embedding graph.
@@ -75,6 +75,36 @@ pub struct OnnxModel {
     /// The preprocessor and pixel buffer, reused image after image: a fresh multi-megabyte
     /// buffer per image costs a page fault per 4 KiB, as much as the rest of preprocessing.
     pub(super) pixels: Mutex<(Preprocessor, Vec<f32>)>,
+    /// The parameter buffers the sessions read, when the model was loaded with weights from
+    /// memory ([`OnnxModel::load_with_weights`]): new weights are written into them in place.
+    pub(super) in_place: Option<InPlaceWeights>,
+    /// The weight version the sessions run ([`NO_VERSION`] until one is received).
+    pub(super) version: AtomicU64,
+}
+
+/// `version` of a model that runs the weights it was loaded with.
+pub(super) const NO_VERSION: u64 = u64::MAX;
+
+/// The initializers of a model loaded with weights from memory, and where they came from.
+pub(super) struct InPlaceWeights {
+    /// The bundle's weight map.
+    pub(super) map: WeightMap,
+    /// Its file, named in errors.
+    pub(super) map_path: PathBuf,
+    /// For each graph (vision, embed, decoder), its mapped initializers in map order, each with
+    /// the buffer the session reads.
+    pub(super) buffers: [Vec<(MapEntry, InitializerBuffer)>; 3],
+}
+
+/// The `f32` data of an initializer handed to ONNX Runtime, which reads it in place.
+pub(super) struct InitializerBuffer {
+    /// The tensor that owns the data (the session holds another reference).
+    _owner: Arc<DynValue>,
+    /// The data's address, with its provenance exposed (taken through the tensor's mutable
+    /// data pointer before it was shared).
+    pub(super) address: usize,
+    /// Its number of elements.
+    pub(super) len: usize,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -115,12 +145,17 @@ impl OnnxModel {
             }
             _ => None,
         };
-        Self::load_inner(dir, options, weights.as_ref().map(|(w, m)| (w, m)))
+        Self::load_inner(dir, options, weights.as_ref().map(|(w, m)| (w, m)), false)
     }
 
     /// Loads the bundle in `dir` with `weights` (Hugging Face names) in place of its own, e.g. a
     /// policy just updated by a trainer. The bundle must have a weight map; every parameter it
     /// names must be in `weights`, with the right shape.
+    ///
+    /// The model then takes later versions of the weights in place
+    /// ([`WeightReceiver::receive_weights`]): its sessions read the parameters from buffers it
+    /// owns, so ONNX Runtime keeps no transformed copy of them (weight pre-packing is off for
+    /// these sessions).
     pub fn load_with_weights(
         dir: impl AsRef<Path>,
         options: &OnnxOptions,
@@ -131,13 +166,14 @@ impl OnnxModel {
             path: dir.join(super::weights::WEIGHT_MAP_FILE),
             reason: "not found: re-export the bundle (scripts/export_qwen2_5_vl.py) or add one with scripts/map_bundle_weights.py".into(),
         })?;
-        Self::load_inner(dir, options, Some((weights, &map)))
+        Self::load_inner(dir, options, Some((weights, &map)), true)
     }
 
     fn load_inner(
         dir: &Path,
         options: &OnnxOptions,
         weights: Option<(&Weights, &WeightMap)>,
+        in_place: bool,
     ) -> OnnxResult<Self> {
         let dir = dir.to_path_buf();
         options.validate()?;
@@ -156,12 +192,9 @@ impl OnnxModel {
         let started = Instant::now();
 
         let mut place = Placement::new(options);
-        let mut build = |graph: &str, name: &str| {
-            load_session(&runtime, &dir, graph, name, options, &mut place, weights)
-        };
-        let vision = build("vision", &config.graphs.vision)?;
-        let embed = build("embed", &config.graphs.embed)?;
-        let decoder = build("decoder", &config.graphs.decoder)?;
+        let [(vision, vb), (embed, eb), (decoder, db)] = build_sessions(
+            &runtime, &dir, &config, options, &mut place, weights, in_place,
+        )?;
         let (past_names, present_names) = kv_names(config.text.num_layers);
         check_graphs(
             &dir,
@@ -195,6 +228,14 @@ impl OnnxModel {
             );
         }
         let preprocessor = Preprocessor::new(config.preprocess)?;
+        let in_place = match weights {
+            Some((_, map)) if in_place => Some(InPlaceWeights {
+                map: map.clone(),
+                map_path: dir.join(super::weights::WEIGHT_MAP_FILE),
+                buffers: [vb, eb, db],
+            }),
+            _ => None,
+        };
         Ok(Self {
             dir,
             config,
@@ -210,6 +251,8 @@ impl OnnxModel {
             present_names,
             cache: Mutex::new(FeatureCache::default()),
             pixels: Mutex::new((preprocessor, Vec::new())),
+            in_place,
+            version: AtomicU64::new(NO_VERSION),
         })
     }
 
@@ -268,9 +311,42 @@ fn load_tokenizer(dir: &Path, config: &BundleConfig) -> OnnxResult<HfTokenizer> 
     Ok(tokenizer)
 }
 
+/// A session with its mapped initializers, in map order.
+pub(super) type BuiltSession = (Session, Vec<(MapEntry, InitializerBuffer)>);
+
+/// The graphs' names in the weight map, in the order of [`InPlaceWeights::buffers`].
+const GRAPHS: [&str; 3] = ["vision", "embed", "decoder"];
+
+/// Builds the vision, embed and decoder sessions of the bundle in `dir`; see [`load_session`].
+pub(super) fn build_sessions(
+    runtime: &Runtime,
+    dir: &Path,
+    config: &BundleConfig,
+    options: &OnnxOptions,
+    place: &mut Placement,
+    weights: Option<(&Weights, &WeightMap)>,
+    in_place: bool,
+) -> OnnxResult<[BuiltSession; 3]> {
+    let files = [
+        &config.graphs.vision,
+        &config.graphs.embed,
+        &config.graphs.decoder,
+    ];
+    let mut build = |i: usize| {
+        let graph = GRAPHS[i];
+        load_session(
+            runtime, dir, graph, files[i], options, place, weights, in_place,
+        )
+    };
+    Ok([build(0)?, build(1)?, build(2)?])
+}
+
 /// Builds the session of one graph: `graph` is its name in the weight map, `name` its file in
 /// the bundle directory `dir`. The provider comes from `placement` (which a CUDA failure moves
-/// to the CPU); the map's initializers are set from `weights`, if given.
+/// to the CPU); the map's initializers are set from `weights`, if given, and returned with the
+/// session. With `in_place` the session reads them without pre-packing, so that writing into
+/// their buffers changes the weights it runs.
+#[allow(clippy::too_many_arguments)]
 fn load_session(
     runtime: &Runtime,
     dir: &Path,
@@ -279,7 +355,8 @@ fn load_session(
     options: &OnnxOptions,
     placement: &mut Placement,
     weights: Option<(&Weights, &WeightMap)>,
-) -> OnnxResult<Session> {
+    in_place: bool,
+) -> OnnxResult<BuiltSession> {
     let path = dir.join(name);
     if !path.is_file() {
         return Err(OnnxError::Bundle {
@@ -301,17 +378,33 @@ fn load_session(
             .map_err(|e| session_err(e.into()))?;
     }
     builder = placement.register(builder)?;
+    if in_place {
+        builder = builder
+            .with_prepacking(false)
+            .map_err(|e| session_err(e.into()))?;
+    }
+    let mut buffers = Vec::new();
     if let Some((weights, map)) = weights {
         let map_path = dir.join(super::weights::WEIGHT_MAP_FILE);
         for entry in map.entries(graph) {
             let value = initializer_value(entry, weights, &map_path)?;
-            let tensor = Tensor::from_array((value.shape, value.data)).map_err(session_err)?;
+            let len = value.data.len();
+            let mut tensor = Tensor::from_array((value.shape, value.data)).map_err(session_err)?;
+            let address = tensor.data_ptr_mut().cast::<f32>().expose_provenance();
+            let owner: Arc<DynValue> = Arc::new(tensor.into_dyn());
             builder = builder
-                .with_initializer(&entry.initializer, tensor.into_dyn())
+                .with_initializer(&entry.initializer, Arc::clone(&owner))
                 .map_err(|e| session_err(e.into()))?;
+            let buffer = InitializerBuffer {
+                _owner: owner,
+                address,
+                len,
+            };
+            buffers.push((entry.clone(), buffer));
         }
     }
-    builder.commit_from_file(&path).map_err(session_err)
+    let session = builder.commit_from_file(&path).map_err(session_err)?;
+    Ok((session, buffers))
 }
 
 /// The decoder's cache inputs (`past_{key,value}_{i}`) and outputs (`present_{key,value}_{i}`)

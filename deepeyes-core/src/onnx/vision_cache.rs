@@ -32,6 +32,13 @@ pub(super) struct FeatureCache {
     entries: VecDeque<(u64, (u32, u32), Arc<Encoded>)>,
 }
 
+impl FeatureCache {
+    /// Forgets every entry (the features of weights no longer running).
+    pub(super) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
 fn image_key(image: &Image) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     image.width().hash(&mut h);

@@ -20,17 +20,7 @@ pub const WEIGHT_MAP_FILE: &str = "weights.json";
 /// The `format` field of a weight map.
 pub const WEIGHT_MAP_FORMAT: &str = "deepeyes-weight-map";
 
-/// A host tensor of `f32` values in row-major order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    /// Dimensions.
-    pub shape: Vec<usize>,
-    /// Values, `shape.iter().product()` of them.
-    pub data: Vec<f32>,
-}
-
-/// Model parameters by Hugging Face name.
-pub type Weights = BTreeMap<String, HostTensor>;
+pub use crate::weights::{HostTensor, Weights};
 
 /// One initializer that holds a parameter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,6 +188,21 @@ pub(crate) fn initializer_value(
     weights: &Weights,
     map_path: &Path,
 ) -> OnnxResult<HostTensor> {
+    let mut data = vec![0.0; entry.shape.iter().product()];
+    fill_initializer(entry, weights, map_path, &mut data)?;
+    Ok(HostTensor {
+        shape: entry.shape.clone(),
+        data,
+    })
+}
+
+/// The parameter behind `entry`, checked to have the shape the graph needs (reversed when the
+/// graph stores it transposed). Errors name the parameter and the file that maps it.
+pub(crate) fn mapped_param<'w>(
+    entry: &MapEntry,
+    weights: &'w Weights,
+    map_path: &Path,
+) -> OnnxResult<&'w HostTensor> {
     let Some(param) = weights.get(&entry.param) else {
         return Err(bad(
             map_path,
@@ -221,20 +226,41 @@ pub(crate) fn initializer_value(
             ),
         ));
     }
+    Ok(param)
+}
+
+/// Writes one initializer's values into `out`, which holds exactly its elements: the parameter,
+/// transposed when the graph stores it so.
+pub(crate) fn fill_initializer(
+    entry: &MapEntry,
+    weights: &Weights,
+    map_path: &Path,
+    out: &mut [f32],
+) -> OnnxResult<()> {
+    let param = mapped_param(entry, weights, map_path)?;
+    if out.len() != param.data.len() {
+        return Err(bad(
+            map_path,
+            format!(
+                "initializer {} holds {} values, parameter {} has {}",
+                entry.initializer,
+                out.len(),
+                entry.param,
+                param.data.len()
+            ),
+        ));
+    }
     if !entry.transpose {
-        return Ok(param.clone());
+        out.copy_from_slice(&param.data);
+        return Ok(());
     }
     let (rows, cols) = (param.shape[0], param.shape[1]);
-    let mut data = vec![0.0; rows * cols];
-    for r in 0..rows {
-        for c in 0..cols {
-            data[c * rows + r] = param.data[r * cols + c];
+    for (r, row) in param.data.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            out[c * rows + r] = v;
         }
     }
-    Ok(HostTensor {
-        shape: entry.shape.clone(),
-        data,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,10 +2,12 @@
 //! advantages, and updates of the burn model.
 //!
 //! One RL step ([`Trainer::train_step`]) is a sequence of phases, each a function of its own:
-//! 1. **rollout** (`rollout.rs`): take `batch.prompts-per-step` items from the data (reshuffled
-//!    every epoch with the `data` seed stream), hand the burn model's current weights to ONNX
-//!    Runtime ([`deepeyes_core::onnx::OnnxModel::load_with_weights`]) and sample
-//!    `grpo.group-size` trajectories per item with the agent loop and the tools;
+//! 1. **weight sync and rollout** (`rollout.rs`): publish the burn model's current weights to the
+//!    rollout engine through [`deepeyes_core::WeightReceiver`] (ONNX Runtime, built once per run
+//!    with [`deepeyes_core::onnx::OnnxModel::load_with_weights`], takes them in place, sessions
+//!    kept), take `batch.prompts-per-step` items from the data (reshuffled every epoch with the
+//!    `data` seed stream) and sample `grpo.group-size` trajectories per item with the agent loop
+//!    and the tools;
 //! 2. **score**: the reward function (any [`RewardFn`]) scores each trajectory; with dynamic
 //!    sampling, rounds 1–2 repeat until enough groups carry a signal;
 //! 3. **advantages** (`update.rs`): group advantages and the per-token targets
@@ -29,14 +31,14 @@ use std::time::Instant;
 
 use burn::optim::AdamWConfig;
 use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
-use deepeyes_core::onnx::OnnxOptions;
+use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
 use deepeyes_core::{
     Image, ImageLimits, PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory,
 };
 
 use crate::checkpoint::{Checkpoint, list_checkpoints};
 use crate::config::{DatasetKind, DeviceKind, TrainConfig};
-use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics};
+use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics, TimeSplit};
 use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
 use deepeyes_core::dataset::{PreparedItem, prepare_item};
 
@@ -195,6 +197,9 @@ pub struct Trainer<N: PolicyNetwork = Qwen25Vl> {
     preprocess: deepeyes_core::PreprocessConfig,
     optim: burn::optim::ModuleOptimizer,
     onnx: OnnxOptions,
+    /// The rollout engine, built at the first rollout and kept: each step hands it the new
+    /// weights in place (`rollout.rs`).
+    engine: Option<Arc<OnnxModel>>,
     data_rng: Rng,
     order: Vec<usize>,
     cursor: usize,
@@ -299,6 +304,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             preprocess,
             optim,
             onnx: OnnxOptions::default(),
+            engine: None,
             data_rng: state.data_rng,
             order: state.order,
             cursor: state.cursor,
@@ -321,6 +327,7 @@ impl<N: PolicyNetwork> Trainer<N> {
     /// Overrides how the rollout engine runs (threads, providers).
     pub fn with_onnx_options(mut self, options: OnnxOptions) -> Self {
         self.onnx = options;
+        self.engine = None;
         self
     }
 
@@ -388,16 +395,33 @@ impl<N: PolicyNetwork> Trainer<N> {
         Ok(out)
     }
 
-    /// Runs one RL step and returns its metrics (also appended to the metrics file). The step
-    /// is a sequence of phases, each in its own function:
-    /// rollout and score ([`Trainer::rollout`]), advantages ([`StepBatch::advantages`]), fixed
-    /// log-probs ([`Trainer::fixed_logprobs`]), update ([`Trainer::update`]) and log.
+    /// Runs one RL step and returns its metrics (also appended to the metrics file): the
+    /// rollout half ([`Trainer::rollout_step`]) then the update half ([`Trainer::update_step`]).
     pub fn train_step(&mut self) -> TrainResult<StepMetrics> {
+        let scored = self.rollout_step()?;
+        self.update_step(&scored)
+    }
+
+    /// The first half of a step: weight sync, rollouts and rewards ([`Trainer::rollout`]).
+    pub fn rollout_step(&mut self) -> TrainResult<ScoredStep> {
         let started = Instant::now();
-        let (groups, mut time) = self.rollout()?;
-        let step = StepBatch::new(&groups);
+        let (groups, time) = self.rollout()?;
+        Ok(ScoredStep {
+            groups,
+            time,
+            skipped: std::mem::take(&mut self.skipped),
+            started,
+        })
+    }
+
+    /// The second half of a step, on the rollouts of [`Trainer::rollout_step`]: advantages
+    /// ([`StepBatch::advantages`]), fixed log-probs ([`Trainer::fixed_logprobs`]), the update
+    /// ([`Trainer::update`]) and the log line; the step count advances.
+    pub fn update_step(&mut self, scored: &ScoredStep) -> TrainResult<StepMetrics> {
+        let mut time = scored.time.clone();
+        let step = StepBatch::new(&scored.groups);
         let mut rollout = step.rollout_metrics()?;
-        rollout.skipped_items = std::mem::take(&mut self.skipped);
+        rollout.skipped_items = scored.skipped.clone();
         let batch = step.advantages(&self.config.grpo)?;
         let plan = self.update_plan(step.len())?;
 
@@ -410,7 +434,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         let update = self.update(&sequences, &batch, &plan, &fixed)?;
         time.time_update_s = t.elapsed().as_secs_f64();
 
-        time.time_step_s = started.elapsed().as_secs_f64();
+        time.time_step_s = scored.started.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: self.step,
             rollout,
@@ -436,7 +460,25 @@ mod update;
 use checkpoint::RunPosition;
 pub use checkpoint::{OPTIMIZER_FILE, export_bundle};
 use update::StepBatch;
+pub use update::UpdateRecord;
 pub(crate) use update::grad_norm_and_scale;
+
+/// The rollout half of a step ([`Trainer::rollout_step`]): every group sampled with the step's
+/// weights and scored, ready for [`Trainer::update_step`].
+#[derive(Debug)]
+pub struct ScoredStep {
+    groups: Vec<RolledGroup>,
+    time: TimeSplit,
+    skipped: Vec<SkippedItem>,
+    started: Instant,
+}
+
+impl ScoredStep {
+    /// Every trajectory of the step, group by group.
+    pub fn trajectories(&self) -> impl Iterator<Item = &Trajectory> {
+        self.groups.iter().flat_map(|g| &g.trajectories)
+    }
+}
 
 /// One prompt's sampled group with its rewards.
 #[derive(Debug)]

@@ -2,11 +2,13 @@
 //! agent samples a group per prompt, and the reward scores every trajectory (with DAPO's dynamic
 //! sampling, rounds repeat until the step has enough informative groups).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use deepeyes_core::onnx::{HostTensor, OnnxModel, Weights};
 use deepeyes_core::{
     Agent, Image, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
+    WeightReceiver, WeightUpdate,
 };
 
 use super::{RolledGroup, TrainResult, Trainer};
@@ -16,20 +18,67 @@ use crate::network::PolicyNetwork;
 use deepeyes_core::dataset::PreparedItem;
 
 impl<N: PolicyNetwork> Trainer<N> {
-    /// The rollout and score phases: groups sampled with the current weights and scored. The
-    /// returned time split has the rollout and reward times filled in.
+    /// The weight sync, rollout and score phases: the rollout engine takes the current weights,
+    /// then groups are sampled with them and scored. The returned time split has the weight
+    /// sync, rollout and reward times filled in.
     pub(super) fn rollout(&mut self) -> TrainResult<(Vec<RolledGroup>, TimeSplit)> {
-        let rollout_model = self.rollout_engine()?;
+        let t = Instant::now();
+        let engine = self.rollout_engine()?;
+        let time = TimeSplit {
+            time_weight_sync_s: t.elapsed().as_secs_f64(),
+            ..TimeSplit::default()
+        };
+        self.sample_and_score(&engine, time)
+    }
+
+    /// The rollout engine, running the policy's current weights: built at the first call, then
+    /// kept, each later call handing it the weights of the current step in place (its sessions
+    /// stay as they are).
+    pub fn rollout_engine(&mut self) -> TrainResult<Arc<OnnxModel>> {
+        let engine = match &self.engine {
+            Some(engine) => Arc::clone(engine),
+            None => {
+                let built = OnnxModel::load_with_weights(
+                    &self.config.model.bundle,
+                    &self.onnx,
+                    &rollout_weights(self.model()),
+                )?;
+                Arc::clone(self.engine.insert(Arc::new(built)))
+            }
+        };
+        self.publish_weights(engine.as_ref())?;
+        Ok(engine)
+    }
+
+    /// The seam between the trainer and any rollout engine: publishes the policy's weights as
+    /// version [`Trainer::step_count`], unless the engine already runs that version.
+    fn publish_weights(&self, engine: &dyn WeightReceiver) -> TrainResult<()> {
+        if engine.weights_version() == Some(self.step) {
+            return Ok(());
+        }
+        let tensors = rollout_weights(self.model());
+        engine.receive_weights(&WeightUpdate {
+            version: self.step,
+            tensors: &tensors,
+        })?;
+        Ok(())
+    }
+
+    /// The rollout and score phases, on an engine that runs the current weights.
+    fn sample_and_score(
+        &mut self,
+        rollout_model: &OnnxModel,
+        mut time: TimeSplit,
+    ) -> TrainResult<(Vec<RolledGroup>, TimeSplit)> {
         let agent = Agent::new(
-            &rollout_model,
+            rollout_model,
             self.tools.clone(),
             self.templates.clone(),
             self.config.rollout.clone(),
         )?;
-        let mut time = TimeSplit::default();
         let dynamic = self.config.grpo.dynamic_sampling.clone();
         if !dynamic.enabled {
-            let groups = self.roll_round(&agent, &rollout_model, 0, &mut time)?;
+            let groups = self.roll_round(&agent, rollout_model, 0, &mut time)?;
             return Ok((groups, time));
         }
         // DAPO: drop groups whose rewards are all equal (no advantage, no gradient) and sample
@@ -38,7 +87,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             DynamicSampler::new(self.config.batch.prompts_per_step, dynamic.max_rounds)?;
         let mut round = 0;
         loop {
-            for g in self.roll_round(&agent, &rollout_model, round, &mut time)? {
+            for g in self.roll_round(&agent, rollout_model, round, &mut time)? {
                 let totals: Vec<f64> = g.rewards.iter().map(|b| b.total).collect();
                 sampler.offer(g, &totals)?;
             }
@@ -53,15 +102,6 @@ impl<N: PolicyNetwork> Trainer<N> {
             "dynamic sampling"
         );
         Ok((sampler.into_groups(), time))
-    }
-
-    /// The rollout engine, running the policy's current weights.
-    fn rollout_engine(&self) -> TrainResult<OnnxModel> {
-        Ok(OnnxModel::load_with_weights(
-            &self.config.model.bundle,
-            &self.onnx,
-            &rollout_weights(self.model()),
-        )?)
     }
 
     /// Samples one group per next item and scores it; round `r > 0` (dynamic sampling) draws

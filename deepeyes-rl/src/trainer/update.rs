@@ -10,7 +10,7 @@ use deepeyes_core::preprocess::preprocess_image;
 use deepeyes_core::{RewardBreakdown, Trajectory};
 use ndarray::{Array2, ArrayView2, Axis};
 
-use super::{RolledGroup, TrainResult, Trainer};
+use super::{RolledGroup, TrainError, TrainResult, Trainer};
 use crate::grpo::{
     GrpoConfig, LossStats, MiniBatch, PolicyLossInput, PreparedBatch, UpdatePlan, plan_updates,
     policy_loss, prepare_batch,
@@ -314,6 +314,76 @@ impl<N: PolicyNetwork> Trainer<N> {
         Ok(Sequence {
             tokens: traj.tokens.clone(),
             images,
+        })
+    }
+}
+
+/// A step's update as an independent implementation needs it to redo the same work (the
+/// side-by-side benchmark's PyTorch run, `scripts/bench_update.sh`): the trajectories as the
+/// engine sees them, the per-token weights whose log-prob sum is the surrogate, and the
+/// micro-batches.
+#[derive(Debug, Clone)]
+pub struct UpdateRecord {
+    /// Every trajectory of the step: tokens (one pad per image) and preprocessed images.
+    pub sequences: Vec<Sequence>,
+    /// `[trajectories, width]`: `∂loss/∂logprob` of every token at the step's weights, where
+    /// the ratio to the rollout policy is 1, so that `Σ weights · logprobs` has the loss's
+    /// gradient (0 where a token is not trained on).
+    pub weights: Array2<f32>,
+    /// The rows of each micro-batch, in order; one optimizer step over all of them.
+    pub micro_batches: Vec<Vec<usize>>,
+    /// The learning rate of the step.
+    pub lr: f64,
+}
+
+impl<N: PolicyNetwork> Trainer<N> {
+    /// The update of `scored` as an [`UpdateRecord`]. Only for steps that take one optimizer
+    /// step without KL or entropy terms (the demo's), whose surrogate is exactly
+    /// `Σ weights · logprobs`.
+    pub fn update_record(&self, scored: &super::ScoredStep) -> TrainResult<UpdateRecord> {
+        let grpo = &self.config.grpo;
+        let step = StepBatch::new(&scored.groups);
+        let plan = self.update_plan(step.len())?;
+        if plan.optimizer_steps() != 1 || grpo.needs_reference() || grpo.needs_entropy() {
+            return Err(TrainError::Rl(crate::Error::invalid(
+                "update record",
+                "needs one optimizer step per update and no KL or entropy term",
+            )));
+        }
+        let batch = step.advantages(grpo)?;
+        let mini = &plan.epochs[0][0];
+        let mut weights = Array2::<f32>::zeros(batch.targets.mask.dim());
+        for rows in &mini.micro_batches {
+            let targets = batch.targets.select(rows)?;
+            let at_rollout = targets.rollout_logprobs.view();
+            let out = policy_loss(
+                grpo,
+                &PolicyLossInput {
+                    logprobs: at_rollout,
+                    old_logprobs: at_rollout,
+                    advantages: targets.advantages.view(),
+                    mask: targets.mask.view(),
+                    ref_logprobs: None,
+                    entropy: None,
+                    rollout_logprobs: None,
+                },
+                batch.targets.loss_scale(grpo.loss_normalization, mini)?,
+            )?;
+            for (i, &r) in rows.iter().enumerate() {
+                weights
+                    .row_mut(r)
+                    .slice_mut(ndarray::s![..out.grad_logprobs.ncols()])
+                    .assign(&out.grad_logprobs.row(i));
+            }
+        }
+        Ok(UpdateRecord {
+            sequences: self.sequences(&step.trajectories)?,
+            weights,
+            micro_batches: mini.micro_batches.clone(),
+            lr: self
+                .config
+                .schedule
+                .lr(self.config.optimizer.lr, self.step, self.config.steps),
         })
     }
 }

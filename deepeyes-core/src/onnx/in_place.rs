@@ -1,0 +1,100 @@
+//! New weights without new sessions: [`WeightReceiver`] for [`OnnxModel`].
+//!
+//! A model loaded with weights from memory ([`OnnxModel::load_with_weights`]) hands ONNX Runtime
+//! its parameters as initializers whose buffers it keeps; ONNX Runtime reads a CPU initializer
+//! given this way where it lies instead of copying it, and with weight pre-packing off it keeps
+//! no transformed copy either. Writing the next version into those buffers, while no session
+//! runs, is then all a weight update takes: no graph is parsed, no session initialised, nothing
+//! read from disk. On a GPU the sessions hold device copies, so there the sessions are rebuilt.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::weights::{WeightReceiver, WeightUpdate};
+
+use super::error::{OnnxError, OnnxResult};
+use super::model::{InitializerBuffer, NO_VERSION, OnnxModel, build_sessions, lock};
+use super::provider::Placement;
+use super::weights::{fill_initializer, mapped_param};
+
+impl WeightReceiver for OnnxModel {
+    fn receive_weights(&self, update: &WeightUpdate<'_>) -> crate::Result<()> {
+        Ok(self.take_weights(update)?)
+    }
+
+    fn weights_version(&self) -> Option<u64> {
+        match self.version.load(Ordering::Acquire) {
+            NO_VERSION => None,
+            v => Some(v),
+        }
+    }
+}
+
+/// Lets `write` overwrite the elements of an initializer's buffer. Only called while every
+/// session of the model is locked.
+#[allow(unsafe_code)]
+fn overwrite(
+    buffer: &InitializerBuffer,
+    write: impl FnOnce(&mut [f32]) -> OnnxResult<()>,
+) -> OnnxResult<()> {
+    let data = std::ptr::with_exposed_provenance_mut::<f32>(buffer.address);
+    // SAFETY: `address` is the data of a CPU tensor of exactly `len` `f32`s that `load_session`
+    // created from an owned vector; the tensor (kept alive by the buffer's `Arc`) owns it, and no
+    // Rust reference to its elements exists anywhere else. ONNX Runtime reads it only while a
+    // session runs, and the caller holds every session's lock, so nothing reads or writes it
+    // while `write` runs.
+    write(unsafe { std::slice::from_raw_parts_mut(data, buffer.len) })
+}
+
+impl OnnxModel {
+    /// [`WeightReceiver::receive_weights`]: checks every mapped parameter of `update` first (a
+    /// bad update changes nothing), then writes them into the sessions' buffers.
+    fn take_weights(&self, update: &WeightUpdate<'_>) -> OnnxResult<()> {
+        let Some(in_place) = &self.in_place else {
+            return Err(OnnxError::Bundle {
+                path: self.dir.clone(),
+                reason: "this model runs the weights it was loaded with; load it with \
+                         OnnxModel::load_with_weights to take new ones"
+                    .into(),
+            });
+        };
+        let started = Instant::now();
+        for (entry, _) in in_place.buffers.iter().flatten() {
+            mapped_param(entry, update.tensors, &in_place.map_path)?;
+        }
+        // No generation may read the buffers while they change: hold every session.
+        let mut vision = lock(&self.vision);
+        let mut embed = lock(&self.embed);
+        let mut decoder = lock(&self.decoder);
+        if self.device.gpu {
+            let mut place = Placement::new(&self.options);
+            let [(v, _), (e, _), (d, _)] = build_sessions(
+                &self.runtime,
+                &self.dir,
+                &self.config,
+                &self.options,
+                &mut place,
+                Some((update.tensors, &in_place.map)),
+                true,
+            )?;
+            (*vision, *embed, *decoder) = (v, e, d);
+        } else {
+            self.version.store(NO_VERSION, Ordering::Release);
+            for (entry, buffer) in in_place.buffers.iter().flatten() {
+                overwrite(buffer, |out| {
+                    fill_initializer(entry, update.tensors, &in_place.map_path, out)
+                })?;
+            }
+        }
+        // Image features of the old weights must not be served for the new ones.
+        lock(&self.cache).clear();
+        self.version.store(update.version, Ordering::Release);
+        tracing::debug!(
+            version = update.version,
+            seconds = started.elapsed().as_secs_f64(),
+            rebuilt = self.device.gpu,
+            "rollout engine took new weights"
+        );
+        Ok(())
+    }
+}
