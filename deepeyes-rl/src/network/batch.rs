@@ -59,8 +59,11 @@ pub struct Batch {
     pub lengths: Vec<usize>,
     /// `[batch, seq]` expanded token ids (0 after each sequence's end).
     pub input_ids: Vec<u32>,
-    /// One vision input per image, in batch order.
+    /// The batch's distinct images (sequences of a GRPO group share their prompt's image), one
+    /// vision input per grid with that grid's images stacked ([`VisionInputs::stacked`]).
     pub images: Vec<VisionInputs>,
+    /// Feature rows the images give, in the order of [`Batch::images`].
+    pub image_rows: usize,
     /// For each of the `batch·seq` expanded positions, the row of `[token embeddings (batch·seq);
     /// image features]` it takes its embedding from.
     pub embed_rows: Vec<i64>,
@@ -89,7 +92,9 @@ impl Batch {
         let mut expanded: Vec<Vec<u32>> = Vec::with_capacity(sequences.len());
         // For every input token, its expanded position (None for image pads).
         let mut maps: Vec<Vec<Option<usize>>> = Vec::with_capacity(sequences.len());
-        let mut images = Vec::new();
+        let mut distinct = DistinctImages::default();
+        // For every sequence, the distinct image of each of its images.
+        let mut image_ids: Vec<Vec<usize>> = Vec::with_capacity(sequences.len());
         for (b, s) in sequences.iter().enumerate() {
             if s.tokens.is_empty() {
                 return Err(input_err(format!("sequence {b} is empty")));
@@ -134,11 +139,13 @@ impl Batch {
                     ex.extend_from_slice(&s.tokens);
                 }
             }
+            let mut ids = Vec::with_capacity(s.images.len());
             for (k, im) in s.images.iter().enumerate() {
-                let v = VisionInputs::from_grids(im.patches.clone(), &[im.grid], vcfg)
+                check_image(im, vcfg)
                     .map_err(|e| input_err(format!("sequence {b}, image {k}: {e}")))?;
-                images.push(v);
+                ids.push(distinct.insert(im));
             }
+            image_ids.push(ids);
             expanded.push(ex);
             maps.push(map);
         }
@@ -150,7 +157,7 @@ impl Batch {
         let mut positions = vec![0i64; 3 * plane];
         let mut embed_rows: Vec<i64> = (0..plane as i64).collect();
         let mut rope_deltas = Vec::with_capacity(batch);
-        let mut image_row = plane as i64;
+        let (images, starts, image_rows) = distinct.into_inputs(vcfg)?;
         for (b, (ex, s)) in expanded.iter().zip(sequences).enumerate() {
             let grids: Vec<Grid> = s.images.iter().map(|im| im.grid).collect();
             let rope = vision::rope_index(ex, pad, &core_grids(&grids)?, &geo)
@@ -160,12 +167,23 @@ impl Batch {
                 let row = axis * plane + b * seq;
                 positions[row..row + values.len()].copy_from_slice(values);
             }
+            // The k-th image's pads take its feature rows, one after the other.
+            let (mut k, mut row, mut left) = (0, 0, 0);
             for (e, &t) in ex.iter().enumerate() {
                 let flat = b * seq + e;
                 input_ids[flat] = t;
                 if t == pad {
-                    embed_rows[flat] = image_row;
-                    image_row += 1;
+                    if left == 0 {
+                        let d = *image_ids[b].get(k).ok_or_else(|| {
+                            input_err(format!("sequence {b} has more image pads than images"))
+                        })?;
+                        row = plane + starts[d];
+                        left = feature_rows(&s.images[k], vcfg)?;
+                        k += 1;
+                    }
+                    embed_rows[flat] = row as i64;
+                    row += 1;
+                    left -= 1;
                 }
             }
         }
@@ -185,6 +203,7 @@ impl Batch {
             lengths,
             input_ids,
             images,
+            image_rows,
             embed_rows,
             decoder,
             score_len,
@@ -202,10 +221,94 @@ impl Batch {
         m
     }
 
-    /// Number of image-feature rows the batch's images produce.
+    /// Number of positions that take an image feature row.
     pub fn image_tokens(&self) -> usize {
         let plane = (self.batch * self.seq) as i64;
         self.embed_rows.iter().filter(|&&r| r >= plane).count()
+    }
+}
+
+/// Checks that an image's patches fit its grid.
+fn check_image(im: &ImageInput, cfg: &super::config::VisionConfig) -> Result<()> {
+    let merge = cfg.spatial_merge_size;
+    let g = im.grid;
+    if g.contains(&0) || !g[1].is_multiple_of(merge) || !g[2].is_multiple_of(merge) {
+        return Err(input_err(format!(
+            "grid {g:?} must be positive with h and w multiples of {merge}"
+        )));
+    }
+    let want = g.iter().product::<usize>() * cfg.patch_dim();
+    if im.patches.len() != want {
+        return Err(input_err(format!(
+            "patches hold {} values; grid {g:?} needs {want}",
+            im.patches.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The feature rows (merged tokens) of one image.
+fn feature_rows(im: &ImageInput, cfg: &super::config::VisionConfig) -> Result<usize> {
+    let geo = cfg.geometry()?;
+    Ok(core_grids(&[im.grid])?
+        .first()
+        .map_or(0, |g| geo.merged_tokens(*g)))
+}
+
+/// The distinct images of a batch, found by content: the samples of a GRPO group share their
+/// prompt's image, which is then encoded once and its features used by every sample (the
+/// gradient sums over the uses, as it would over copies).
+#[derive(Default)]
+struct DistinctImages<'a> {
+    images: Vec<&'a ImageInput>,
+    by_content: std::collections::HashMap<(Grid, u64), Vec<usize>>,
+}
+
+impl<'a> DistinctImages<'a> {
+    /// The index of `im` among the distinct images, adding it if new.
+    fn insert(&mut self, im: &'a ImageInput) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for v in &im.patches {
+            v.to_bits().hash(&mut h);
+        }
+        let images = &mut self.images;
+        let same = self.by_content.entry((im.grid, h.finish())).or_default();
+        if let Some(&d) = same.iter().find(|&&d| images[d].patches == im.patches) {
+            return d;
+        }
+        images.push(im);
+        same.push(images.len() - 1);
+        images.len() - 1
+    }
+
+    /// One stacked vision input per grid (grids in order of first appearance), the first
+    /// feature row of each distinct image (counted from the first image row), and the rows in
+    /// all.
+    fn into_inputs(
+        self,
+        cfg: &super::config::VisionConfig,
+    ) -> Result<(Vec<VisionInputs>, Vec<usize>, usize)> {
+        let mut grids: Vec<(Grid, Vec<usize>)> = Vec::new();
+        for (d, im) in self.images.iter().enumerate() {
+            match grids.iter_mut().find(|(g, _)| *g == im.grid) {
+                Some((_, members)) => members.push(d),
+                None => grids.push((im.grid, vec![d])),
+            }
+        }
+        let mut starts = vec![0; self.images.len()];
+        let mut row = 0;
+        let mut inputs = Vec::with_capacity(grids.len());
+        for (grid, members) in grids {
+            let mut patches = Vec::new();
+            for &d in &members {
+                starts[d] = row;
+                row += feature_rows(self.images[d], cfg)?;
+                patches.extend_from_slice(&self.images[d].patches);
+            }
+            inputs.push(VisionInputs::stacked(patches, grid, members.len(), cfg)?);
+        }
+        Ok((inputs, starts, row))
     }
 }
 
@@ -247,6 +350,43 @@ mod tests {
         let mask = b.score_mask();
         assert_eq!(&mask[..6], &[0.0, 1.0, 0.0, 1.0, 1.0, 1.0]);
         assert_eq!(&mask[6..], &[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn a_shared_image_is_encoded_once_and_same_grids_together() {
+        let cfg = Qwen25VlConfig::tiny();
+        let pad = cfg.image_token_id;
+        let shared = image(&cfg, [1, 4, 4]);
+        let mut other = image(&cfg, [1, 4, 4]);
+        other.patches[0] = 1.0;
+        let seq = |images: Vec<ImageInput>| Sequence {
+            tokens: std::iter::once(7)
+                .chain(images.iter().flat_map(|_| [pad, 9]))
+                .chain([8])
+                .collect(),
+            images,
+        };
+        let seqs = [
+            seq(vec![shared.clone()]),
+            seq(vec![shared.clone(), other.clone()]),
+            seq(vec![image(&cfg, [1, 2, 4])]),
+        ];
+        let b = Batch::new(&cfg, &seqs, PadLayout::OnePerImage).unwrap();
+        // Three distinct images, four merged tokens each for 4×4, two for 2×4; the two 4×4
+        // ones in one vision call.
+        assert_eq!(b.images.len(), 2);
+        assert_eq!((b.images[0].count, b.images[1].count), (2, 1));
+        assert_eq!(b.image_rows, 4 + 4 + 2);
+        let plane = (b.batch * b.seq) as i64;
+        // Rows 0 and 1 take the shared image's features from the same rows; row 1's second
+        // image takes the next four.
+        let rows = |r: usize, from: usize, n: usize| b.embed_rows[r * b.seq + from..][..n].to_vec();
+        let first: Vec<i64> = (plane..plane + 4).collect();
+        assert_eq!(rows(0, 1, 4), first);
+        assert_eq!(rows(1, 1, 4), first);
+        assert_eq!(rows(1, 6, 4), (plane + 4..plane + 8).collect::<Vec<_>>());
+        assert_eq!(rows(2, 1, 2), vec![plane + 8, plane + 9]);
+        assert_eq!(b.image_tokens(), 4 + 8 + 2);
     }
 
     #[test]

@@ -233,11 +233,11 @@ impl Qwen25Vl {
         let table = Tensor::cat(rows, 0);
         let available = table.dims()[0];
         let needed = batch.embed_rows.iter().copied().max().unwrap_or(0) as usize + 1;
-        if needed > available || available - plane != batch.image_tokens() {
+        if needed > available || available - plane != batch.image_rows {
             return Err(input_err(format!(
-                "the images give {} feature rows but the tokens hold {} image pads",
+                "the images give {} feature rows but the batch expects {}",
                 available - plane,
-                batch.image_tokens()
+                batch.image_rows
             )));
         }
         let idx = Tensor::<1, Int>::from_data(

@@ -35,13 +35,18 @@ pub(crate) fn core_grids(grids: &[Grid]) -> Result<Vec<[u32; 3]>> {
 }
 
 /// What the vision tower takes for one or more images: the same values the ONNX vision graph
-/// takes (patches, positions, window permutation, window and full masks).
+/// takes (patches, positions, window permutation, window and full masks), for one sequence of
+/// `n` patches, or for `count` such sequences of the same grid encoded side by side
+/// ([`VisionInputs::stacked`]).
 #[derive(Debug, Clone)]
 pub struct VisionInputs {
-    /// `[n, patch_dim]` flattened patches, in the image processor's order.
+    /// `[count · n, patch_dim]` flattened patches, each sequence's in the image processor's
+    /// order.
     pub patches: Vec<f32>,
-    /// Number of patches `n`.
+    /// Number of patches `n` of each sequence.
     pub n: usize,
+    /// Number of sequences encoded side by side (1 unless [`VisionInputs::stacked`]).
+    pub count: usize,
     /// `(row, column)` of each patch, in the same order as `patches`.
     pub pos_ids: Vec<[i64; 2]>,
     /// The window order of merged units (`n / merge²` entries).
@@ -130,11 +135,35 @@ impl VisionInputs {
         Ok(Self {
             patches,
             n,
+            count: 1,
             pos_ids,
             window_index,
             window_mask,
             full_mask,
         })
+    }
+
+    /// `count` images of the same `grid`, encoded side by side in one call (a batch dimension,
+    /// not one long sequence: each image attends only to itself). `patches` holds each image's
+    /// patches one after the other; the features come out in the same order.
+    pub fn stacked(
+        patches: Vec<f32>,
+        grid: Grid,
+        count: usize,
+        cfg: &VisionConfig,
+    ) -> Result<Self> {
+        let per_image = grid.iter().product::<usize>() * cfg.patch_dim();
+        if count == 0 || patches.len() != count * per_image {
+            return Err(input_err(format!(
+                "{} patch values for {count} images of grid {grid:?} ({per_image} each)",
+                patches.len()
+            )));
+        }
+        let first = patches[..per_image].to_vec();
+        let mut one = Self::from_grids(first, &[grid], cfg)?;
+        one.patches = patches;
+        one.count = count;
+        Ok(one)
     }
 
     /// The inverse of `window_index`.
@@ -296,19 +325,23 @@ impl VisionTower {
     pub fn forward(&self, inputs: &VisionInputs) -> Tensor<2> {
         let cfg = &self.config;
         let device = self.patch_embed.proj.weight.val().device();
-        let n = inputs.n;
+        let (b, n) = (inputs.count, inputs.n);
         let pd = cfg.patch_dim();
         let unit = cfg.merge_unit();
         // The patch embedding is row-wise, so the window permutation is applied to the inputs.
-        let mut permuted = Vec::with_capacity(n * pd);
-        for &wi in &inputs.window_index {
-            permuted.extend_from_slice(&inputs.patches[wi * unit * pd..(wi + 1) * unit * pd]);
+        let mut permuted = Vec::with_capacity(b * n * pd);
+        for image in inputs.patches.chunks_exact(n * pd) {
+            for &wi in &inputs.window_index {
+                permuted.extend_from_slice(&image[wi * unit * pd..(wi + 1) * unit * pd]);
+            }
         }
-        let x = tensor_from(permuted, [n, pd], &device);
+        let x = tensor_from(permuted, [b, n, pd], &device);
         let mut h = self.patch_embed.proj.forward(x);
         let (cos, sin) = self.rotary_tables(inputs, &device);
-        let window = tensor_from(inputs.window_mask.clone(), [1, n, n], &device);
-        let full = tensor_from(inputs.full_mask.clone(), [1, n, n], &device);
+        let hd = cfg.head_dim();
+        let (cos, sin) = (cos.reshape([1, n, 1, hd]), sin.reshape([1, n, 1, hd]));
+        let window = tensor_from(inputs.window_mask.clone(), [1, 1, n, n], &device);
+        let full = tensor_from(inputs.full_mask.clone(), [1, 1, n, n], &device);
         for (i, blk) in self.blocks.iter().enumerate() {
             let mask = if cfg.fullatt_block_indexes.contains(&i) {
                 full.clone()
@@ -321,38 +354,39 @@ impl VisionTower {
             h = h + a;
             h = h.clone() + blk.mlp.forward(blk.norm2.forward(h));
         }
-        let merged = self.merger.forward(h, unit);
-        let rev: Vec<i64> = inputs
-            .reverse_index()
-            .into_iter()
-            .map(|i| i as i64)
-            .collect();
+        let c = h.dims()[2];
+        let merged = self.merger.forward(h.reshape([b * n, c]), unit);
+        let rev = inputs.reverse_index();
         let m = rev.len();
+        let order: Vec<i64> = (0..b)
+            .flat_map(|i| rev.iter().map(move |&r| (i * m + r) as i64))
+            .collect();
         merged.select(
             0,
-            Tensor::<1, Int>::from_data(TensorData::new(rev, [m]), &device),
+            Tensor::<1, Int>::from_data(TensorData::new(order, [b * m]), &device),
         )
     }
 }
 
 impl VisionAttention {
+    /// Self-attention over `[images, n, hidden]`, each image on its own.
     fn forward(
         &self,
-        x: Tensor<2>,
-        cos: &Tensor<3>,
-        sin: &Tensor<3>,
-        mask: Tensor<3>,
-    ) -> Tensor<2> {
-        let [n, c] = x.dims();
+        x: Tensor<3>,
+        cos: &Tensor<4>,
+        sin: &Tensor<4>,
+        mask: Tensor<4>,
+    ) -> Tensor<3> {
+        let [b, n, c] = x.dims();
         let heads = self.num_heads;
         let hd = c / heads;
-        let qkv = self.qkv.forward(x).reshape([n, 3, heads, hd]);
-        let part = |i: usize| qkv.clone().narrow(1, i, 1).reshape([n, heads, hd]);
-        let q = apply_rotary(part(0), cos.clone(), sin.clone()).swap_dims(0, 1);
-        let k = apply_rotary(part(1), cos.clone(), sin.clone()).swap_dims(0, 1);
-        let v = part(2).swap_dims(0, 1);
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, heads, hd]);
+        let part = |i: usize| qkv.clone().narrow(2, i, 1).reshape([b, n, heads, hd]);
+        let q = apply_rotary(part(0), cos.clone(), sin.clone()).swap_dims(1, 2);
+        let k = apply_rotary(part(1), cos.clone(), sin.clone()).swap_dims(1, 2);
+        let v = part(2).swap_dims(1, 2);
         let out = attention(q, k, v, mask, 1.0 / (hd as f64).sqrt());
-        self.proj.forward(out.swap_dims(0, 1).reshape([n, c]))
+        self.proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
     }
 }
 
