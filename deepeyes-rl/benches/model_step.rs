@@ -46,6 +46,7 @@ fn probe_sized() -> Qwen25VlConfig {
 fn text_batch(cfg: &Qwen25VlConfig, rows: usize, len: usize) -> Batch {
     let seqs: Vec<Sequence> = (0..rows)
         .map(|r| Sequence {
+            score_from: 0,
             tokens: (0..len)
                 .map(|i| ((r * 131 + i * 17) % 1000) as u32)
                 .collect(),
@@ -68,6 +69,7 @@ fn multimodal_batch(cfg: &Qwen25VlConfig, rows: usize) -> Batch {
             ]);
             tokens.extend((0..26).map(|i| ((r * 53 + i * 7) % 1000) as u32));
             Sequence {
+                score_from: 0,
                 tokens,
                 images: vec![ImageInput {
                     grid: [1, 8, 8],
@@ -107,6 +109,7 @@ fn tinyeyes_batch(cfg: &Qwen25VlConfig, rows: usize) -> Batch {
             tokens.extend(marker);
             tokens.extend(text(r, 21, 2));
             Sequence {
+                score_from: 0,
                 tokens,
                 images: vec![image(r, 0), image(r, 1)],
             }

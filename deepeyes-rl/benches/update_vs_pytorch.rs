@@ -7,9 +7,12 @@
 //! `update-batch.json` in `--out`), then times the trainer's real update half
 //! ([`Trainer::update_step`]: sequences, image preprocessing, forward, backward, clipping,
 //! AdamW) on those rollouts, once to warm up and `--runs` times measured, and writes the times
-//! to `deepeyes-times.json`.
+//! to `deepeyes-times.json`. With `--same-work` the trainer computes exactly what the PyTorch
+//! side computes (no shared prefixes; each distinct image is still encoded once) and the times go
+//! to `deepeyes-same-work.json`.
 //!
-//! `cargo bench --bench update_vs_pytorch -- [--bundle DIR] [--out DIR] [--runs N] [--threads N]`
+//! `cargo bench --bench update_vs_pytorch -- [--bundle DIR] [--out DIR] [--runs N] [--threads N]
+//! [--same-work]`
 
 #![allow(clippy::print_stdout, missing_docs)]
 
@@ -21,17 +24,31 @@ use std::time::Instant;
 use deepeyes_core::onnx::OnnxOptions;
 use deepeyes_reward::{PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
-use deepeyes_rl::network::{PolicyNetwork, Sequence, to_host};
+use deepeyes_rl::network::{PolicyNetwork, ScoreOptions, Sequence, to_host};
 use deepeyes_rl::synthv::{SynthVConfig, write_split};
 use deepeyes_rl::trainer::{Trainer, UpdateRecord};
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use safetensors::{Dtype, tensor::TensorView};
+
+// The allocator of the `deepeyes` binary, set up as its `main` does (keeping freed memory), so
+// that the update is timed as it runs there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[allow(unsafe_code)]
+fn keep_freed_memory() {
+    // `mi_option_purge_delay` (mimalloc.h); -1: never purge.
+    // SAFETY: a plain store into mimalloc's option table.
+    unsafe { libmimalloc_sys::mi_option_set(15, -1) }
+}
 
 struct Args {
     bundle: PathBuf,
     out: PathBuf,
     runs: usize,
     threads: usize,
+    /// Compute exactly what the PyTorch side computes: no shared prefixes.
+    same_work: bool,
 }
 
 fn args(repo: &Path) -> Args {
@@ -40,6 +57,7 @@ fn args(repo: &Path) -> Args {
         out: repo.join("target/bench-update"),
         runs: 3,
         threads: 2,
+        same_work: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +68,7 @@ fn args(repo: &Path) -> Args {
             "--runs" => a.runs = value().parse().expect("--runs takes a count"),
             // The update's threads are burn's (RAYON_NUM_THREADS); these are the rollouts'.
             "--threads" => a.threads = value().parse().expect("--threads takes a count"),
+            "--same-work" => a.same_work = true,
             // cargo bench passes --bench to harness-less benches.
             "--bench" => {}
             other => panic!("unknown argument {other}"),
@@ -73,6 +92,7 @@ fn trainer(repo: &Path, a: &Args) -> Trainer {
     config.output_dir = a.out.join("train");
     config.data.paths = vec![data];
     config.model.bundle = a.bundle.clone();
+    config.batch.share_prefixes = !a.same_work;
     let _ = std::fs::remove_dir_all(&config.output_dir);
     let mut rewards = PipelineConfig::from_toml_str(
         deepeyes_reward::DEEPEYES_TOML,
@@ -170,7 +190,7 @@ fn engine_logprobs(record: &UpdateRecord, trainer: &Trainer) -> ndarray::Array2<
         let seqs: Vec<Sequence> = rows.iter().map(|&r| record.sequences[r].clone()).collect();
         let scores = trainer
             .model()
-            .score_sequences(&seqs, false)
+            .score_sequences(&seqs, ScoreOptions::default())
             .expect("log-probs");
         let cols = scores.logprobs.dims()[1];
         let host = to_host(scores.logprobs);
@@ -185,6 +205,7 @@ fn engine_logprobs(record: &UpdateRecord, trainer: &Trainer) -> ndarray::Array2<
 }
 
 fn main() {
+    keep_freed_memory();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let a = args(&repo);
     std::fs::create_dir_all(&a.out).expect("the output folder");
@@ -216,5 +237,10 @@ fn main() {
         }
     }
     let json = serde_json::json!({ "update_s": times, "first_grad_norm": first_grad_norm });
-    std::fs::write(a.out.join("deepeyes-times.json"), json.to_string()).expect("writing times");
+    let name = if a.same_work {
+        "deepeyes-same-work.json"
+    } else {
+        "deepeyes-times.json"
+    };
+    std::fs::write(a.out.join(name), json.to_string()).expect("writing times");
 }

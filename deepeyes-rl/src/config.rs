@@ -109,10 +109,18 @@ pub struct BatchConfig {
     pub micro_batch: usize,
     /// Trajectories per forward pass when recomputing old log-probs (8).
     pub logprob_micro_batch: usize,
+    /// Trajectories per forward/backward pass of the training engine (16). A larger
+    /// micro-batch runs in several passes whose gradients add up (its loss is still normalised
+    /// as one micro-batch, so the update is the same): on a CPU, passes whose activations stay in
+    /// cache are faster.
+    pub engine_micro_batch: usize,
     /// Passes over the step's trajectories (1).
     pub epochs: usize,
     /// Shuffle trajectories before cutting mini-batches (false, as verl).
     pub shuffle: bool,
+    /// Run the prompt (and image) that the samples of a group share once per micro-batch
+    /// instead of once per sample (true); the log-probs and gradients are the same.
+    pub share_prefixes: bool,
 }
 
 impl Default for BatchConfig {
@@ -122,8 +130,10 @@ impl Default for BatchConfig {
             mini_batch_prompts: 256,
             micro_batch: 4,
             logprob_micro_batch: 8,
+            engine_micro_batch: 16,
             epochs: 1,
             shuffle: false,
+            share_prefixes: true,
         }
     }
 }
@@ -392,6 +402,7 @@ impl TrainConfig {
             ("batch.mini-batch-prompts", b.mini_batch_prompts),
             ("batch.micro-batch", b.micro_batch),
             ("batch.logprob-micro-batch", b.logprob_micro_batch),
+            ("batch.engine-micro-batch", b.engine_micro_batch),
             ("batch.epochs", b.epochs),
         ] {
             if v == 0 {

@@ -104,6 +104,7 @@ fn logits_match_transformers() {
         }
     }
     let seq = Sequence {
+        score_from: 0,
         tokens: collapsed,
         images: g.images(pd),
     };
@@ -139,6 +140,7 @@ fn matches_the_onnx_fixture_golden() {
     let mut tokens = prompt.clone();
     tokens.extend_from_slice(&generated[..generated.len() - 1]);
     let seq = Sequence {
+        score_from: 0,
         tokens,
         images: g.images(pd),
     };
@@ -342,6 +344,7 @@ fn tied_embeddings_round_trip_without_lm_head() {
     assert!(st.tensor("lm_head.weight").is_err());
     let back = Qwen25Vl::from_pretrained(dir.path(), &device).unwrap();
     let seq = Sequence {
+        score_from: 0,
         tokens: vec![3, 9, 27, 81],
         images: vec![],
     };

@@ -149,6 +149,7 @@ fn adamw_steps_raise_the_weighted_log_likelihood() {
     let pad = cfg.image_token_id;
     let seqs = vec![
         Sequence {
+            score_from: 0,
             tokens: vec![
                 10,
                 cfg.vision_start_token_id,
@@ -162,6 +163,7 @@ fn adamw_steps_raise_the_weighted_log_likelihood() {
             images: vec![image([1, 4, 4], 0.0)],
         },
         Sequence {
+            score_from: 0,
             tokens: vec![20, 21, 22, 23, 24],
             images: vec![],
         },
@@ -184,5 +186,102 @@ fn adamw_steps_raise_the_weighted_log_likelihood() {
     assert!(
         objective[3] > objective[0] + 0.05,
         "mean log-prob did not rise: {objective:?}"
+    );
+}
+
+/// A GRPO-shaped batch: two prompts, each with its own image, sampled three times; some samples
+/// go on with a second image (a crop), and scoring starts after the prompt.
+fn grouped_sequences(cfg: &Qwen25VlConfig) -> Vec<Sequence> {
+    let pad = cfg.image_token_id;
+    let pd = cfg.vision.patch_dim();
+    let image = |grid: [usize; 3], seed: usize| deepeyes_rl::network::ImageInput {
+        grid,
+        patches: (0..grid.iter().product::<usize>() * pd)
+            .map(|i| ((i * 31 + seed * 17) % 97) as f32 / 97.0 - 0.5)
+            .collect(),
+    };
+    let mut seqs = Vec::new();
+    for prompt in 0..2u32 {
+        let head = vec![1, 20 + prompt, 3, pad, 4, 30, 31, 32 + prompt];
+        for sample in 0..3u32 {
+            let mut tokens = head.clone();
+            let mut images = vec![image([1, 4, 4], prompt as usize)];
+            tokens.extend([40 + sample, 41, 42 + sample * prompt]);
+            if sample > 0 {
+                tokens.extend([3, pad, 4, 50 + sample]);
+                images.push(image([1, 2, 4], 10 + (prompt * 3 + sample) as usize));
+            }
+            tokens.extend((0..sample).map(|i| 60 + i));
+            seqs.push(Sequence {
+                tokens,
+                images,
+                score_from: head.len(),
+            });
+        }
+    }
+    seqs
+}
+
+#[test]
+fn shared_prefixes_give_the_same_logprobs_and_gradients() {
+    let device = ComputeDevice::Flex.device(true).unwrap();
+    let cfg = Qwen25VlConfig::tiny();
+    let model = Qwen25Vl::random(&cfg, 11, &device).unwrap();
+    let seqs = grouped_sequences(&cfg);
+    let plain = Batch::new(&cfg, &seqs, PadLayout::OnePerImage).unwrap();
+    let shared = Batch::new(&cfg, &seqs, PadLayout::OnePerImage)
+        .unwrap()
+        .share_prefixes()
+        .unwrap();
+    let plan = shared
+        .shared
+        .as_ref()
+        .expect("the rows share their prompts");
+    assert_eq!(plan.prefix.batch, 2, "one prefix per prompt");
+    // The prompt is 8 tokens, its pad 4 positions (a 4×4 grid merged 2×2); each row keeps its
+    // last prompt position, which predicts the first scored token.
+    assert_eq!(plan.prefix.seq, 8 - 1 + 4 - 1);
+    assert_eq!(plain.targets, shared.targets);
+
+    let weights: Vec<f32> = (0..plain.batch * plain.score_len)
+        .map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.4)
+        .collect();
+    let run = |batch: &Batch| {
+        let scores = model.score_tokens(batch, true).unwrap();
+        let w = tensor2(weights.clone(), batch.batch, batch.score_len, &device).unwrap();
+        let logp = to_host(scores.logprobs.clone());
+        let ent = to_host(scores.entropy.clone().unwrap());
+        let loss = (w * scores.logprobs).sum() + scores.entropy.unwrap().sum().mul_scalar(0.1);
+        (logp, ent, param_grads(&model, &loss.backward()))
+    };
+    let (lp_a, ent_a, grads_a) = run(&plain);
+    let (lp_b, ent_b, grads_b) = run(&shared);
+    let worst = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    assert!(lp_a.iter().any(|&v| v != 0.0));
+    let (dl, de) = (worst(&lp_a, &lp_b), worst(&ent_a, &ent_b));
+    let mut dg = 0f32;
+    for ((name, a), (_, b)) in grads_a.iter().zip(&grads_b) {
+        let (a, b) = (
+            a.as_ref().unwrap(),
+            b.as_ref().unwrap_or_else(|| panic!("{name}")),
+        );
+        let scale = a.values.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        dg = dg.max(worst(&a.values, &b.values) / scale);
+    }
+    eprintln!(
+        "shared prefixes vs full rows: log-probs {dl:.1e}, entropy {de:.1e}, gradients {dg:.1e} (relative)"
+    );
+    assert!(
+        dl <= 1e-5 && de <= 1e-5,
+        "log-probs differ by {dl}, entropies by {de}"
+    );
+    assert!(
+        dg <= 1e-4,
+        "gradients differ by {dg} (relative to each tensor's largest)"
     );
 }

@@ -171,6 +171,7 @@ fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     let batch = Batch::new(
         &model.config,
         &[Sequence {
+            score_from: 0,
             tokens: tokens.clone(),
             images: vec![],
         }],

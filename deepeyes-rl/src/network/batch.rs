@@ -6,7 +6,7 @@ use super::error::{Result, input_err};
 use deepeyes_core::vision;
 
 use super::text::{DecoderInputs, causal_bias};
-use super::vision::{Grid, VisionInputs, core_grids};
+use super::vision::{Grid, MASKED, VisionInputs, core_grids};
 
 /// One image, already resized and cut into patches by the image processor.
 #[derive(Debug, Clone)]
@@ -35,6 +35,10 @@ pub struct Sequence {
     pub tokens: Vec<u32>,
     /// The images.
     pub images: Vec<ImageInput>,
+    /// Log-probs are computed for the tokens from this index on (0: every token). The trainer
+    /// gives the prompt's length: no prompt token is trained on, and the positions before it
+    /// can then be shared by the samples of a group ([`Batch::share_prefixes`]).
+    pub score_from: usize,
 }
 
 /// How image pad tokens appear in [`Sequence::tokens`].
@@ -77,6 +81,31 @@ pub struct Batch {
     pub targets: Vec<(usize, usize, u32)>,
     /// The mRoPE delta of each sequence (for continuing by decoding).
     pub rope_deltas: Vec<i64>,
+    /// How rows share their common prefixes, after [`Batch::share_prefixes`].
+    pub shared: Option<SharedPrefixes>,
+}
+
+/// Rows that share a prefix (the prompt and image of a GRPO group's samples) run it once: the
+/// decoder runs each distinct prefix as a row of its own, keeping every layer's keys and values,
+/// then runs each row's remaining positions (its suffix) attending to its prefix's keys and
+/// values and then to its own. The log-probs are those of the full rows; the gradient sums over
+/// the rows that share a prefix, as it would over copies.
+#[derive(Debug, Clone)]
+pub struct SharedPrefixes {
+    /// Flat `b·seq + e` positions of the prefix rows, `[prefixes, prefix len]` (padded with a
+    /// masked position).
+    pub prefix_positions: Vec<i64>,
+    /// The prefix rows' positions and causal bias.
+    pub prefix: DecoderInputs,
+    /// Flat positions of the suffix rows, `[batch, suffix len]`.
+    pub suffix_positions: Vec<i64>,
+    /// The suffix rows' positions and their bias over `[prefix keys; own keys]`.
+    pub suffix: DecoderInputs,
+    /// The prefix of each row.
+    pub prefix_of_row: Vec<i64>,
+    /// For each of [`Batch::targets`], its predicting position among the suffix rows'
+    /// `batch · suffix len` positions.
+    pub target_rows: Vec<i64>,
 }
 
 impl Batch {
@@ -190,7 +219,7 @@ impl Batch {
         let score_len = maps.iter().map(Vec::len).max().unwrap_or(0);
         let mut targets = Vec::new();
         for (b, (map, s)) in maps.iter().zip(sequences).enumerate() {
-            for (t, e) in map.iter().enumerate().skip(1) {
+            for (t, e) in map.iter().enumerate().skip(s.score_from.max(1)) {
                 if let Some(e) = *e {
                     targets.push((b * score_len + t, b * seq + e - 1, s.tokens[t]));
                 }
@@ -209,7 +238,120 @@ impl Batch {
             score_len,
             targets,
             rope_deltas,
+            shared: None,
         })
+    }
+
+    /// Lets rows that begin alike share that beginning ([`SharedPrefixes`]): each row's prefix is
+    /// the longest beginning it has in common with the other rows of its group (same tokens, same
+    /// images) that ends before the first position it needs the hidden state of. Rows whose
+    /// scoring starts at their first token share nothing.
+    pub fn share_prefixes(mut self) -> Result<Self> {
+        let (groups, prefix_of_row) = self.prefix_groups();
+        let prefix_len: Vec<usize> = groups.iter().map(|&(_, p)| p).collect();
+        if prefix_len.iter().all(|&p| p == 0) || groups.len() == self.batch {
+            return Ok(self);
+        }
+        let (seq, axes) = (self.seq, 3);
+        let pseq = prefix_len.iter().copied().max().unwrap_or(0);
+        let suffix_len: Vec<usize> = (0..self.batch)
+            .map(|b| self.lengths[b] - prefix_len[prefix_of_row[b]])
+            .collect();
+        let sseq = suffix_len.iter().copied().max().unwrap_or(0).max(1);
+        let positions = &self.decoder.position_ids;
+        let all = self.batch * seq;
+        // Flat source positions, and the same for each mRoPE axis.
+        let gather = |rows: &[i64]| -> Vec<i64> {
+            (0..axes)
+                .flat_map(|axis| {
+                    rows.iter()
+                        .map(move |&f| positions[axis * all + f as usize])
+                })
+                .collect()
+        };
+        let mut prefix_positions = Vec::with_capacity(groups.len() * pseq);
+        for &(rep, p) in &groups {
+            prefix_positions.extend((0..pseq).map(|e| (rep * seq + e.min(p.max(1) - 1)) as i64));
+        }
+        let mut suffix_positions = Vec::with_capacity(self.batch * sseq);
+        for (b, &len) in suffix_len.iter().enumerate() {
+            let p = prefix_len[prefix_of_row[b]];
+            suffix_positions
+                .extend((0..sseq).map(|i| (b * seq + p + i.min(len.max(1) - 1)) as i64));
+        }
+        let prefix = DecoderInputs::new(
+            groups.len(),
+            pseq,
+            gather(&prefix_positions),
+            causal_bias(&prefix_len, pseq),
+        )?;
+        let mut bias = vec![MASKED; self.batch * sseq * (pseq + sseq)];
+        for (b, &len) in suffix_len.iter().enumerate() {
+            let p = prefix_len[prefix_of_row[b]];
+            for i in 0..sseq {
+                let row = &mut bias[(b * sseq + i) * (pseq + sseq)..][..pseq + sseq];
+                row[..p].fill(0.0);
+                row[pseq..pseq + len.min(i + 1)].fill(0.0);
+            }
+        }
+        let suffix =
+            DecoderInputs::after_prefix(self.batch, sseq, pseq, gather(&suffix_positions), bias)?;
+        let target_rows = self
+            .targets
+            .iter()
+            .map(|&(_, e, _)| {
+                let (b, pos) = (e / seq, e % seq);
+                (b * sseq + pos - prefix_len[prefix_of_row[b]]) as i64
+            })
+            .collect();
+        self.shared = Some(SharedPrefixes {
+            prefix_positions,
+            prefix,
+            suffix_positions,
+            suffix,
+            prefix_of_row: prefix_of_row.iter().map(|&g| g as i64).collect(),
+            target_rows,
+        });
+        Ok(self)
+    }
+
+    /// Groups of rows with a common beginning: `(first row, prefix length)` per group, and each
+    /// row's group. A row joins a group when one of their beginnings (up to the first position
+    /// whose hidden state it needs) is a beginning of the other.
+    fn prefix_groups(&self) -> (Vec<(usize, usize)>, Vec<usize>) {
+        let (seq, plane) = (self.seq, (self.batch * self.seq) as i64);
+        // Text positions by token, image positions by feature row (the same image, the same
+        // rows).
+        let key = |b: usize, e: usize| -> i64 {
+            let f = b * seq + e;
+            match self.embed_rows[f] {
+                r if r >= plane => -(r - plane) - 1,
+                _ => i64::from(self.input_ids[f]),
+            }
+        };
+        // Every row keeps at least its last position.
+        let mut limit: Vec<usize> = self.lengths.iter().map(|l| l.saturating_sub(1)).collect();
+        for &(_, e, _) in &self.targets {
+            let (b, pos) = (e / seq, e % seq);
+            limit[b] = limit[b].min(pos);
+        }
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        let mut prefix_of_row = Vec::with_capacity(self.batch);
+        for (b, &limit) in limit.iter().enumerate() {
+            let joined = groups.iter_mut().position(|(rep, p)| {
+                let n = (*p).min(limit);
+                let common = n > 0 && (0..n).all(|e| key(*rep, e) == key(b, e));
+                if common {
+                    *p = n;
+                }
+                common
+            });
+            prefix_of_row.push(joined.unwrap_or_else(|| {
+                groups.push((b, limit));
+                groups.len() - 1
+            }));
+        }
+        (groups, prefix_of_row)
     }
 
     /// `[batch, score_len]` with 1 where a log-prob is defined (see [`Batch::targets`]).
@@ -329,10 +471,12 @@ mod tests {
         let pad = cfg.image_token_id;
         let seqs = [
             Sequence {
+                score_from: 0,
                 tokens: vec![5, 1021, pad, 1020, 7, 8],
                 images: vec![image(&cfg, [1, 4, 6])],
             },
             Sequence {
+                score_from: 0,
                 tokens: vec![3, 4],
                 images: vec![],
             },
@@ -360,6 +504,7 @@ mod tests {
         let mut other = image(&cfg, [1, 4, 4]);
         other.patches[0] = 1.0;
         let seq = |images: Vec<ImageInput>| Sequence {
+            score_from: 0,
             tokens: std::iter::once(7)
                 .chain(images.iter().flat_map(|_| [pad, 9]))
                 .chain([8])
@@ -405,6 +550,7 @@ mod tests {
     fn pad_count_mismatch_is_an_error() {
         let cfg = Qwen25VlConfig::tiny();
         let seqs = [Sequence {
+            score_from: 0,
             tokens: vec![5, cfg.image_token_id, cfg.image_token_id],
             images: vec![image(&cfg, [1, 2, 2])],
         }];
@@ -416,6 +562,7 @@ mod tests {
         let e = Batch::new(
             &cfg,
             &[Sequence {
+                score_from: 0,
                 tokens: vec![5000],
                 images: vec![],
             }],

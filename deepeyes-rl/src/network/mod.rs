@@ -18,7 +18,7 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let device = ComputeDevice::Flex.device(true)?;
 //! let model = Qwen25Vl::from_pretrained("tests/data/tiny-qwen2_5_vl/hf", &device)?;
-//! let seqs = [Sequence { tokens: vec![1, 2, 3, 4], images: vec![] }];
+//! let seqs = [Sequence { tokens: vec![1, 2, 3, 4], images: vec![], score_from: 0 }];
 //! let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
 //! let scores = model.score_tokens(&batch, false)?;
 //! let weights = tensor2(vec![0.0, 1.0, 1.0, 1.0], 1, batch.score_len, &device)?;
@@ -40,10 +40,10 @@ mod weights;
 
 use burn::tensor::Device;
 
-pub use batch::{Batch, ImageInput, PadLayout, Sequence};
+pub use batch::{Batch, ImageInput, PadLayout, Sequence, SharedPrefixes};
 pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
-pub use policy::PolicyNetwork;
+pub use policy::{PolicyNetwork, ScoreOptions};
 pub use qwen::{Qwen25Vl, TokenScores, tensor2, to_host};
 pub use vision::{Grid, VisionInputs};
 pub use weights::{HostParam, ParamInfo, param_grads};

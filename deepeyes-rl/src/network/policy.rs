@@ -9,6 +9,16 @@ use burn::tensor::Device;
 use super::weights::param_infos;
 use super::{Batch, PadLayout, ParamInfo, Qwen25Vl, Result, Sequence, TokenScores};
 
+/// How [`PolicyNetwork::score_sequences`] scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScoreOptions {
+    /// Also return the predictive entropy.
+    pub entropy: bool,
+    /// Run a beginning that several sequences share once (the prompt of a GRPO group's samples;
+    /// see [`crate::network::SharedPrefixes`]); the results are the same.
+    pub share_prefixes: bool,
+}
+
 /// What the GRPO trainer needs of a trainable vision-language network, and all it uses.
 ///
 /// [`Qwen25Vl`] implements it. A second family (Qwen3-VL, say) adds its own burn module beside
@@ -28,10 +38,12 @@ pub trait PolicyNetwork: Module + Sized {
     /// engine takes to run the current weights.
     fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
-    /// Per-token log-probs of `sequences` (each image once, as one `<|image_pad|>` token), and
-    /// the predictive entropy when `entropy`: `[sequences, longest]` tensors aligned with the
-    /// tokens, carrying the autodiff graph on an autodiff device.
-    fn score_sequences(&self, sequences: &[Sequence], entropy: bool) -> Result<TokenScores>;
+    /// Per-token log-probs of `sequences` (each image once, as one `<|image_pad|>` token) from
+    /// each one's [`Sequence::score_from`] on, and the predictive entropy when asked:
+    /// `[sequences, longest]` tensors aligned with the tokens, carrying the autodiff graph on an
+    /// autodiff device.
+    fn score_sequences(&self, sequences: &[Sequence], options: ScoreOptions)
+    -> Result<TokenScores>;
 
     /// The same network with its vision encoder frozen (no gradients, no optimizer state).
     fn freeze_vision(self) -> Self;
@@ -58,9 +70,16 @@ impl PolicyNetwork for Qwen25Vl {
         Qwen25Vl::hf_tensors(self)
     }
 
-    fn score_sequences(&self, sequences: &[Sequence], entropy: bool) -> Result<TokenScores> {
-        let batch = Batch::new(&self.config, sequences, PadLayout::OnePerImage)?;
-        self.score_tokens(&batch, entropy)
+    fn score_sequences(
+        &self,
+        sequences: &[Sequence],
+        options: ScoreOptions,
+    ) -> Result<TokenScores> {
+        let mut batch = Batch::new(&self.config, sequences, PadLayout::OnePerImage)?;
+        if options.share_prefixes {
+            batch = batch.share_prefixes()?;
+        }
+        self.score_tokens(&batch, options.entropy)
     }
 
     fn freeze_vision(self) -> Self {

@@ -8,7 +8,7 @@ use burn::module::Module;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use super::batch::Batch;
+use super::batch::{Batch, SharedPrefixes};
 use super::config::Qwen25VlConfig;
 use super::error::{ModelError, Result, input_err};
 use super::init::{CheckpointSource, ParamSource, RandomSource};
@@ -253,6 +253,39 @@ impl Qwen25Vl {
         self.decode(embeds, &batch.decoder)
     }
 
+    /// Final hidden states `[batch, suffix len, hidden]` of the rows' suffixes, each prefix
+    /// run once ([`SharedPrefixes`]).
+    fn shared_hidden_states(&self, batch: &Batch, shared: &SharedPrefixes) -> Result<Tensor<3>> {
+        let device = self.device();
+        let h = self.config.text.hidden_size;
+        let plane = batch.batch * batch.seq;
+        let embeds = self.input_embeddings(batch)?.reshape([plane, h]);
+        let rows = |positions: &[i64], inputs: &DecoderInputs| {
+            let idx = Tensor::<1, Int>::from_data(
+                TensorData::new(positions.to_vec(), [positions.len()]),
+                &device,
+            );
+            embeds
+                .clone()
+                .select(0, idx)
+                .reshape([inputs.batch, inputs.seq, h])
+        };
+        let past = self.model.prefix_keys_values(
+            rows(&shared.prefix_positions, &shared.prefix),
+            &shared.prefix,
+        );
+        let prefix_of_row = Tensor::<1, Int>::from_data(
+            TensorData::new(shared.prefix_of_row.clone(), [batch.batch]),
+            &device,
+        );
+        Ok(self.model.forward_after_prefix(
+            rows(&shared.suffix_positions, &shared.suffix),
+            &shared.suffix,
+            &past,
+            prefix_of_row,
+        ))
+    }
+
     /// Logits `[batch, seq, vocab]` at every expanded position.
     pub fn logits(&self, batch: &Batch) -> Result<Tensor<3>> {
         Ok(self.head(self.hidden_states(batch)?))
@@ -294,8 +327,6 @@ impl Qwen25Vl {
     pub fn score_tokens(&self, batch: &Batch, entropy: bool) -> Result<TokenScores> {
         let device = self.device();
         let h = self.config.text.hidden_size;
-        let hidden = self.hidden_states(batch)?;
-        let plane = batch.batch * batch.seq;
         let k = batch.targets.len();
         let cells = batch.batch * batch.score_len;
         let mask = batch.score_mask();
@@ -307,13 +338,23 @@ impl Qwen25Vl {
                 mask,
             });
         }
-        let src: Vec<i64> = batch.targets.iter().map(|&(_, e, _)| e as i64).collect();
+        let (hidden, src) = match &batch.shared {
+            None => (
+                self.hidden_states(batch)?,
+                batch.targets.iter().map(|&(_, e, _)| e as i64).collect(),
+            ),
+            Some(shared) => (
+                self.shared_hidden_states(batch, shared)?,
+                shared.target_rows.clone(),
+            ),
+        };
+        let [hb, hs, _] = hidden.dims();
         let tgt: Vec<i64> = batch
             .targets
             .iter()
             .map(|&(_, _, t)| i64::from(t))
             .collect();
-        let rows = hidden.reshape([plane, h]).select(
+        let rows = hidden.reshape([hb * hs, h]).select(
             0,
             Tensor::<1, Int>::from_data(TensorData::new(src, [k]), &device),
         );

@@ -3,7 +3,7 @@
 //! the mRoPE positions come from the workspace's one definition, [`deepeyes_core::vision::rope_index`].
 
 use burn::module::Module;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Int, Tensor};
 
 use super::config::TextConfig;
 use super::error::{Result, input_err};
@@ -24,6 +24,9 @@ pub(crate) fn causal_bias(lengths: &[usize], seq: usize) -> Vec<f32> {
     out
 }
 
+/// One layer's keys and values, `[rows, kv heads, positions, head_dim]` each.
+pub(crate) type KeysValues = (Tensor<4>, Tensor<4>);
+
 /// Host-side decoder inputs besides the embeddings.
 #[derive(Debug, Clone)]
 pub struct DecoderInputs {
@@ -33,15 +36,29 @@ pub struct DecoderInputs {
     pub seq: usize,
     /// `[3, batch, seq]` mRoPE positions (temporal, height, width planes).
     pub position_ids: Vec<i64>,
-    /// `[batch, 1, seq, seq]` additive attention bias.
+    /// Key positions each query may attend to: `seq`, or `past + seq` after a shared prefix.
+    pub keys: usize,
+    /// `[batch, 1, seq, keys]` additive attention bias.
     pub attn_bias: Vec<f32>,
 }
 
 impl DecoderInputs {
-    /// Checks the shapes.
+    /// Checks the shapes (`attn_bias` is `[batch, 1, seq, seq]`).
     pub fn new(
         batch: usize,
         seq: usize,
+        position_ids: Vec<i64>,
+        attn_bias: Vec<f32>,
+    ) -> Result<Self> {
+        Self::after_prefix(batch, seq, 0, position_ids, attn_bias)
+    }
+
+    /// Checks the shapes of inputs whose rows continue a prefix of `past` positions
+    /// (`attn_bias` is `[batch, 1, seq, past + seq]`, the prefix's keys first).
+    pub fn after_prefix(
+        batch: usize,
+        seq: usize,
+        past: usize,
         position_ids: Vec<i64>,
         attn_bias: Vec<f32>,
     ) -> Result<Self> {
@@ -52,16 +69,18 @@ impl DecoderInputs {
                 3 * batch * seq
             )));
         }
-        if attn_bias.len() != batch * seq * seq {
+        let keys = past + seq;
+        if attn_bias.len() != batch * seq * keys {
             return Err(input_err(format!(
-                "attn_bias holds {} values; [{batch}, 1, {seq}, {seq}] needs {}",
+                "attn_bias holds {} values; [{batch}, 1, {seq}, {keys}] needs {}",
                 attn_bias.len(),
-                batch * seq * seq
+                batch * seq * keys
             )));
         }
         Ok(Self {
             batch,
             seq,
+            keys,
             position_ids,
             attn_bias,
         })
@@ -192,57 +211,102 @@ impl TextModel {
     /// Runs the decoder over `[batch, seq, hidden]` embeddings; returns the final-normed hidden
     /// states.
     pub fn forward(&self, embeds: Tensor<3>, inputs: &DecoderInputs) -> Tensor<3> {
+        let h = self.layers_forward(embeds, inputs, None, |_, _| {});
+        self.norm.forward(h)
+    }
+
+    /// Runs the decoder over prefix rows `[prefixes, len, hidden]` and returns each layer's keys
+    /// and values (`[prefixes, kv heads, len, head_dim]`, rotary applied), which rows that
+    /// continue a prefix attend to ([`TextModel::forward_after_prefix`]).
+    pub(crate) fn prefix_keys_values(
+        &self,
+        embeds: Tensor<3>,
+        inputs: &DecoderInputs,
+    ) -> Vec<KeysValues> {
+        let mut kv = Vec::with_capacity(self.layers.len());
+        self.layers_forward(embeds, inputs, None, |k, v| kv.push((k, v)));
+        kv
+    }
+
+    /// Runs the decoder over rows that continue shared prefixes: row `b` attends to the keys and
+    /// values of prefix `prefix_of_row[b]` (from [`TextModel::prefix_keys_values`]) and then
+    /// to its own positions, as `inputs.attn_bias` allows. Final-normed hidden states.
+    pub(crate) fn forward_after_prefix(
+        &self,
+        embeds: Tensor<3>,
+        inputs: &DecoderInputs,
+        past: &[KeysValues],
+        prefix_of_row: Tensor<1, Int>,
+    ) -> Tensor<3> {
+        let h = self.layers_forward(embeds, inputs, Some((past, prefix_of_row)), |_, _| {});
+        self.norm.forward(h)
+    }
+
+    /// The decoder layers; each layer's own keys and values go to `keep`.
+    fn layers_forward(
+        &self,
+        embeds: Tensor<3>,
+        inputs: &DecoderInputs,
+        past: Option<(&[KeysValues], Tensor<1, Int>)>,
+        mut keep: impl FnMut(Tensor<4>, Tensor<4>),
+    ) -> Tensor<3> {
         let device = embeds.device();
         let (cos, sin) = self.rotary_tables(inputs, &device);
-        let (b, s) = (inputs.batch, inputs.seq);
-        let bias = tensor_from(inputs.attn_bias.clone(), [b, 1, s, s], &device);
+        let (b, s, keys) = (inputs.batch, inputs.seq, inputs.keys);
+        let bias = tensor_from(inputs.attn_bias.clone(), [b, 1, s, keys], &device);
         let mut h = embeds;
-        for layer in &self.layers {
-            let a = layer.self_attn.forward(
-                layer.input_layernorm.forward(h.clone()),
-                &cos,
-                &sin,
-                bias.clone(),
-            );
-            h = h + a;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let attn = &layer.self_attn;
+            let (q, k, v) = attn.project(layer.input_layernorm.forward(h.clone()), &cos, &sin);
+            keep(k.clone(), v.clone());
+            let (k, v) = match &past {
+                Some((kv, rows)) => {
+                    let (pk, pv) = &kv[i];
+                    (
+                        Tensor::cat(vec![pk.clone().select(0, rows.clone()), k], 2),
+                        Tensor::cat(vec![pv.clone().select(0, rows.clone()), v], 2),
+                    )
+                }
+                None => (k, v),
+            };
+            h = h + attn.attend(q, k, v, bias.clone());
             h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
         }
-        self.norm.forward(h)
+        h
     }
 }
 
 impl TextAttention {
-    fn forward(
+    /// Queries `[batch, heads, seq, head_dim]`, keys and values `[batch, kv heads, seq,
+    /// head_dim]`, rotary applied to queries and keys.
+    fn project(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        bias: Tensor<4>,
-    ) -> Tensor<3> {
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, s, _] = x.dims();
         let (nh, nkv) = (self.num_heads, self.num_kv_heads);
         let hd = self.q_proj.weight.dims()[0] / nh;
-        let rep = nh / nkv;
-        let q = self
-            .q_proj
-            .forward(x.clone())
-            .reshape([b, s, nh, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
-            .reshape([b, s, nkv, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
-            .reshape([b, s, nkv, hd])
-            .swap_dims(1, 2);
-        let q = apply_rotary(q, cos.clone(), sin.clone());
-        let k = apply_rotary(k, cos.clone(), sin.clone());
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), nh);
+        let k = heads(self.k_proj.forward(x.clone()), nkv);
+        let v = heads(self.v_proj.forward(x), nkv);
+        (
+            apply_rotary(q, cos.clone(), sin.clone()),
+            apply_rotary(k, cos.clone(), sin.clone()),
+            v,
+        )
+    }
+
+    /// Attention of `q` over `k`/`v` with the additive `bias` `[batch, 1, seq, keys]`, projected
+    /// back to `[batch, seq, hidden]`.
+    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<3> {
+        let [b, nh, s, hd] = q.dims();
+        let rep = nh / self.num_kv_heads;
         // Heads kv·rep .. kv·rep + rep − 1 share key/value head kv: stack them along the query
         // axis instead of repeating keys and values.
-        let q = q.reshape([b, nkv, rep * s, hd]);
+        let q = q.reshape([b, self.num_kv_heads, rep * s, hd]);
         let bias = if rep > 1 {
             bias.repeat_dim(2, rep)
         } else {

@@ -16,7 +16,9 @@ use crate::grpo::{
     policy_loss, prepare_batch,
 };
 use crate::metrics::{RolloutMetrics, ScoredTrajectory, UpdateMetrics, rollout_metrics};
-use crate::network::{ImageInput, PolicyNetwork, Sequence, TokenScores, tensor2, to_host};
+use crate::network::{
+    ImageInput, PolicyNetwork, ScoreOptions, Sequence, TokenScores, tensor2, to_host,
+};
 use crate::schedule::grad_clip_factor;
 
 /// The scored groups of a step, flattened: trajectory `i` belongs to group `group_ids[i]`.
@@ -127,12 +129,17 @@ fn logprobs_of<N: PolicyNetwork>(
     sequences: &[Sequence],
     chunk: usize,
     width: usize,
+    share_prefixes: bool,
 ) -> TrainResult<Array2<f32>> {
     let n = sequences.len();
     let mut out = Array2::<f32>::zeros((n, width));
     for start in (0..n).step_by(chunk.max(1)) {
         let seqs = &sequences[start..(start + chunk.max(1)).min(n)];
-        let logprobs = model.score_sequences(seqs, false)?.logprobs;
+        let options = ScoreOptions {
+            entropy: false,
+            share_prefixes,
+        };
+        let logprobs = model.score_sequences(seqs, options)?.logprobs;
         let cols = logprobs.dims()[1];
         let host = to_host(logprobs.detach());
         for (i, seq) in seqs.iter().enumerate() {
@@ -177,13 +184,14 @@ impl<N: PolicyNetwork> Trainer<N> {
         width: usize,
     ) -> TrainResult<FixedLogprobs> {
         let chunk = self.config.batch.logprob_micro_batch;
+        let share = self.config.batch.share_prefixes;
         let old = if plan.optimizer_steps() == 1 {
             None
         } else {
-            Some(logprobs_of(self.model(), sequences, chunk, width)?)
+            Some(logprobs_of(self.model(), sequences, chunk, width, share)?)
         };
         let reference = match &self.reference {
-            Some(r) => Some(logprobs_of(r, sequences, chunk, width)?),
+            Some(r) => Some(logprobs_of(r, sequences, chunk, width, share)?),
             None => None,
         };
         Ok(FixedLogprobs { old, reference })
@@ -252,17 +260,14 @@ impl<N: PolicyNetwork> Trainer<N> {
         let grpo = &self.config.grpo;
         let targets = batch.targets.select(rows)?;
         let scale = batch.targets.loss_scale(grpo.loss_normalization, mini)?;
-        let seqs: Vec<Sequence> = rows.iter().map(|&r| sequences[r].clone()).collect();
-        let model = self.model();
-        let scores: TokenScores = model.score_sequences(&seqs, grpo.needs_entropy())?;
-        let (width, cols) = (targets.mask.ncols(), scores.logprobs.dims()[1]);
-        let grid = |t: &Tensor<2>| host_grid(&to_host(t.clone().detach()), rows.len(), cols, width);
-        let logp = grid(&scores.logprobs);
+        let passes = self.engine_passes(sequences, rows)?;
+        let width = targets.mask.ncols();
+        let logp = host_scores(&passes, width, |s| Some(&s.logprobs)).expect("always computed");
+        let entropy = host_scores(&passes, width, |s| s.entropy.as_ref());
         let old = match &fixed.old {
             Some(old) => rows_of(old, rows, width),
             None => logp.clone(),
         };
-        let entropy = scores.entropy.as_ref().map(grid);
         let reference = fixed.reference.as_ref().map(|r| rows_of(r, rows, width));
         let out = policy_loss(
             grpo,
@@ -277,17 +282,31 @@ impl<N: PolicyNetwork> Trainer<N> {
             },
             scale,
         )?;
-        // d loss / d logprob (and d loss / d entropy) as per-token weights on the engine's
-        // outputs, so backward gives the loss's parameter gradient.
-        let weights = |g: ArrayView2<'_, f32>| {
-            tensor2(engine_buffer(g, cols), rows.len(), cols, &model.device())
-        };
-        let mut surrogate: Tensor<1> = (weights(out.grad_logprobs.view())? * scores.logprobs).sum();
-        if let (Some(grad), Some(ent)) = (&out.grad_entropy, scores.entropy) {
-            surrogate = surrogate + (weights(grad.view())? * ent).sum();
-        }
-        let grads = GradientsParams::from_grads(surrogate.backward(), model);
+        let surrogate = surrogate(passes, &out.grad_logprobs, out.grad_entropy.as_ref())?;
+        let grads = GradientsParams::from_grads(surrogate.backward(), self.model());
         Ok((out.stats, grads))
+    }
+
+    /// The engine's scores of a micro-batch's `rows`, in passes of at most
+    /// `batch.engine-micro-batch` rows (their autodiff graphs kept for one backward pass).
+    fn engine_passes(&self, sequences: &[Sequence], rows: &[usize]) -> TrainResult<Vec<Pass>> {
+        let options = ScoreOptions {
+            entropy: self.config.grpo.needs_entropy(),
+            share_prefixes: self.config.batch.share_prefixes,
+        };
+        let mut passes = Vec::new();
+        let mut start = 0;
+        for chunk in rows.chunks(self.config.batch.engine_micro_batch.max(1)) {
+            let seqs: Vec<Sequence> = chunk.iter().map(|&r| sequences[r].clone()).collect();
+            let scores = self.model().score_sequences(&seqs, options)?;
+            passes.push(Pass {
+                start,
+                rows: chunk.len(),
+                scores,
+            });
+            start += chunk.len();
+        }
+        Ok(passes)
     }
 
     /// The training engine's view of a trajectory: its tokens (one pad per image) and images,
@@ -312,6 +331,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             images.push(input);
         }
         Ok(Sequence {
+            score_from: traj.prompt_len,
             tokens: traj.tokens.clone(),
             images,
         })
@@ -386,6 +406,59 @@ impl<N: PolicyNetwork> Trainer<N> {
                 .lr(self.config.optimizer.lr, self.step, self.config.steps),
         })
     }
+}
+
+/// One engine pass over rows `start..start + rows` of a micro-batch.
+struct Pass {
+    start: usize,
+    rows: usize,
+    scores: TokenScores,
+}
+
+/// The micro-batch's `[rows, width]` host grid of one score (`None` when not computed).
+fn host_scores(
+    passes: &[Pass],
+    width: usize,
+    pick: impl Fn(&TokenScores) -> Option<&Tensor<2>>,
+) -> Option<Array2<f32>> {
+    let total = passes.last().map_or(0, |p| p.start + p.rows);
+    let mut out = Array2::<f32>::zeros((total, width));
+    for p in passes {
+        let t = pick(&p.scores)?;
+        let cols = t.dims()[1];
+        let part = host_grid(&to_host(t.clone().detach()), p.rows, cols, width);
+        out.slice_mut(ndarray::s![p.start..p.start + p.rows, ..])
+            .assign(&part);
+    }
+    Some(out)
+}
+
+/// `Σ grad_logprobs · logprobs (+ Σ grad_entropy · entropy)` over the passes: `∂loss/∂logprob`
+/// (and `∂loss/∂entropy`) as per-token weights on the engine's outputs, so that backward gives
+/// the loss's parameter gradient.
+fn surrogate(
+    passes: Vec<Pass>,
+    grad_logprobs: &Array2<f32>,
+    grad_entropy: Option<&Array2<f32>>,
+) -> TrainResult<Tensor<1>> {
+    let mut total: Option<Tensor<1>> = None;
+    for p in passes {
+        let cols = p.scores.logprobs.dims()[1];
+        let device = p.scores.logprobs.device();
+        let weights = |g: &Array2<f32>| {
+            let g = g.slice(ndarray::s![p.start..p.start + p.rows, ..]);
+            tensor2(engine_buffer(g, cols), p.rows, cols, &device)
+        };
+        let mut term = (weights(grad_logprobs)? * p.scores.logprobs).sum();
+        if let (Some(grad), Some(ent)) = (grad_entropy, p.scores.entropy) {
+            term = term + (weights(grad)? * ent).sum();
+        }
+        total = Some(match total {
+            Some(t) => t + term,
+            None => term,
+        });
+    }
+    Ok(total.expect("a micro-batch has rows"))
 }
 
 /// Global L2 norm of accumulated gradients, and the same gradients scaled by `factor`.

@@ -119,6 +119,7 @@ impl Golden {
     /// The multimodal prompt with expanded pads.
     pub(crate) fn mm_sequence(&self, patch_dim: usize) -> Sequence {
         Sequence {
+            score_from: 0,
             tokens: self.input_ids(),
             images: self.images(patch_dim),
         }
@@ -126,6 +127,7 @@ impl Golden {
 
     pub(crate) fn text_sequence(&self) -> Sequence {
         Sequence {
+            score_from: 0,
             tokens: self
                 .get("text_input_ids")
                 .ints()

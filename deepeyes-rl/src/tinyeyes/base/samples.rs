@@ -29,6 +29,7 @@ impl BaseStage {
     pub(super) fn start(&self, c: &Canvas, question: &str) -> TrainResult<Sample> {
         let mut s = Sample {
             sequence: Sequence {
+                score_from: 0,
                 tokens: Vec::new(),
                 images: vec![c.view.clone()],
             },
