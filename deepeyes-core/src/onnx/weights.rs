@@ -254,13 +254,25 @@ pub(crate) fn fill_initializer(
         out.copy_from_slice(&param.data);
         return Ok(());
     }
-    let (rows, cols) = (param.shape[0], param.shape[1]);
-    for (r, row) in param.data.chunks_exact(cols).enumerate() {
-        for (c, &v) in row.iter().enumerate() {
-            out[c * rows + r] = v;
+    transpose_into(&param.data, param.shape[0], param.shape[1], out);
+    Ok(())
+}
+
+/// Writes the `[rows, cols]` row-major `src` transposed into `out` (`[cols, rows]`), in tiles
+/// that stay in cache: a 151936 × 2048 output head transposed row by row writes one value per
+/// cache line and takes seconds.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    const TILE: usize = 64;
+    for r0 in (0..rows).step_by(TILE) {
+        for c0 in (0..cols).step_by(TILE) {
+            for r in r0..(r0 + TILE).min(rows) {
+                let row = &src[r * cols..(r + 1) * cols];
+                for c in c0..(c0 + TILE).min(cols) {
+                    out[c * rows + r] = row[c];
+                }
+            }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -275,6 +287,24 @@ mod tests {
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
         assert!(f16_to_f32(0x7e00).is_nan());
         assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    }
+
+    #[test]
+    fn tiled_transpose_matches_the_definition_across_tile_edges() {
+        for (rows, cols) in [(1, 1), (3, 130), (130, 67), (64, 64), (65, 129)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut out = vec![-1.0; rows * cols];
+            transpose_into(&src, rows, cols, &mut out);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        out[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}×{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -38,6 +38,15 @@ pub trait PolicyNetwork: Module + Sized {
     /// engine takes to run the current weights.
     fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
+    /// [`PolicyNetwork::hf_tensors`] as a rollout engine takes them
+    /// ([`deepeyes_core::WeightUpdate`]).
+    fn host_weights(&self) -> deepeyes_core::Weights {
+        self.hf_tensors()
+            .into_iter()
+            .map(|(name, (shape, data))| (name, deepeyes_core::HostTensor { shape, data }))
+            .collect()
+    }
+
     /// Per-token log-probs of `sequences` (each image once, as one `<|image_pad|>` token) from
     /// each one's [`Sequence::score_from`] on, and the predictive entropy when asked:
     /// `[sequences, longest]` tensors aligned with the tokens, carrying the autodiff graph on an

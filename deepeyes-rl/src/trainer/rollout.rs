@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use deepeyes_core::onnx::{HostTensor, OnnxModel, Weights};
+use deepeyes_core::onnx::OnnxModel;
 use deepeyes_core::{
     Agent, Image, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
     WeightReceiver, WeightUpdate,
@@ -41,7 +41,7 @@ impl<N: PolicyNetwork> Trainer<N> {
                 let built = OnnxModel::load_with_weights(
                     &self.config.model.bundle,
                     &self.onnx,
-                    &rollout_weights(self.model()),
+                    &self.model().host_weights(),
                 )?;
                 Arc::clone(self.engine.insert(Arc::new(built)))
             }
@@ -56,7 +56,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         if engine.weights_version() == Some(self.step) {
             return Ok(());
         }
-        let tensors = rollout_weights(self.model());
+        let tensors = self.model().host_weights();
         engine.receive_weights(&WeightUpdate {
             version: self.step,
             tensors: &tensors,
@@ -177,13 +177,4 @@ impl<N: PolicyNetwork> Trainer<N> {
         }
         Ok(out)
     }
-}
-
-/// The model's parameters as the rollout engine takes them.
-fn rollout_weights<N: PolicyNetwork>(model: &N) -> Weights {
-    model
-        .hf_tensors()
-        .into_iter()
-        .map(|(name, (shape, data))| (name, HostTensor { shape, data }))
-        .collect()
 }
