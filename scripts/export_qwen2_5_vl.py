@@ -705,37 +705,28 @@ def build_tokenizer(vocab_size: int, seed: int):
     return tok
 
 
-def build_tiny(seed: int, vocab_size: int = 1024):
+def random_model(tok, text: dict, vision: dict, seed: int):
+    """A random-weight Qwen2_5_VLForConditionalGeneration (torch's default init from `seed`) with
+    `tok`'s special-token ids, the text widths `text` and the vision widths `vision`; patches,
+    merging and windows are Qwen2.5-VL's (14 px, 2 x 2, 112 px)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tok = build_tokenizer(vocab_size, seed)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     text_config = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=32768,
         rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]},
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
+        **text,
     )
     vision_config = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        out_hidden_size=64,
         patch_size=14,
         spatial_merge_size=2,
         temporal_patch_size=2,
         window_size=112,
-        fullatt_block_indexes=[1],
         tokens_per_second=2,
+        **vision,
     )
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -748,7 +739,24 @@ def build_tiny(seed: int, vocab_size: int = 1024):
     )
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def build_tiny(seed: int, vocab_size: int = 1024):
+    tok = build_tokenizer(vocab_size, seed)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 2, 2]},
+    )
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[1]
+    )
+    model = random_model(tok, text, vision, seed)
     # Default init (std 0.02) makes every logit nearly equal; wider weights give the greedy
     # path clear winners, so the parity test checks real decisions, not float noise.
     with torch.no_grad():

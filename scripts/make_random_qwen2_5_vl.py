@@ -37,57 +37,27 @@ PRESETS = {
 
 
 def build(preset: str, seed: int):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
     p = PRESETS[preset]
     tok = export.build_tokenizer(1024, seed)
-    ids = {t: tok.token_to_id(t) for t in export.SPECIAL_TOKENS}
     half = p["hidden"] // p["heads"] // 2
-    text_config = dict(
+    text = dict(
         vocab_size=p["vocab"],
         hidden_size=p["hidden"],
         intermediate_size=p["intermediate"],
         num_hidden_layers=2,
         num_attention_heads=p["heads"],
         num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=32768,
-        rms_norm_eps=1e-6,
         # Qwen2.5-VL's split of the rotary half: 16 temporal, 24 height, 24 width for head_dim 128.
         rope_parameters={
             "rope_type": "default",
             "rope_theta": 1e6,
             "mrope_section": [half // 4, (half - half // 4) // 2, (half - half // 4) // 2],
         },
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
     )
-    vision_config = dict(
-        depth=4,
-        hidden_size=1280,
-        intermediate_size=3420,
-        num_heads=16,
-        out_hidden_size=p["out"],
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[3],
-        tokens_per_second=2,
+    vision = dict(
+        depth=4, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=p["out"], fullatt_block_indexes=[3]
     )
-    config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return model, tok
+    return export.random_model(tok, text, vision, seed), tok
 
 
 def main(argv=None) -> int:
