@@ -252,57 +252,42 @@ impl Batch {
         if prefix_len.iter().all(|&p| p == 0) || groups.len() == self.batch {
             return Ok(self);
         }
-        let (seq, axes) = (self.seq, 3);
+        // Each row's prefix length and what remains of it.
+        let own: Vec<usize> = prefix_of_row.iter().map(|&g| prefix_len[g]).collect();
+        let suffix_len: Vec<usize> = self.lengths.iter().zip(&own).map(|(l, p)| l - p).collect();
         let pseq = prefix_len.iter().copied().max().unwrap_or(0);
-        let suffix_len: Vec<usize> = (0..self.batch)
-            .map(|b| self.lengths[b] - prefix_len[prefix_of_row[b]])
-            .collect();
         let sseq = suffix_len.iter().copied().max().unwrap_or(0).max(1);
-        let positions = &self.decoder.position_ids;
-        let all = self.batch * seq;
-        // Flat source positions, and the same for each mRoPE axis.
-        let gather = |rows: &[i64]| -> Vec<i64> {
-            (0..axes)
-                .flat_map(|axis| {
-                    rows.iter()
-                        .map(move |&f| positions[axis * all + f as usize])
-                })
-                .collect()
-        };
-        let mut prefix_positions = Vec::with_capacity(groups.len() * pseq);
-        for &(rep, p) in &groups {
-            prefix_positions.extend((0..pseq).map(|e| (rep * seq + e.min(p.max(1) - 1)) as i64));
-        }
-        let mut suffix_positions = Vec::with_capacity(self.batch * sseq);
-        for (b, &len) in suffix_len.iter().enumerate() {
-            let p = prefix_len[prefix_of_row[b]];
-            suffix_positions
-                .extend((0..sseq).map(|i| (b * seq + p + i.min(len.max(1) - 1)) as i64));
-        }
+        let seq = self.seq;
+        // Flat positions of the prefix rows and the suffix rows; padding repeats a real one.
+        let prefix_positions: Vec<i64> = groups
+            .iter()
+            .flat_map(|&(rep, p)| (0..pseq).map(move |e| (rep * seq + e.min(p.max(1) - 1)) as i64))
+            .collect();
+        let suffix_positions: Vec<i64> = own
+            .iter()
+            .zip(&suffix_len)
+            .enumerate()
+            .flat_map(|(b, (&p, &len))| {
+                (0..sseq).map(move |i| (b * seq + p + i.min(len.max(1) - 1)) as i64)
+            })
+            .collect();
         let prefix = DecoderInputs::new(
             groups.len(),
             pseq,
-            gather(&prefix_positions),
+            self.mrope_at(&prefix_positions),
             causal_bias(&prefix_len, pseq),
         )?;
-        let mut bias = vec![MASKED; self.batch * sseq * (pseq + sseq)];
-        for (b, &len) in suffix_len.iter().enumerate() {
-            let p = prefix_len[prefix_of_row[b]];
-            for i in 0..sseq {
-                let row = &mut bias[(b * sseq + i) * (pseq + sseq)..][..pseq + sseq];
-                row[..p].fill(0.0);
-                row[pseq..pseq + len.min(i + 1)].fill(0.0);
-            }
-        }
-        let suffix =
-            DecoderInputs::after_prefix(self.batch, sseq, pseq, gather(&suffix_positions), bias)?;
+        let suffix = DecoderInputs::after_prefix(
+            self.batch,
+            sseq,
+            pseq,
+            self.mrope_at(&suffix_positions),
+            suffix_bias(&own, &suffix_len, pseq, sseq),
+        )?;
         let target_rows = self
             .targets
             .iter()
-            .map(|&(_, e, _)| {
-                let (b, pos) = (e / seq, e % seq);
-                (b * sseq + pos - prefix_len[prefix_of_row[b]]) as i64
-            })
+            .map(|&(_, e, _)| ((e / seq) * sseq + e % seq - own[e / seq]) as i64)
             .collect();
         self.shared = Some(SharedPrefixes {
             prefix_positions,
@@ -313,6 +298,18 @@ impl Batch {
             target_rows,
         });
         Ok(self)
+    }
+
+    /// The mRoPE positions (`[3, n]`: temporal, height, width) of `n` flat positions.
+    fn mrope_at(&self, flat: &[i64]) -> Vec<i64> {
+        let all = self.batch * self.seq;
+        let positions = &self.decoder.position_ids;
+        (0..3)
+            .flat_map(|axis| {
+                flat.iter()
+                    .map(move |&f| positions[axis * all + f as usize])
+            })
+            .collect()
     }
 
     /// Groups of rows with a common beginning: `(first row, prefix length)` per group, and each
@@ -368,6 +365,21 @@ impl Batch {
         let plane = (self.batch * self.seq) as i64;
         self.embed_rows.iter().filter(|&&r| r >= plane).count()
     }
+}
+
+/// `[rows, 1, sseq, pseq + sseq]` additive bias of rows that continue a prefix: row `b` sees
+/// the first `prefix[b]` of the `pseq` prefix keys, then its own `suffix[b]` positions causally.
+fn suffix_bias(prefix: &[usize], suffix: &[usize], pseq: usize, sseq: usize) -> Vec<f32> {
+    let keys = pseq + sseq;
+    let mut bias = vec![MASKED; prefix.len() * sseq * keys];
+    for (b, (&p, &len)) in prefix.iter().zip(suffix).enumerate() {
+        for i in 0..sseq {
+            let row = &mut bias[(b * sseq + i) * keys..][..keys];
+            row[..p].fill(0.0);
+            row[pseq..pseq + len.min(i + 1)].fill(0.0);
+        }
+    }
+    bias
 }
 
 /// Checks that an image's patches fit its grid.
@@ -532,6 +544,21 @@ mod tests {
         assert_eq!(rows(1, 6, 4), (plane + 4..plane + 8).collect::<Vec<_>>());
         assert_eq!(rows(2, 1, 2), vec![plane + 8, plane + 9]);
         assert_eq!(b.image_tokens(), 4 + 8 + 2);
+    }
+
+    #[test]
+    fn suffix_rows_see_their_prefix_then_themselves_causally() {
+        // Two rows after prefixes of 2 and 1 keys (of 2), with 2 and 1 own positions.
+        let b = suffix_bias(&[2, 1], &[2, 1], 2, 2);
+        let m = MASKED;
+        #[rustfmt::skip]
+        let want = vec![
+            0.0, 0.0, 0.0, m,
+            0.0, 0.0, 0.0, 0.0,
+            0.0, m, 0.0, m,
+            0.0, m, 0.0, m,
+        ];
+        assert_eq!(b, want);
     }
 
     #[test]
