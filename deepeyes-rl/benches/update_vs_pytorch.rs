@@ -30,17 +30,7 @@ use deepeyes_rl::trainer::{Trainer, UpdateRecord};
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 use safetensors::{Dtype, tensor::TensorView};
 
-// The allocator of the `deepeyes` binary, set up as its `main` does (keeping freed memory), so
-// that the update is timed as it runs there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[allow(unsafe_code)]
-fn keep_freed_memory() {
-    // `mi_option_purge_delay` (mimalloc.h); -1: never purge.
-    // SAFETY: a plain store into mimalloc's option table.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) }
-}
+mod allocator;
 
 struct Args {
     bundle: PathBuf,
@@ -205,7 +195,7 @@ fn engine_logprobs(record: &UpdateRecord, trainer: &Trainer) -> ndarray::Array2<
 }
 
 fn main() {
-    keep_freed_memory();
+    allocator::keep_freed_memory();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let a = args(&repo);
     std::fs::create_dir_all(&a.out).expect("the output folder");

@@ -27,9 +27,7 @@ use deepeyes_core::{
 };
 use deepeyes_rl::network::{ComputeDevice, PolicyNetwork, Qwen25Vl};
 
-// The allocator of the `deepeyes` binary.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod allocator;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -79,6 +77,7 @@ fn generation(model: &OnnxModel, runs: usize) -> Vec<f64> {
 }
 
 fn main() {
+    allocator::keep_freed_memory();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let (mut bundle, mut runs, mut threads) = (repo.join("assets/tinyeyes"), 3, 2);
     let mut it = std::env::args().skip(1);

@@ -386,9 +386,13 @@ impl Qwen25Vl {
     }
 }
 
-/// Host copy (row-major, f32) of a float tensor; waits for the device.
+/// Host copy (row-major, f32) of a float tensor; waits for the device. The engine's buffer is
+/// taken as it is where it can be, else copied once (element by element through burn's generic
+/// iterator, a 3B model's weights took seconds longer).
 pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().iter::<f32>().collect()
+    t.into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float tensor data converts to f32")
 }
 
 /// A `[rows, cols]` float tensor on `device` (e.g. GRPO per-token weights).

@@ -56,7 +56,7 @@ struct Collector<'a> {
 
 fn host<const D: usize>(name: &str, t: Tensor<D>) -> HostParam {
     let shape = t.dims().to_vec();
-    let values = t.into_data().iter::<f32>().collect();
+    let values = super::qwen::to_host(t);
     HostParam {
         name: name.to_string(),
         shape,
