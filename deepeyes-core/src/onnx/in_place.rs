@@ -13,9 +13,11 @@ use std::time::Instant;
 use crate::weights::{WeightReceiver, WeightUpdate};
 
 use super::error::{OnnxError, OnnxResult};
-use super::model::{InitializerBuffer, NO_VERSION, OnnxModel, build_sessions, lock};
+use super::model::{
+    InPlaceWeights, InitializerBuffer, NO_VERSION, OnnxModel, build_sessions, lock,
+};
 use super::provider::Placement;
-use super::weights::{fill_initializer, mapped_param};
+use super::weights::{MapEntry, fill_initializer, mapped_param};
 
 impl WeightReceiver for OnnxModel {
     fn receive_weights(&self, update: &WeightUpdate<'_>) -> crate::Result<()> {
@@ -41,9 +43,39 @@ fn overwrite(
     // SAFETY: `address` is the data of a CPU tensor of exactly `len` `f32`s that `load_session`
     // created from an owned vector; the tensor (kept alive by the buffer's `Arc`) owns it, and no
     // Rust reference to its elements exists anywhere else. ONNX Runtime reads it only while a
-    // session runs, and the caller holds every session's lock, so nothing reads or writes it
-    // while `write` runs.
+    // session runs, and the caller holds every session's lock; each buffer is written by one
+    // thread only (`write_all`); so nothing else reads or writes it while `write` runs.
     write(unsafe { std::slice::from_raw_parts_mut(data, buffer.len) })
+}
+
+/// Writes every mapped parameter of `update` into its buffer, on a few threads (each buffer on
+/// one; the largest dealt out first, round robin, so the threads copy about as much each).
+/// Only called while every session of the model is locked.
+fn write_all(in_place: &InPlaceWeights, update: &WeightUpdate<'_>) -> OnnxResult<()> {
+    let writers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut jobs: Vec<&(MapEntry, InitializerBuffer)> = in_place.buffers.iter().flatten().collect();
+    jobs.sort_by_key(|(_, b)| std::cmp::Reverse(b.len));
+    let mut shares: Vec<Vec<&(MapEntry, InitializerBuffer)>> = vec![Vec::new(); writers];
+    for (i, job) in jobs.into_iter().enumerate() {
+        shares[i % writers].push(job);
+    }
+    std::thread::scope(|scope| {
+        let running: Vec<_> = shares
+            .into_iter()
+            .map(|share| {
+                scope.spawn(move || {
+                    share.into_iter().try_for_each(|(entry, buffer)| {
+                        overwrite(buffer, |out| {
+                            fill_initializer(entry, update.tensors, &in_place.map_path, out)
+                        })
+                    })
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .try_for_each(|writer| writer.join().expect("a weight writer panicked"))
+    })
 }
 
 impl OnnxModel {
@@ -80,11 +112,7 @@ impl OnnxModel {
             (*vision, *embed, *decoder) = (v, e, d);
         } else {
             self.version.store(NO_VERSION, Ordering::Release);
-            for (entry, buffer) in in_place.buffers.iter().flatten() {
-                overwrite(buffer, |out| {
-                    fill_initializer(entry, update.tensors, &in_place.map_path, out)
-                })?;
-            }
+            write_all(in_place, update)?;
         }
         // Image features of the old weights must not be served for the new ones.
         lock(&self.cache).clear();
