@@ -20,6 +20,8 @@ pub struct ImageLimits {
     pub max_pixels: u64,
     /// Largest number of bytes the decoder may allocate.
     pub max_decoded_bytes: u64,
+    /// Largest image file read from disk, in bytes: a larger one is refused before it is read.
+    pub max_file_bytes: u64,
 }
 
 impl Default for ImageLimits {
@@ -29,8 +31,36 @@ impl Default for ImageLimits {
         Self {
             max_pixels: 100_000_000,
             max_decoded_bytes: 512 * 1024 * 1024,
+            // An HR-Bench 8K JPEG is a few MB and a 33 Mpx PNG under 100 MB.
+            max_file_bytes: 256 * 1024 * 1024,
         }
     }
+}
+
+/// Reads the image file at `path`, refusing one larger than `limits.max_file_bytes` without
+/// reading it (and never reading more than that, should the file grow meanwhile).
+pub fn read_image_file(path: &Path, limits: &ImageLimits) -> Result<Vec<u8>> {
+    use std::io::Read as _;
+    let too_large = |size: u64| Error::Image {
+        origin: path.display().to_string(),
+        reason: format!(
+            "the file has {size} bytes, over the limit of {} (max-file-bytes)",
+            limits.max_file_bytes
+        ),
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if size > limits.max_file_bytes {
+        return Err(too_large(size));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+    file.take(limits.max_file_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limits.max_file_bytes {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
 }
 
 /// An 8-bit RGB image, cheap to clone (the pixels are shared).
@@ -117,7 +147,7 @@ impl Image {
     /// Reads and decodes the image file at `path` under `limits`.
     pub fn open(path: impl AsRef<Path>, limits: &ImageLimits) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = read_image_file(path, limits)?;
         Self::decode(&bytes, &path.display().to_string(), limits)
     }
 

@@ -37,7 +37,7 @@ pub mod weights;
 
 pub use agent::{Agent, AgentConfig, Task};
 pub use error::{Error, Result};
-pub use image::{CropRect, Image, ImageLimits};
+pub use image::{CropRect, Image, ImageLimits, read_image_file};
 pub use message::{ContentPart, Conversation, Message, Role};
 pub use model::{
     FinishReason, GenerateRequest, Generation, HfTokenizer, SamplingParams, TokenCodec,

@@ -45,6 +45,20 @@ pub struct DataConfig {
     /// Use only the first `limit` rows (all when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+    /// How many items the trainer holds in memory at once (1024): the next `window` items of
+    /// the epoch's order; when the draw leaves them the files are streamed again for the next
+    /// window. Memory is bounded by the window, not the data's size, and the items drawn are
+    /// the same for any window; a data set no larger than the window is read once.
+    #[serde(default = "default_window")]
+    pub window: usize,
+    /// Let rows name image files outside the data's folder (absolute paths, or `..` above it);
+    /// refused by default (false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_paths_outside_root: bool,
+}
+
+fn default_window() -> usize {
+    1024
 }
 
 /// Which engine samples the rollouts.
@@ -378,6 +392,9 @@ impl TrainConfig {
             if empty_path(p) {
                 errs.push(format!("data.paths[{i}]"), "must not be empty");
             }
+        }
+        if self.data.window == 0 {
+            errs.push("data.window", "must be at least 1 item");
         }
         if self.data.limit == Some(0) {
             errs.push("data.limit", "must be at least 1 (omit it to use all rows)");

@@ -110,6 +110,45 @@ fn trainer(config: TrainConfig, rewards: &Registry) -> Trainer {
         })
 }
 
+/// The metrics of `steps` steps of a run of `config` (times left out), checking after each step
+/// that the trainer held at most `window` items.
+fn metrics_without_times(mut config: TrainConfig, window: usize) -> Vec<serde_json::Value> {
+    config.data.window = window;
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
+        .unwrap();
+    let steps = config.steps;
+    let mut trainer = trainer(config, &rewards);
+    (0..steps)
+        .map(|_| {
+            let m = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
+            let held = trainer.items_in_memory();
+            assert!(
+                held <= window,
+                "{held} items held with a window of {window}"
+            );
+            let mut line = serde_json::to_value(m).unwrap();
+            line.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("time_"));
+            line
+        })
+        .collect()
+}
+
+/// The trainer holds only a window of the data, re-reading the files for the next one, and draws
+/// exactly the items (hence the metrics) of a run that holds everything: 6 items, 2 per step, 5
+/// steps cross an epoch and leave a window of 2 four times.
+#[test]
+fn a_small_data_window_trains_exactly_as_holding_all_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = metrics_without_times(config(&dir.path().join("whole"), 5, ""), 1024);
+    let windowed = metrics_without_times(config(&dir.path().join("windowed"), 5, ""), 2);
+    assert_eq!(whole.len(), 5);
+    assert_eq!(windowed, whole);
+}
+
 // The reward curve and the parity figure are printed for whoever reads the test log.
 #[allow(clippy::print_stderr)]
 #[test]

@@ -84,6 +84,7 @@ fn evaluate(model: &Path, data: &Path, out: &Path, seed: u64) -> anyhow::Result<
         model: model.to_path_buf(),
         bench: DatasetKind::SynthV,
         data: data.to_path_buf(),
+        allow_paths_outside_root: false,
         samples: 1,
         seed,
         judge: None,

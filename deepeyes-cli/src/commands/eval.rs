@@ -31,6 +31,10 @@ pub(crate) struct EvalArgs {
     /// The benchmark file or folder.
     #[arg(long, value_name = "PATH")]
     pub(crate) data: PathBuf,
+    /// Let the data's rows name image files outside its folder (absolute paths, or `..` above
+    /// it); refused by default.
+    #[arg(long)]
+    pub(crate) allow_paths_outside_root: bool,
     /// Answers per item; the score is Avg@K.
     #[arg(long, default_value_t = 1, value_name = "K")]
     pub(crate) samples: usize,
@@ -108,7 +112,11 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
         agent,
     };
     config.validate().context("checking the eval settings")?;
-    let mut reader = dataset::open(args.bench, &args.data, &LoadOptions::default())
+    let load = LoadOptions {
+        allow_paths_outside_root: args.allow_paths_outside_root,
+        ..LoadOptions::default()
+    };
+    let mut reader = dataset::open(args.bench, &args.data, &load)
         .with_context(|| format!("opening the {} data at {}", args.bench, args.data.display()))?;
     let options = OnnxOptions {
         threads: args.threads,

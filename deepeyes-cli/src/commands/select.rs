@@ -28,6 +28,10 @@ pub(crate) struct SelectArgs {
     /// The data file or folder.
     #[arg(long, value_name = "IN")]
     data: PathBuf,
+    /// Let the data's rows name image files outside its folder (absolute paths, or `..` above
+    /// it); refused by default.
+    #[arg(long)]
+    allow_paths_outside_root: bool,
     /// Where to write the selection.
     #[arg(long, value_name = "OUT")]
     out: PathBuf,
@@ -65,7 +69,11 @@ pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
         limit: args.limit,
         agent,
     };
-    let mut reader = dataset::open(args.bench, &args.data, &LoadOptions::default())
+    let load = LoadOptions {
+        allow_paths_outside_root: args.allow_paths_outside_root,
+        ..LoadOptions::default()
+    };
+    let mut reader = dataset::open(args.bench, &args.data, &load)
         .with_context(|| format!("opening the {} data at {}", args.bench, args.data.display()))?;
     let mut items = Vec::new();
     for next in reader.as_mut() {

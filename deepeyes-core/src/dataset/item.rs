@@ -339,14 +339,43 @@ pub fn letter_index(letter: char) -> Option<usize> {
         .then(|| usize::from(upper as u8 - b'A'))
 }
 
-/// `path` relative to `base` when it is relative, else `path` itself.
-pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
-    let p = Path::new(path);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        base.join(p)
+/// The file a dataset row names as `written`, relative to the dataset's `root`. Unless
+/// `outside_allowed`, a row may not reach outside `root`: an absolute path, or one whose `..`
+/// climbs above it, is refused (a dataset from elsewhere must not read `/etc/shadow` or
+/// `../../.ssh/id_rsa`). The check is on the path as written; symbolic links inside `root` are
+/// followed, as laid out by whoever made the folder (Hugging Face's cache links into `blobs/`).
+pub(crate) fn resolve(
+    root: &Path,
+    written: &str,
+    outside_allowed: bool,
+) -> Result<PathBuf, String> {
+    use std::path::Component;
+    let path = Path::new(written);
+    if outside_allowed {
+        return Ok(if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            root.join(path)
+        });
     }
+    let refuse = |why: &str| {
+        Err(format!(
+            "path `{written}` {why}, outside the dataset folder {} (allow-paths-outside-root = true \
+             allows it)",
+            root.display()
+        ))
+    };
+    let mut depth = 0usize;
+    for component in path.components() {
+        match component {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir if depth > 0 => depth -= 1,
+            Component::ParentDir => return refuse("climbs above it"),
+            Component::RootDir | Component::Prefix(_) => return refuse("is absolute"),
+        }
+    }
+    Ok(root.join(path))
 }
 
 #[cfg(test)]
@@ -405,5 +434,41 @@ mod tests {
         assert!(ItemImage::from_encoded(bytes.clone(), "cut", &ImageLimits::default()).is_ok());
         // ...and the full decode does not.
         assert!(ItemImage::from_encoded_decoded(bytes, "cut", &ImageLimits::default()).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever a row writes, a path it is allowed to read lies under the root once its
+        /// `..`s are folded; refused paths are the absolute ones and those that climb out.
+        #[test]
+        fn resolved_paths_never_leave_the_root(
+            parts in proptest::collection::vec(
+                proptest::prop_oneof!["a", "b.png", "..", ".", "", "/"],
+                0..8,
+            )
+        ) {
+            let written = parts.join("/");
+            let root = Path::new("/data/set");
+            match resolve(root, &written, false) {
+                Ok(path) => {
+                    let mut folded: Vec<&std::ffi::OsStr> = Vec::new();
+                    for c in path.components() {
+                        match c {
+                            std::path::Component::ParentDir => {
+                                folded.pop();
+                            }
+                            std::path::Component::Normal(n) => folded.push(n),
+                            _ => {}
+                        }
+                    }
+                    proptest::prop_assert!(folded.len() >= 2, "{written:?} -> {path:?}");
+                    proptest::prop_assert_eq!(&folded[..2], &["data", "set"].map(std::ffi::OsStr::new)[..]);
+                }
+                Err(e) => proptest::prop_assert!(
+                    written.starts_with('/') || e.contains("climbs above it"),
+                    "{written:?}: {e}"
+                ),
+            }
+            proptest::prop_assert!(resolve(root, &written, true).is_ok());
+        }
     }
 }

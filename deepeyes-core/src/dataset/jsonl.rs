@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fields::{Fields, type_name};
-use super::item::{Item, ItemImage, Position, letter_index, option_letter, resolve};
+use super::item::{Item, ItemImage, Position, letter_index, option_letter};
 use super::report::{BadRow, DatasetError, ReadError, SkipReason, Summary};
 use super::text::{Line, LineReader};
 use super::{ItemReader, LoadOptions, Tally};
@@ -117,18 +117,11 @@ impl JsonlReader {
         };
         let mut images = Vec::with_capacity(paths.len());
         for p in &paths {
-            let full = resolve(&self.dir, p);
-            let bytes = std::fs::read(&full).map_err(|e| {
-                bad(
-                    SkipReason::MissingFile,
-                    format!("image `{p}` ({}): {e}", full.display()),
-                )
-            })?;
-            images.push(
-                self.options
-                    .image(bytes, full.display().to_string())
-                    .map_err(|e| bad(SkipReason::BadImage, e.to_string()))?,
-            );
+            let image = self
+                .options
+                .image_file(&self.dir, p)
+                .map_err(|(reason, detail)| bad(reason, detail))?;
+            images.push(image);
         }
 
         let options = f.opt_str_list("options")?.unwrap_or_default();

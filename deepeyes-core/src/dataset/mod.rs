@@ -150,6 +150,9 @@ pub struct LoadOptions {
     pub max_row_bytes: u64,
     /// How many skipped rows the [`Summary`] keeps in full.
     pub keep_bad_rows: usize,
+    /// Let rows name image files outside the dataset's folder (absolute paths, or `..` above
+    /// it); off by default, so a dataset from elsewhere reads nothing but its own files.
+    pub allow_paths_outside_root: bool,
 }
 
 impl Default for LoadOptions {
@@ -161,6 +164,7 @@ impl Default for LoadOptions {
             // HR-Bench 8K rows carry a base64 7680×4320 JPEG (tens of MB); 512 MiB leaves room.
             max_row_bytes: 512 * 1024 * 1024,
             keep_bad_rows: 100,
+            allow_paths_outside_root: false,
         }
     }
 }
@@ -180,6 +184,27 @@ impl LoadOptions {
     }
 
     /// Wraps encoded image bytes as [`ItemImage`] under these options.
+    /// Reads the image file a row names as `written` (relative to the dataset's folder `root`,
+    /// which it may not leave unless allowed), under the image limits' file-size cap, and checks
+    /// it as [`LoadOptions::image`] does.
+    pub(crate) fn image_file(
+        &self,
+        root: &Path,
+        written: &str,
+    ) -> Result<ItemImage, (SkipReason, String)> {
+        let full = item::resolve(root, written, self.allow_paths_outside_root)
+            .map_err(|e| (SkipReason::InvalidValue, e))?;
+        let bytes = crate::image::read_image_file(&full, &self.image_limits).map_err(|e| {
+            let reason = match e {
+                crate::Error::Io { .. } => SkipReason::MissingFile,
+                _ => SkipReason::BadImage,
+            };
+            (reason, format!("image `{written}`: {e}"))
+        })?;
+        self.image(bytes, full.display().to_string())
+            .map_err(|e| (SkipReason::BadImage, e.to_string()))
+    }
+
     pub(crate) fn image(&self, bytes: Vec<u8>, origin: String) -> crate::Result<ItemImage> {
         match self.image_check {
             ImageCheck::Header => ItemImage::from_encoded(bytes, origin, &self.image_limits),

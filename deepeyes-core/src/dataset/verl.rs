@@ -28,7 +28,7 @@ use parquet::file::properties::WriterProperties;
 use serde_json::{Map, Number, Value};
 
 use super::fields::Fields as JsonFields;
-use super::item::{Item, Position, PromptMessage, resolve};
+use super::item::{Item, Position, PromptMessage};
 use super::report::{BadRow, DatasetError, ReadError, SkipReason, Summary};
 use super::{ItemReader, LoadOptions, Tally};
 
@@ -280,17 +280,17 @@ impl VerlParquetReader {
         }
         let mut images = Vec::with_capacity(raw.len());
         for (j, (bytes, path)) in raw.into_iter().enumerate() {
-            let (bytes, origin) = match (bytes, path) {
-                (Some(bytes), _) => (bytes, format!("{pos} image {j}")),
+            let image = match (bytes, path) {
+                (Some(bytes), _) => self
+                    .options
+                    .image(bytes, format!("{pos} image {j}"))
+                    .map_err(|e| bad(SkipReason::BadImage, e.to_string()))?,
                 (None, Some(p)) => {
-                    let full = resolve(&self.dir, &p);
-                    let bytes = std::fs::read(&full).map_err(|e| {
-                        bad(
-                            SkipReason::MissingFile,
-                            format!("`images[{j}].path` {}: {e}", full.display()),
-                        )
-                    })?;
-                    (bytes, full.display().to_string())
+                    self.options
+                        .image_file(&self.dir, &p)
+                        .map_err(|(reason, detail)| {
+                            bad(reason, format!("`images[{j}].path`: {detail}"))
+                        })?
                 }
                 (None, None) => {
                     return Err(bad(
@@ -299,11 +299,7 @@ impl VerlParquetReader {
                     ));
                 }
             };
-            images.push(
-                self.options
-                    .image(bytes, origin)
-                    .map_err(|e| bad(SkipReason::BadImage, e.to_string()))?,
-            );
+            images.push(image);
         }
         obj.remove("prompt");
         obj.remove("data_source");

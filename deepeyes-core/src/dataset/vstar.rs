@@ -99,6 +99,16 @@ impl VStarReader {
                 ),
             ));
         };
+        let size = std::fs::metadata(&json_path).map_or(0, |m| m.len());
+        if size > self.options.max_row_bytes {
+            return Err(bad(
+                SkipReason::Malformed,
+                format!(
+                    "annotation of {size} bytes, over max-row-bytes ({})",
+                    self.options.max_row_bytes
+                ),
+            ));
+        }
         let text = std::fs::read(&json_path)
             .map_err(|e| bad(SkipReason::MissingFile, format!("cannot read: {e}")))?;
         let value: Value = serde_json::from_slice(&text)
@@ -148,16 +158,13 @@ impl VStarReader {
                 });
             }
         }
-        let bytes = std::fs::read(&image_path).map_err(|e| {
-            bad(
-                SkipReason::MissingFile,
-                format!("cannot read image {}: {e}", image_path.display()),
-            )
-        })?;
+        // Found by listing the folder, so inside it; read under the file-size cap.
+        let folder = image_path.parent().unwrap_or_else(|| Path::new("."));
+        let name = image_path.file_name().unwrap_or_default().to_string_lossy();
         let image = self
             .options
-            .image(bytes, image_path.display().to_string())
-            .map_err(|e| bad(SkipReason::BadImage, e.to_string()))?;
+            .image_file(folder, &name)
+            .map_err(|(reason, detail)| bad(reason, detail))?;
         Ok(Item {
             id: format!("{}/{}", entry.category, entry.stem),
             data_source: "vstar".into(),

@@ -113,11 +113,18 @@ fn the_generic_schema_is_lenient_about_boxes_and_options() {
     assert!(items.iter().all(|i| i.data_source == "synthv"));
 }
 
+/// Reading outside the data's folder, as this fixture does (`../synthv/images/…`), is allowed.
+fn outside_allowed() -> LoadOptions {
+    LoadOptions {
+        allow_paths_outside_root: true,
+        ..LoadOptions::default()
+    }
+}
+
 #[test]
 fn generic_jsonl_open_answers_multi_image_and_defaults() {
     let path = fixture("jsonl/generic_mini.jsonl");
-    let mut reader =
-        JsonlReader::open(&path, JsonlSchema::Generic, &LoadOptions::default()).unwrap();
+    let mut reader = JsonlReader::open(&path, JsonlSchema::Generic, &outside_allowed()).unwrap();
     let (items, bad) = drain(&mut reader);
     assert_eq!(items.len(), 3);
 
@@ -246,4 +253,73 @@ fn spec_from_toml_opens_the_right_reader() {
     let s = reader.summary();
     assert_eq!(s.skipped_total(), 8);
     assert_eq!(s.bad_rows.len(), 2, "keep-bad-rows caps the kept reports");
+}
+
+/// By default a row reads only files under the data's folder: `..` above it and absolute paths
+/// are refused by name (the rows are skipped, the rest read on), unless allowed.
+#[test]
+fn image_paths_outside_the_data_folder_are_refused_unless_allowed() {
+    let (items, bad) = drain(
+        &mut JsonlReader::open(
+            &fixture("jsonl/generic_mini.jsonl"),
+            JsonlSchema::Generic,
+            &LoadOptions::default(),
+        )
+        .unwrap(),
+    );
+    assert!(items.is_empty(), "{items:?}");
+    let outside: Vec<_> = bad
+        .iter()
+        .filter(|b| b.reason == SkipReason::InvalidValue)
+        .collect();
+    assert_eq!(outside.len(), 3, "{bad:?}");
+    assert!(
+        outside[0].detail.contains("../synthv/images/000000.png")
+            && outside[0].detail.contains("climbs above it")
+            && outside[0].detail.contains("allow-paths-outside-root"),
+        "{}",
+        outside[0]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let image = elsewhere.path().join("secret.png");
+    std::fs::copy(fixture("synthv/images/000000.png"), &image).unwrap();
+    std::fs::create_dir(dir.path().join("images")).unwrap();
+    std::fs::copy(
+        fixture("synthv/images/000000.png"),
+        dir.path().join("images/ok.png"),
+    )
+    .unwrap();
+    let rows = [
+        serde_json::json!({"question": "q", "answer": "a", "image": image}),
+        serde_json::json!({"question": "q", "answer": "a", "image": "images/../images/ok.png"}),
+    ];
+    let index = dir.path().join("index.jsonl");
+    let text: Vec<String> = rows.iter().map(ToString::to_string).collect();
+    std::fs::write(&index, text.join("\n") + "\n").unwrap();
+    let read = |options: &LoadOptions| {
+        drain(&mut JsonlReader::open(&index, JsonlSchema::Generic, options).unwrap())
+    };
+    let (items, bad) = read(&LoadOptions::default());
+    assert_eq!(items.len(), 1, "a `..` that stays inside is fine");
+    assert_eq!(bad.len(), 1);
+    assert!(bad[0].detail.contains("is absolute"), "{}", bad[0]);
+    let (items, bad) = read(&outside_allowed());
+    assert_eq!((items.len(), bad.len()), (2, 0), "{bad:?}");
+}
+
+/// An image file over `max-file-bytes` is refused without being read, naming the cap.
+#[test]
+fn image_files_over_the_size_cap_are_refused() {
+    let mut options = outside_allowed();
+    options.image_limits.max_file_bytes = 200;
+    let (items, bad) =
+        drain(&mut JsonlReader::open(&fixture(SYNTHV), JsonlSchema::SynthV, &options).unwrap());
+    assert!(items.is_empty(), "the fixture's images are over 200 bytes");
+    assert!(
+        bad.iter().any(|b| b.reason == SkipReason::BadImage
+            && b.detail.contains("over the limit of 200 (max-file-bytes)")),
+        "{bad:?}"
+    );
 }

@@ -30,14 +30,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use burn::optim::AdamWConfig;
-use deepeyes_core::dataset::{self, Item, LoadOptions, ReadError};
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
 use deepeyes_core::{
     Image, ImageLimits, PromptTemplates, RewardBreakdown, RewardFn, Rng, Tool, Trajectory,
 };
 
 use crate::checkpoint::{Checkpoint, list_checkpoints};
-use crate::config::{DatasetKind, DeviceKind, TrainConfig};
+use crate::config::{DeviceKind, TrainConfig};
 use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics, TimeSplit};
 use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
 use deepeyes_core::dataset::{PreparedItem, prepare_item};
@@ -83,48 +82,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Reads every good item of the configured data; bad rows are logged and skipped.
-pub fn load_items(config: &TrainConfig) -> TrainResult<Vec<Item>> {
-    let kind = match config.data.kind {
-        DatasetKind::DeepeyesParquet => dataset::DatasetKind::Verl,
-        DatasetKind::Vstar => dataset::DatasetKind::VStar,
-        DatasetKind::Hrbench => dataset::DatasetKind::HrBench,
-        DatasetKind::Synthv => dataset::DatasetKind::SynthV,
-        DatasetKind::Jsonl => dataset::DatasetKind::Jsonl,
-    };
-    let limit = config.data.limit.unwrap_or(usize::MAX);
-    let mut items = Vec::new();
-    for path in &config.data.paths {
-        let mut reader =
-            dataset::open(kind, path, &LoadOptions::default()).map_err(|e| TrainError::Data {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?;
-        for next in &mut reader {
-            if items.len() >= limit {
-                break;
-            }
-            match next {
-                Ok(item) => items.push(item),
-                Err(ReadError::Skipped(bad)) => tracing::warn!(row = %bad, "skipping a bad row"),
-                Err(ReadError::Fatal(e)) => {
-                    return Err(TrainError::Data {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-            }
-        }
-    }
-    if items.is_empty() {
-        return Err(TrainError::Data {
-            path: config.data.paths.first().cloned().unwrap_or_default(),
-            reason: "no usable items".into(),
-        });
-    }
-    Ok(items)
 }
 
 /// The policy (from `checkpoint`, else the bundle) on an autodiff device, and the frozen KL
@@ -187,7 +144,7 @@ fn optimizer(config: &TrainConfig) -> burn::optim::ModuleOptimizer {
 /// A GRPO training run of a network of family `N` (Qwen2.5-VL by default).
 pub struct Trainer<N: PolicyNetwork = Qwen25Vl> {
     config: TrainConfig,
-    items: Vec<Item>,
+    data: DataWindow,
     reward: Arc<dyn RewardFn>,
     tools: Vec<Arc<dyn Tool>>,
     templates: PromptTemplates,
@@ -213,7 +170,7 @@ impl<N: PolicyNetwork> std::fmt::Debug for Trainer<N> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("step", &self.step)
-            .field("items", &self.items.len())
+            .field("items", &self.data.len())
             .finish_non_exhaustive()
     }
 }
@@ -266,7 +223,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         if checkpoint.is_none() {
             refuse_earlier_run(&config)?;
         }
-        let items = load_items(&config)?;
+        let data = DataWindow::open(&config)?;
         let preprocess = deepeyes_core::onnx::BundleConfig::load(&config.model.bundle)?.preprocess;
         let (model, reference) = networks(&config, checkpoint.map(Checkpoint::dir))?;
         let mut optim = optimizer(&config);
@@ -274,7 +231,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         let metrics_path = config.metrics_path();
         let position = match checkpoint {
             Some(c) => {
-                let (restored, position) = checkpoint::restore(c, optim, items.len())?;
+                let (restored, position) = checkpoint::restore(c, optim, data.len())?;
                 optim = restored;
                 Some(position)
             }
@@ -288,14 +245,14 @@ impl<N: PolicyNetwork> Trainer<N> {
         let state = position.unwrap_or_else(|| RunPosition {
             step: 0,
             data_rng: Rng::new(config.seeds.data),
-            order: (0..items.len()).collect(),
+            order: (0..data.len()).collect(),
             cursor: usize::MAX,
         });
         // The prompts the starting bundle was trained with (its templates.toml), if it says.
         let templates = PromptTemplates::for_bundle(&config.model.bundle)?;
         let mut trainer = Self {
             config,
-            items,
+            data,
             reward,
             tools,
             templates,
@@ -329,6 +286,11 @@ impl<N: PolicyNetwork> Trainer<N> {
         self.onnx = options;
         self.engine = None;
         self
+    }
+
+    /// How many data items the trainer holds in memory now (at most `data.window`).
+    pub fn items_in_memory(&self) -> usize {
+        self.data.held()
     }
 
     /// RL steps completed.
@@ -368,7 +330,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             if self.cursor >= self.order.len() {
                 self.new_epoch();
             }
-            let item = &self.items[self.order[self.cursor]];
+            let item = self.data.item(&self.order, self.cursor)?;
             self.cursor += 1;
             match item.decode_images(&limits) {
                 Ok(images) => {
@@ -383,7 +345,7 @@ impl<N: PolicyNetwork> Trainer<N> {
                         cause: e.to_string(),
                     });
                     failed_in_a_row += 1;
-                    if failed_in_a_row >= self.items.len() {
+                    if failed_in_a_row >= self.data.len() {
                         return Err(TrainError::Data {
                             path: self.config.data.paths.first().cloned().unwrap_or_default(),
                             reason: "no item's images decode".into(),
@@ -454,11 +416,13 @@ impl<N: PolicyNetwork> Trainer<N> {
 }
 
 mod checkpoint;
+mod data;
 mod rollout;
 mod update;
 
 use checkpoint::RunPosition;
 pub use checkpoint::{OPTIMIZER_FILE, export_bundle};
+use data::DataWindow;
 use update::StepBatch;
 pub use update::UpdateRecord;
 pub(crate) use update::grad_norm_and_scale;
