@@ -24,7 +24,7 @@ if [[ "$PROFILE" == release ]]; then
     profile_dir=release
 fi
 scripts/setup_ort.sh >/dev/null
-cargo build -q -p deepeyes-cli "${profile_flag[@]}"
+cargo build -q --workspace --bins "${profile_flag[@]}"
 bin="${CARGO_TARGET_DIR:-target}/$profile_dir/deepeyes"
 
 tmp=$(mktemp -d)
