@@ -11,6 +11,10 @@
 //! (as ONNX Runtime, tree-sitter and abi_stable loaders do), so no function pointer can dangle.
 //! Plugins are only ever loaded from paths a user gives in a config file or on the command line,
 //! never from anything a model writes.
+//!
+//! Each call of a [`DynTool`] runs under a timeout; [`isolate`] runs a plugin in a child process
+//! instead ([`host`] is that process's side), so that what no panic guard catches (a segfault,
+//! an abort, a hang, a runaway allocation) costs only the child.
 
 use std::ffi::{CStr, c_void};
 use std::path::{Path, PathBuf};

@@ -265,13 +265,19 @@ struct Identity {
 /// [module](self) documentation.
 #[derive(Debug)]
 pub struct IsolatedTool {
+    launcher: Launcher,
+    identity: Identity,
+    child: Mutex<Option<HostProcess>>,
+    restarts: AtomicU64,
+}
+
+/// What it takes to start a plugin host for one plugin.
+#[derive(Debug)]
+struct Launcher {
     path: PathBuf,
     config: serde_json::Value,
     options: IsolateOptions,
     host: PluginHost,
-    identity: Identity,
-    child: Mutex<Option<HostProcess>>,
-    restarts: AtomicU64,
 }
 
 impl IsolatedTool {
@@ -282,41 +288,30 @@ impl IsolatedTool {
         config: &serde_json::Value,
         options: IsolateOptions,
     ) -> Result<Self, PluginError> {
-        let path = resolve_path(path.as_ref())?;
-        let host = options.host.clone().unwrap_or_else(PluginHost::resolve);
-        let mut tool = Self {
-            identity: Identity {
-                name: String::new(),
-                plugin_version: String::new(),
-                abi: (0, 0),
-                spec: ToolSpec {
-                    name: String::new(),
-                    description: String::new(),
-                    parameters: serde_json::Value::Null,
-                },
-            },
-            path,
+        let launcher = Launcher {
+            path: resolve_path(path.as_ref())?,
             config: config.clone(),
+            host: options.host.clone().unwrap_or_else(PluginHost::resolve),
             options,
-            host,
-            child: Mutex::new(None),
-            restarts: AtomicU64::new(0),
         };
-        let (child, identity) = tool.launch()?;
-        tool.identity = identity;
-        *tool.child.get_mut().unwrap_or_else(PoisonError::into_inner) = Some(child);
+        let (child, identity) = launcher.launch()?;
         tracing::info!(
-            path = %tool.path.display(),
-            tool = %tool.identity.name,
-            host = %tool.host.program.display(),
+            path = %launcher.path.display(),
+            tool = %identity.name,
+            host = %launcher.host.program.display(),
             "started isolated tool plugin"
         );
-        Ok(tool)
+        Ok(Self {
+            launcher,
+            identity,
+            child: Mutex::new(Some(child)),
+            restarts: AtomicU64::new(0),
+        })
     }
 
     /// The absolute path of the plugin library.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.launcher.path
     }
 
     /// The plugin's own version string.
@@ -343,6 +338,73 @@ impl IsolatedTool {
             .map(|c| c.process.id())
     }
 
+    /// Restarts the child after a failure; the error text says why that failed.
+    fn restart(&self) -> Result<HostProcess, String> {
+        let (child, identity) = self.launcher.launch().map_err(|e| e.to_string())?;
+        if identity.name != self.identity.name {
+            return Err(format!(
+                "the restarted plugin names itself '{}', not '{}'",
+                identity.name, self.identity.name
+            ));
+        }
+        self.restarts.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(path = %self.path().display(), "restarted the plugin host");
+        Ok(child)
+    }
+
+    /// Checks a call's output against the limits and builds it.
+    fn output(
+        &self,
+        text: Option<String>,
+        images: &[wire::ImageSize],
+        tail: &[u8],
+    ) -> Result<ToolOutput, String> {
+        let name = &self.identity.name;
+        let limits = self.launcher.options.limits;
+        if let Some(text) = &text
+            && text.len() > limits.max_text_bytes
+        {
+            return Err(format!(
+                "{name} returned an output that is too large: its text output is {} bytes, over the limit of {} bytes",
+                text.len(),
+                limits.max_text_bytes
+            ));
+        }
+        if let Some(big) = images
+            .iter()
+            .find(|s| u64::from(s.width) * u64::from(s.height) > limits.max_image_pixels)
+        {
+            return Err(format!(
+                "{name} returned an image that is too large: {}×{}, over the limit of {} pixels",
+                big.width, big.height, limits.max_image_pixels
+            ));
+        }
+        let images =
+            wire::split_images(images, tail).map_err(|e| format!("{name} returned {e}"))?;
+        Ok(ToolOutput {
+            text,
+            images,
+            region: None,
+        })
+    }
+
+    /// The observation for a call whose child died or was killed.
+    fn failure_message(&self, failure: &Failure) -> String {
+        let name = &self.identity.name;
+        let what = failure_text(failure, self.launcher.options.memory_limit_bytes);
+        let head = match failure {
+            Failure::TimedOut(_) => "timed out",
+            Failure::Died { stderr, .. } if allocation_failure(stderr).is_some() => {
+                "ran out of memory"
+            }
+            Failure::Died { .. } => "crashed",
+            Failure::Protocol(_) => "failed",
+        };
+        format!("{name} {head}: its plugin process {what}; it is restarted for the next call")
+    }
+}
+
+impl Launcher {
     fn host_error(&self, reason: impl Into<String>) -> PluginError {
         PluginError::Host {
             path: self.path.clone(),
@@ -456,71 +518,6 @@ impl IsolatedTool {
             .map_err(|e| self.host_error(format!("no thread to read it: {e}")))?;
         Ok(child)
     }
-
-    /// Restarts the child after a failure; the error text says why that failed.
-    fn restart(&self) -> Result<HostProcess, String> {
-        let (child, identity) = self.launch().map_err(|e| e.to_string())?;
-        if identity.name != self.identity.name {
-            return Err(format!(
-                "the restarted plugin names itself '{}', not '{}'",
-                identity.name, self.identity.name
-            ));
-        }
-        self.restarts.fetch_add(1, Ordering::SeqCst);
-        tracing::info!(path = %self.path.display(), "restarted the plugin host");
-        Ok(child)
-    }
-
-    /// Checks a call's output against the limits and builds it.
-    fn output(
-        &self,
-        text: Option<String>,
-        images: &[wire::ImageSize],
-        tail: &[u8],
-    ) -> Result<ToolOutput, String> {
-        let name = &self.identity.name;
-        let limits = self.options.limits;
-        if let Some(text) = &text
-            && text.len() > limits.max_text_bytes
-        {
-            return Err(format!(
-                "{name} returned an output that is too large: its text output is {} bytes, over the limit of {} bytes",
-                text.len(),
-                limits.max_text_bytes
-            ));
-        }
-        if let Some(big) = images
-            .iter()
-            .find(|s| u64::from(s.width) * u64::from(s.height) > limits.max_image_pixels)
-        {
-            return Err(format!(
-                "{name} returned an image that is too large: {}×{}, over the limit of {} pixels",
-                big.width, big.height, limits.max_image_pixels
-            ));
-        }
-        let images =
-            wire::split_images(images, tail).map_err(|e| format!("{name} returned {e}"))?;
-        Ok(ToolOutput {
-            text,
-            images,
-            region: None,
-        })
-    }
-
-    /// The observation for a call whose child died or was killed.
-    fn failure_message(&self, failure: &Failure) -> String {
-        let name = &self.identity.name;
-        let what = failure_text(failure, self.options.memory_limit_bytes);
-        let head = match failure {
-            Failure::TimedOut(_) => "timed out",
-            Failure::Died { stderr, .. } if allocation_failure(stderr).is_some() => {
-                "ran out of memory"
-            }
-            Failure::Died { .. } => "crashed",
-            Failure::Protocol(_) => "failed",
-        };
-        format!("{name} {head}: its plugin process {what}; it is restarted for the next call")
-    }
 }
 
 /// What happened to a child, as a clause: "was killed by signal 11 (SIGSEGV)".
@@ -614,7 +611,7 @@ impl Tool for IsolatedTool {
             image: image.map(|(size, _)| size),
         };
         let tail: Vec<&[u8]> = image.iter().map(|(_, pixels)| *pixels).collect();
-        let result = match exchange(child, &request, &tail, self.options.timeout) {
+        let result = match exchange(child, &request, &tail, self.launcher.options.timeout) {
             Ok((Reply::Output { text, images }, tail)) => self.output(text, &images, &tail),
             Ok((Reply::Failed { message }, _)) => Err(message),
             Ok((other, _)) => {
@@ -625,11 +622,11 @@ impl Tool for IsolatedTool {
             }
             Err(failure) => {
                 if let Failure::Died { stderr, .. } = &failure {
-                    tracing::warn!(path = %self.path.display(), "the plugin host's last words:\n{stderr}");
+                    tracing::warn!(path = %self.path().display(), "the plugin host's last words:\n{stderr}");
                 }
                 *slot = None;
                 let message = self.failure_message(&failure);
-                tracing::warn!(path = %self.path.display(), "{message}");
+                tracing::warn!(path = %self.path().display(), "{message}");
                 Err(message)
             }
         };
