@@ -59,4 +59,8 @@ pub(crate) enum Command {
     InitTinyeyes(commands::init_tinyeyes::InitTinyEyesArgs),
     /// Train TinyEyes' supervised base (grounding, crop perception, answer and call formats) on SynthV*.
     PretrainSynthetic(commands::pretrain::PretrainArgs),
+    /// Serve one isolated tool plugin on stdin/stdout (the child process of `isolate = true`;
+    /// started by deepeyes itself, not by hand).
+    #[command(hide = true)]
+    PluginHost,
 }

@@ -25,10 +25,24 @@ fn keep_freed_memory() {
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) }
 }
 
+/// Makes this binary the host of isolated plugins (`deepeyes plugin-host`): the host then always
+/// matches the running deepeyes, and nothing else needs installing.
+fn use_self_as_plugin_host() {
+    match std::env::current_exe() {
+        Ok(exe) => {
+            deepeyes_tools::PluginHost::set_default(
+                deepeyes_tools::PluginHost::new(exe).arg("plugin-host"),
+            );
+        }
+        Err(e) => tracing::debug!("cannot name this executable as the plugin host: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = cli::Cli::parse();
     logging::init(cli.global.verbose, cli.global.quiet);
+    use_self_as_plugin_host();
     match commands::dispatch(cli.command) {
         Ok(code) => code,
         Err(err) => {

@@ -40,6 +40,7 @@ pub mod zoom;
 
 pub use error::{Error, Result};
 pub use geometry::{CoordinateFrame, CropRect, ZoomLimits};
+pub use plugin::isolate::{IsolateOptions, IsolatedTool, PluginHost};
 pub use plugin::{DynTool, LoadedPlugin, PluginError, PluginLimits};
 pub use registry::{PluginConfig, ToolInfo, ToolOrigin, ToolRegistry, ToolsConfig};
 pub use resize::{Filter, crop_resize, crop_to_model_input, resize};

@@ -11,10 +11,16 @@
 //! (as ONNX Runtime, tree-sitter and abi_stable loaders do), so no function pointer can dangle.
 //! Plugins are only ever loaded from paths a user gives in a config file or on the command line,
 //! never from anything a model writes.
+//!
+//! Each call of a [`DynTool`] runs under a timeout; [`isolate`] runs a plugin in a child process
+//! instead ([`host`] is that process's side), so that what no panic guard catches (a segfault,
+//! an abort, a hang, a runaway allocation) costs only the child.
 
 use std::ffi::{CStr, c_void};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
 use deepeyes_core::{Image, ImageLimits, Tool, ToolContext, ToolError, ToolOutput, ToolSpec};
 use libloading::Library;
@@ -27,6 +33,10 @@ use crate::abi::{
     split_version,
 };
 use crate::registry::validate_tool_name;
+
+pub mod host;
+pub mod isolate;
+mod wire;
 
 /// Why a plugin could not be loaded. Every variant names the plugin's path.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +116,45 @@ pub enum PluginError {
         /// The plugin's message.
         reason: String,
     },
+    /// An isolated plugin's host process could not be started, or failed while loading it.
+    #[error("plugin {path}: its plugin host {host}: {reason}")]
+    Host {
+        /// The plugin.
+        path: PathBuf,
+        /// The host program.
+        host: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// An isolated plugin's host process refused the plugin; `message` is the loader's error
+    /// there (it names the plugin's path).
+    #[error("{message} (in its plugin host process)")]
+    InHost {
+        /// The plugin.
+        path: PathBuf,
+        /// The loader's message.
+        message: String,
+    },
+}
+
+/// The absolute path of a plugin library, or why it cannot be one.
+fn resolve_path(given: &Path) -> Result<PathBuf, PluginError> {
+    let path = std::fs::canonicalize(given).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => PluginError::NotFound {
+            path: given.to_path_buf(),
+        },
+        _ => PluginError::Open {
+            path: given.to_path_buf(),
+            reason: e.to_string(),
+        },
+    })?;
+    if !path.is_file() {
+        return Err(PluginError::Open {
+            path,
+            reason: "not a regular file".into(),
+        });
+    }
+    Ok(path)
 }
 
 /// Limits on what a plugin may hand back from one call; over-limit outputs become tool errors.
@@ -240,22 +289,7 @@ impl LoadedPlugin {
     /// Loads and validates the plugin at `path` (resolved to an absolute path). The library stays
     /// loaded for the rest of the process.
     pub fn load(path: impl AsRef<Path>) -> Result<Arc<Self>, PluginError> {
-        let given = path.as_ref();
-        let path = std::fs::canonicalize(given).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => PluginError::NotFound {
-                path: given.to_path_buf(),
-            },
-            _ => PluginError::Open {
-                path: given.to_path_buf(),
-                reason: e.to_string(),
-            },
-        })?;
-        if !path.is_file() {
-            return Err(PluginError::Open {
-                path,
-                reason: "not a regular file".into(),
-            });
-        }
+        let path = resolve_path(path.as_ref())?;
         tracing::debug!(path = %path.display(), "loading tool plugin");
         // SAFETY: opening a library runs its initialisers. The path comes from the user's config
         // or command line (never from model output) and loading it is exactly what was asked.
@@ -481,13 +515,17 @@ impl LoadedPlugin {
         })?;
         Ok(DynTool {
             slot: RwLock::new(Slot {
-                instance: InstancePtr(instance),
+                instance: Some(Arc::new(Instance {
+                    ptr: instance,
+                    plugin: Arc::clone(self),
+                })),
                 generation: 0,
                 broken: None,
             }),
             plugin: Arc::clone(self),
             config,
             limits,
+            timeout: Some(DEFAULT_CALL_TIMEOUT),
         })
     }
 
@@ -516,28 +554,40 @@ impl LoadedPlugin {
     fn destroy(&self, instance: *mut c_void) {
         if !instance.is_null() {
             // SAFETY: `instance` came from this plugin's `create` and is destroyed exactly once
-            // (the slot forgets it right after), with no call running on it.
+            // (by the `Drop` of its only `Instance`, after every call holding it returned).
             unsafe { (self.fns.destroy)(instance) };
         }
     }
 }
 
-/// An opaque plugin instance pointer.
+/// A live plugin instance, destroyed through its plugin when the last holder drops it: the tool's
+/// slot, or a call abandoned past its timeout that is still running on its own thread.
 #[derive(Debug)]
-struct InstancePtr(*mut c_void);
+struct Instance {
+    ptr: *mut c_void,
+    plugin: Arc<LoadedPlugin>,
+}
 
 // SAFETY: the pointer is only ever passed back to the plugin that created it. Calls of plugins
-// not flagged thread-safe are serialized by `DynTool`'s write lock, and destroy/recreate always
-// takes the write lock, so no instance is used from two threads at once unless its plugin
-// declared that safe.
-unsafe impl Send for InstancePtr {}
+// not flagged thread-safe are serialized by `DynTool`'s write lock, and an instance is replaced
+// (never reused) when a call on it is abandoned, so no instance is used from two threads at once
+// unless its plugin declared that safe. `destroy` runs once, when the last holder drops it, so
+// after every call on it has returned.
+unsafe impl Send for Instance {}
 // SAFETY: as above.
-unsafe impl Sync for InstancePtr {}
+unsafe impl Sync for Instance {}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.plugin.destroy(self.ptr);
+    }
+}
 
 #[derive(Debug)]
 struct Slot {
-    instance: InstancePtr,
-    /// Bumped each time the instance is recreated after a panic.
+    /// `None` only while recreating, or once recreating failed (`broken` says why).
+    instance: Option<Arc<Instance>>,
+    /// Bumped each time the instance is recreated after a panic or a timeout.
     generation: u64,
     /// Set when recreating failed: the tool answers every call with this error.
     broken: Option<String>,
@@ -559,9 +609,161 @@ impl std::ops::Deref for SlotGuard<'_> {
     }
 }
 
-/// A plugin tool instance behind the safe [`Tool`] trait. Calls of plugins not flagged
-/// thread-safe are serialized; an instance that panicked is destroyed and created again before
-/// the next call.
+/// The longest a plugin call may run unless its config says otherwise (`timeout-secs`).
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Stack of the thread a timed call runs on (a plugin ran on the caller's stack before; 8 MiB is
+/// what a main thread gets).
+const CALL_STACK_BYTES: usize = 8 << 20;
+
+/// One call's inputs, owned, so that a call abandoned past its timeout keeps valid inputs for as
+/// long as it runs.
+struct CallJob {
+    instance: Arc<Instance>,
+    args: Vec<u8>,
+    image: Option<Image>,
+    limits: PluginLimits,
+}
+
+/// What a finished call returned: its status and its output, already copied into host memory
+/// and freed through the plugin.
+type CallResult = (i32, Result<ToolOutput, String>);
+
+impl CallJob {
+    fn run(self) -> CallResult {
+        let plugin = &self.instance.plugin;
+        let view = self.image.as_ref().map(|im| AbiImageView {
+            ptr: im.as_raw().as_ptr(),
+            len: im.as_raw().len(),
+            width: im.width(),
+            height: im.height(),
+            stride: im.width() as usize * 3,
+            format: FORMAT_RGB8,
+        });
+        let view_ptr = view
+            .as_ref()
+            .map_or(std::ptr::null(), |v| v as *const AbiImageView);
+        let mut out = AbiToolOutput::EMPTY;
+        // SAFETY: the instance is live (it is destroyed only when its last `Arc`, one of which
+        // this job holds, is dropped); `args` and the image pixels are owned by this job and
+        // outlive the call; `out` is writable. The caller serializes calls on this instance
+        // unless the plugin is flagged thread-safe.
+        let status = unsafe {
+            (plugin.fns.call)(
+                self.instance.ptr,
+                self.args.as_ptr(),
+                self.args.len(),
+                view_ptr,
+                &mut out,
+            )
+        };
+        // SAFETY: `out` was just filled by this plugin's `call`.
+        let result = unsafe {
+            consume_output(&mut out, plugin.fns.free_output, |out| {
+                read_output(&plugin.name, self.limits, status, out)
+            })
+        };
+        (status, result)
+    }
+}
+
+/// Copies a call's output into host memory, checking it against the limits.
+///
+/// # Safety
+/// `out` must have been filled by the plugin's `call` and not been freed.
+unsafe fn read_output(
+    name: &str,
+    limits: PluginLimits,
+    status: i32,
+    out: &AbiToolOutput,
+) -> Result<ToolOutput, String> {
+    let max = limits.max_text_bytes;
+    if status != STATUS_OK {
+        // SAFETY: caller's contract.
+        let message = unsafe { error_text(out, max) };
+        return Err(match status {
+            STATUS_BAD_ARGS => format!("invalid arguments for {name}: {message}"),
+            STATUS_TOOL_ERROR => message,
+            STATUS_PANIC => format!("{name} crashed: {message}"),
+            STATUS_UNSUPPORTED => format!("{name} does not support this: {message}"),
+            other => format!("{name} failed with unknown status {other}: {message}"),
+        });
+    }
+    // SAFETY: caller's contract.
+    let text = match unsafe { buffer_bytes(&out.text, max, "its text output") } {
+        Err(e) => return Err(format!("{name} returned an output that is too large: {e}")),
+        Ok(None) => None,
+        Ok(Some(bytes)) => Some(
+            std::str::from_utf8(bytes)
+                .map_err(|e| format!("{name} returned text that is not valid UTF-8: {e}"))?
+                .to_string(),
+        ),
+    };
+    let mut images = Vec::new();
+    if out.image.is_present() {
+        // SAFETY: caller's contract.
+        images.push(unsafe { read_image(name, limits, out) }?);
+    }
+    // Plugins do not report a region: the C ABI carries none.
+    Ok(ToolOutput {
+        text,
+        images,
+        region: None,
+    })
+}
+
+/// Copies the (present) image of a call's output, checking its size.
+///
+/// # Safety
+/// As for [`read_output`].
+unsafe fn read_image(
+    name: &str,
+    limits: PluginLimits,
+    out: &AbiToolOutput,
+) -> Result<Image, String> {
+    let (w, h) = (out.image_width, out.image_height);
+    let pixels = u64::from(w) * u64::from(h);
+    if w == 0 || h == 0 {
+        return Err(format!("{name} returned an empty {w}×{h} image"));
+    }
+    if pixels > limits.max_image_pixels {
+        return Err(format!(
+            "{name} returned an image that is too large: {w}×{h} = {pixels} pixels, over the limit of {}",
+            limits.max_image_pixels
+        ));
+    }
+    let expected = pixels * 3;
+    if out.image.len as u64 != expected {
+        return Err(format!(
+            "{name} returned a {w}×{h} RGB image with {} bytes instead of {expected}",
+            out.image.len
+        ));
+    }
+    // SAFETY: caller's contract; the length was checked against the pixel limit above.
+    let bytes =
+        unsafe { buffer_bytes(&out.image, expected as usize, "its image") }?.unwrap_or_default();
+    Image::from_raw(w, h, bytes.to_vec())
+        .map_err(|e| format!("{name} returned an unusable image: {e}"))
+}
+
+/// How a timed call ended.
+enum Finished {
+    Returned(CallResult),
+    /// It ran past the timeout and was abandoned; its thread may still be running.
+    TimedOut(Duration),
+    /// No thread could be started for it.
+    NoThread(String),
+}
+
+/// A plugin tool instance behind the safe [`Tool`] trait, called in this process.
+///
+/// Calls of plugins not flagged thread-safe are serialized. An instance that panicked is
+/// destroyed and created again before the next call. Each call runs on a thread of its own and
+/// is abandoned once it runs past the timeout ([`DEFAULT_CALL_TIMEOUT`] unless set with
+/// [`DynTool::with_timeout`]): the caller gets a tool error and the tool a fresh instance.
+/// Nothing in a process can stop a thread, so an abandoned call keeps running (and keeps its
+/// instance alive) until it returns, forever if it never does; only
+/// [isolation](crate::plugin::isolate) can stop a runaway plugin.
 #[derive(Debug)]
 pub struct DynTool {
     // Declared before `plugin` so the slot (whose instance `Drop` destroys) goes first.
@@ -569,6 +771,7 @@ pub struct DynTool {
     plugin: Arc<LoadedPlugin>,
     config: Vec<u8>,
     limits: PluginLimits,
+    timeout: Option<Duration>,
 }
 
 impl DynTool {
@@ -577,7 +780,20 @@ impl DynTool {
         &self.plugin
     }
 
-    /// How many times the instance was recreated after a panic.
+    /// Sets the longest a call may run; `None` runs each call on the caller's thread with no
+    /// timeout (the plugin host does that: its parent enforces the timeout by killing it).
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The longest a call may run (`None`: no limit).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// How many times the instance was recreated after a panic or a timeout.
     pub fn restarts(&self) -> u64 {
         self.slot
             .read()
@@ -593,90 +809,76 @@ impl DynTool {
         }
     }
 
-    /// Destroys and recreates the instance, unless another thread already did since
-    /// `generation`.
-    fn recreate(&self, generation: u64) {
-        let mut slot = self.slot.write().unwrap_or_else(PoisonError::into_inner);
-        if slot.generation != generation {
-            return;
-        }
-        let old = std::mem::replace(&mut slot.instance, InstancePtr(std::ptr::null_mut()));
-        self.plugin.destroy(old.0);
-        slot.generation += 1;
-        match self.plugin.create(&self.config) {
-            Ok(instance) => slot.instance = InstancePtr(instance),
-            Err(e) => {
-                tracing::error!(
-                    plugin = %self.plugin.path.display(),
-                    "recreating the tool after a panic failed: {e}"
-                );
-                slot.broken = Some(format!("it crashed and could not be restarted ({e})"));
+    /// Recreates the instance after a failed call, keeping an exclusive lock held throughout so
+    /// that no other call of a non-thread-safe plugin reaches the old instance in between.
+    fn recreate_after(&self, guard: SlotGuard<'_>, generation: u64, why: &str) {
+        match guard {
+            SlotGuard::Exclusive(mut slot) => self.recreate(&mut slot, generation, why),
+            SlotGuard::Shared(slot) => {
+                drop(slot);
+                let mut slot = self.slot.write().unwrap_or_else(PoisonError::into_inner);
+                self.recreate(&mut slot, generation, why);
             }
         }
     }
 
-    /// Copies a call's output into host memory, checking it against the limits.
-    ///
-    /// # Safety
-    /// `out` must have been filled by this plugin's `call` and not been freed.
-    unsafe fn read_output(&self, status: i32, out: &AbiToolOutput) -> Result<ToolOutput, String> {
-        let name = &self.plugin.name;
-        let max = self.limits.max_text_bytes;
-        if status != STATUS_OK {
-            // SAFETY: caller's contract.
-            let message = unsafe { error_text(out, max) };
-            return Err(match status {
-                STATUS_BAD_ARGS => format!("invalid arguments for {name}: {message}"),
-                STATUS_TOOL_ERROR => message,
-                STATUS_PANIC => format!("{name} crashed: {message}"),
-                STATUS_UNSUPPORTED => format!("{name} does not support this: {message}"),
-                other => format!("{name} failed with unknown status {other}: {message}"),
-            });
+    /// Drops the instance (destroyed now, or when an abandoned call on it returns) and creates
+    /// a new one, unless another thread already did since `generation`.
+    fn recreate(&self, slot: &mut Slot, generation: u64, why: &str) {
+        if slot.generation != generation {
+            return;
         }
-        // SAFETY: caller's contract.
-        let text = match unsafe { buffer_bytes(&out.text, max, "its text output") } {
-            Err(e) => return Err(format!("{name} returned an output that is too large: {e}")),
-            Ok(None) => None,
-            Ok(Some(bytes)) => Some(
-                std::str::from_utf8(bytes)
-                    .map_err(|e| format!("{name} returned text that is not valid UTF-8: {e}"))?
-                    .to_string(),
-            ),
-        };
-        let mut images = Vec::new();
-        if out.image.is_present() {
-            let (w, h) = (out.image_width, out.image_height);
-            let pixels = u64::from(w) * u64::from(h);
-            if w == 0 || h == 0 {
-                return Err(format!("{name} returned an empty {w}×{h} image"));
+        slot.instance = None;
+        slot.generation += 1;
+        match self.plugin.create(&self.config) {
+            Ok(ptr) => {
+                slot.instance = Some(Arc::new(Instance {
+                    ptr,
+                    plugin: Arc::clone(&self.plugin),
+                }));
             }
-            if pixels > self.limits.max_image_pixels {
-                return Err(format!(
-                    "{name} returned an image that is too large: {w}×{h} = {pixels} pixels, over the limit of {}",
-                    self.limits.max_image_pixels
-                ));
+            Err(e) => {
+                tracing::error!(
+                    plugin = %self.plugin.path.display(),
+                    "recreating the tool after {why} failed: {e}"
+                );
+                slot.broken = Some(format!("it {why} and could not be restarted ({e})"));
             }
-            let expected = pixels * 3;
-            if out.image.len as u64 != expected {
-                return Err(format!(
-                    "{name} returned a {w}×{h} RGB image with {} bytes instead of {expected}",
-                    out.image.len
-                ));
-            }
-            // SAFETY: caller's contract; the length was checked against the pixel limit above.
-            let bytes = unsafe { buffer_bytes(&out.image, expected as usize, "its image") }?
-                .unwrap_or_default();
-            let image = Image::from_raw(w, h, bytes.to_vec())
-                .map_err(|e| format!("{name} returned an unusable image: {e}"))?;
-            images.push(image);
         }
-        // Plugins do not report a region: the C ABI carries none.
-        Ok(ToolOutput {
-            text,
-            images,
-            region: None,
-        })
     }
+
+    /// Runs a call, on a thread of its own when there is a timeout.
+    fn run(&self, job: CallJob) -> Finished {
+        let Some(timeout) = self.timeout else {
+            return Finished::Returned(job.run());
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let spawned = std::thread::Builder::new()
+            .name(format!("plugin {}", self.plugin.name))
+            .stack_size(CALL_STACK_BYTES)
+            .spawn(move || {
+                // The receiver is gone when the call was abandoned; the output was already
+                // copied and freed, so dropping it here leaks nothing.
+                let _ = tx.send(job.run());
+            });
+        if let Err(e) = spawned {
+            return Finished::NoThread(e.to_string());
+        }
+        match rx.recv_timeout(timeout) {
+            Ok(result) => Finished::Returned(result),
+            Err(RecvTimeoutError::Timeout) => Finished::TimedOut(timeout),
+            // The thread ended without sending: `run` itself panicked (a bug of this host, not of
+            // the plugin, whose panics the guest code catches).
+            Err(RecvTimeoutError::Disconnected) => {
+                Finished::Returned((STATUS_PANIC, Err("the call's thread died".into())))
+            }
+        }
+    }
+}
+
+/// `1 s`, `0.25 s`: a duration for a message.
+pub(crate) fn seconds(d: Duration) -> String {
+    format!("{} s", d.as_secs_f64())
 }
 
 impl Tool for DynTool {
@@ -693,68 +895,54 @@ impl Tool for DynTool {
         args: &serde_json::Value,
         ctx: &ToolContext<'_>,
     ) -> Result<ToolOutput, ToolError> {
+        let name = &self.plugin.name;
         let args = serde_json::to_vec(args)
             .map_err(|e| ToolError::new(format!("cannot serialise the arguments: {e}")))?;
-        let view = ctx.original_images.first().map(|im| AbiImageView {
-            ptr: im.as_raw().as_ptr(),
-            len: im.as_raw().len(),
-            width: im.width(),
-            height: im.height(),
-            stride: im.width() as usize * 3,
-            format: FORMAT_RGB8,
-        });
-        let view_ptr = view
-            .as_ref()
-            .map_or(std::ptr::null(), |v| v as *const AbiImageView);
-        let (status, result, generation) = {
-            let slot = self.lock();
-            if let Some(broken) = &slot.broken {
-                return Err(ToolError::new(format!(
-                    "{} is unavailable: {broken}",
-                    self.plugin.name
-                )));
+        let slot = self.lock();
+        let instance = match (&slot.broken, &slot.instance) {
+            (None, Some(instance)) => Arc::clone(instance),
+            (broken, _) => {
+                let why = broken.as_deref().unwrap_or("it has no instance");
+                return Err(ToolError::new(format!("{name} is unavailable: {why}")));
             }
-            let mut out = AbiToolOutput::EMPTY;
-            // SAFETY: the instance is live (created by this plugin, destroyed only under the write
-            // lock); `args` and the image pixels outlive the call; `out` is writable. The lock
-            // taken above serializes the call unless the plugin is flagged thread-safe.
-            let status = unsafe {
-                (self.plugin.fns.call)(
-                    slot.instance.0,
-                    args.as_ptr(),
-                    args.len(),
-                    view_ptr,
-                    &mut out,
-                )
-            };
-            // SAFETY: `out` was just filled by this plugin's `call`.
-            let result = unsafe {
-                consume_output(&mut out, self.plugin.fns.free_output, |out| {
-                    self.read_output(status, out)
-                })
-            };
-            (status, result, slot.generation)
         };
-        if status == STATUS_PANIC {
-            tracing::warn!(
-                plugin = %self.plugin.path.display(),
-                "tool {} panicked; recreating its instance",
-                self.plugin.name
-            );
-            self.recreate(generation);
-        }
+        let generation = slot.generation;
+        let job = CallJob {
+            instance,
+            args,
+            // `Image` shares its pixels: a cheap clone the call's thread can own.
+            image: ctx.original_images.first().cloned(),
+            limits: self.limits,
+        };
+        let result = match self.run(job) {
+            Finished::Returned((status, result)) => {
+                if status == STATUS_PANIC {
+                    tracing::warn!(
+                        plugin = %self.plugin.path.display(),
+                        "tool {name} panicked; recreating its instance"
+                    );
+                    self.recreate_after(slot, generation, "crashed");
+                }
+                result
+            }
+            Finished::TimedOut(timeout) => {
+                tracing::warn!(
+                    plugin = %self.plugin.path.display(),
+                    "tool {name} ran past its timeout of {}; abandoning the call (its thread keeps running) and recreating the instance",
+                    seconds(timeout)
+                );
+                self.recreate_after(slot, generation, "timed out");
+                Err(format!(
+                    "{name} timed out after {}; the call was abandoned and the tool restarted",
+                    seconds(timeout)
+                ))
+            }
+            Finished::NoThread(e) => Err(format!("{name} could not be run: no thread: {e}")),
+        };
         if let Err(message) = &result {
             tracing::debug!(plugin = %self.plugin.path.display(), "plugin call failed: {message}");
         }
         result.map_err(ToolError::new)
-    }
-}
-
-impl Drop for DynTool {
-    fn drop(&mut self) {
-        let slot = self.slot.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let instance = std::mem::replace(&mut slot.instance, InstancePtr(std::ptr::null_mut()));
-        self.plugin.destroy(instance.0);
     }
 }
 

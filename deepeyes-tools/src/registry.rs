@@ -14,17 +14,22 @@
 //! path = "target/release/libgrid_overlay_plugin.so"   # relative to this file
 //! config = { color = [255, 0, 0] }
 //! limits = { max-text-bytes = 65536 }
+//! timeout-secs = 30         # a call past it is a tool error (default 30)
+//! isolate = false           # true: run it in a child process (crash-, hang- and OOM-proof)
+//! # memory-limit-mib = 4096 # the child's address-space cap (isolate only)
 //! ```
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use deepeyes_core::{Tool, ToolSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::plugin::{LoadedPlugin, PluginError, PluginLimits};
+use crate::plugin::isolate::{DEFAULT_MEMORY_LIMIT_MIB, IsolateOptions, IsolatedTool};
+use crate::plugin::{DEFAULT_CALL_TIMEOUT, LoadedPlugin, PluginError, PluginLimits};
 use crate::rotate::{RotateConfig, RotateTool};
 use crate::zoom::{ZoomInConfig, ZoomInTool};
 
@@ -64,10 +69,27 @@ pub struct PluginConfig {
     /// Limits on the plugin's outputs.
     #[serde(default)]
     pub limits: PluginLimits,
+    /// The longest one call may run, in seconds. In process, a call past it is abandoned (its
+    /// thread keeps running: only isolation can stop it) and the instance recreated; isolated,
+    /// the plugin's process is killed and restarted. Either way the call is a tool error.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: f64,
+    /// Run the plugin in a child process of its own (a plugin host), so that a crash, a hang or
+    /// a runaway allocation kills only that process, which is restarted for the next call.
+    #[serde(default)]
+    pub isolate: bool,
+    /// The isolated plugin's address-space cap in MiB (RLIMIT_AS; default 4096). Only with
+    /// `isolate = true`.
+    #[serde(default)]
+    pub memory_limit_mib: Option<u64>,
 }
 
 fn enabled_by_default() -> bool {
     true
+}
+
+fn default_timeout_secs() -> f64 {
+    DEFAULT_CALL_TIMEOUT.as_secs_f64()
 }
 
 impl PluginConfig {
@@ -78,7 +100,45 @@ impl PluginConfig {
             enabled: true,
             config: serde_json::Value::Null,
             limits: PluginLimits::default(),
+            timeout_secs: default_timeout_secs(),
+            isolate: false,
+            memory_limit_mib: None,
         }
+    }
+
+    /// The per-call timeout, checked.
+    pub fn timeout(&self) -> Result<Duration> {
+        let secs = self.timeout_secs;
+        Duration::try_from_secs_f64(secs)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Error::config(
+                    self.origin("timeout-secs"),
+                    format!("must be a positive number of seconds, got {secs}"),
+                )
+            })
+    }
+
+    /// How the plugin runs when isolated, checked.
+    pub fn isolate_options(&self) -> Result<IsolateOptions> {
+        let mib = self.memory_limit_mib.unwrap_or(DEFAULT_MEMORY_LIMIT_MIB);
+        if mib == 0 || mib > (u64::MAX >> 20) {
+            return Err(Error::config(
+                self.origin("memory-limit-mib"),
+                format!("must be a positive number of MiB, got {mib}"),
+            ));
+        }
+        Ok(IsolateOptions {
+            limits: self.limits,
+            timeout: self.timeout()?,
+            memory_limit_bytes: Some(mib << 20),
+            host: None,
+        })
+    }
+
+    fn origin(&self, key: &str) -> String {
+        format!("plugin {}: {key}", self.path.display())
     }
 }
 
@@ -201,11 +261,7 @@ impl ToolRegistry {
             config.rotate.enabled,
         )?;
         for plugin in &config.plugins {
-            if plugin.enabled {
-                registry.load_plugin(plugin)?;
-            } else {
-                tracing::debug!(path = %plugin.path.display(), "plugin disabled: not loaded");
-            }
+            registry.load_plugin(plugin)?;
         }
         Ok(registry)
     }
@@ -245,22 +301,49 @@ impl ToolRegistry {
         Ok(())
     }
 
-    /// Loads a plugin and adds its tool.
+    /// Loads a plugin and adds its tool: in this process, or in a plugin host process when
+    /// `config.isolate`. A disabled plugin is not loaded at all (none of its code runs, and no
+    /// tool is added).
     pub fn load_plugin(&mut self, config: &PluginConfig) -> Result<()> {
-        let plugin = LoadedPlugin::load(&config.path)?;
-        if let Some(existing) = self.find(plugin.name()) {
-            return Err(PluginError::DuplicateName {
-                path: plugin.path().to_path_buf(),
-                name: plugin.name().to_string(),
+        if !config.enabled {
+            tracing::debug!(path = %config.path.display(), "plugin disabled: not loaded");
+            return Ok(());
+        }
+        if config.memory_limit_mib.is_some() && !config.isolate {
+            return Err(Error::config(
+                config.origin("memory-limit-mib"),
+                "applies only to isolated plugins (isolate = true)",
+            ));
+        }
+        let (tool, path): (Arc<dyn Tool>, PathBuf) = if config.isolate {
+            let tool =
+                IsolatedTool::start(&config.path, &config.config, config.isolate_options()?)?;
+            let path = tool.path().to_path_buf();
+            (Arc::new(tool), path)
+        } else {
+            let timeout = config.timeout()?;
+            let plugin = LoadedPlugin::load(&config.path)?;
+            self.refuse_taken_name(plugin.name(), plugin.path())?;
+            let tool = plugin.instantiate(&config.config, config.limits)?;
+            (
+                Arc::new(tool.with_timeout(Some(timeout))),
+                plugin.path().to_path_buf(),
+            )
+        };
+        self.refuse_taken_name(&tool.name(), &path)?;
+        self.register_as(tool, ToolOrigin::Plugin { path }, true)
+    }
+
+    fn refuse_taken_name(&self, name: &str, path: &Path) -> Result<()> {
+        match self.find(name) {
+            Some(existing) => Err(PluginError::DuplicateName {
+                path: path.to_path_buf(),
+                name: name.to_string(),
                 existing: existing.info.origin.to_string(),
             }
-            .into());
+            .into()),
+            None => Ok(()),
         }
-        let tool = plugin.instantiate(&config.config, config.limits)?;
-        let origin = ToolOrigin::Plugin {
-            path: plugin.path().to_path_buf(),
-        };
-        self.register_as(Arc::new(tool), origin, config.enabled)
     }
 
     fn find(&self, name: &str) -> Option<&Entry> {

@@ -47,6 +47,7 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Export(args) => export::run(args),
         Command::InitTinyeyes(args) => init_tinyeyes::run(args),
         Command::PretrainSynthetic(args) => pretrain::run(args),
+        Command::PluginHost => Ok(deepeyes_tools::plugin::host::run()),
     }
 }
 

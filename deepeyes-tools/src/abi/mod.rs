@@ -23,7 +23,9 @@
 //! `catch_unwind`, so a panic becomes [`STATUS_PANIC`] with the panic message (and an error
 //! observation for the model), never an abort. Plugins must therefore be built with
 //! `panic = "unwind"` (Cargo's default). Unless a plugin sets [`FLAG_THREAD_SAFE`], the host
-//! serializes its calls.
+//! serializes its calls. A call past the plugin's timeout is abandoned (in process its thread
+//! runs on; only an isolated plugin, run in a child process, can be stopped): see
+//! [`crate::plugin::isolate`].
 //!
 //! Why not `Box<dyn Tool>` across the library boundary: Rust's ABI is unstable (vtable, `String`,
 //! `Vec` and `Result` layouts may differ between compilers and builds), allocators may differ,

@@ -91,3 +91,45 @@ fn agent_uses_plugin_and_zoom_in() {
         "{text}"
     );
 }
+
+#[test]
+fn a_crashing_isolated_plugin_is_a_tool_error_and_the_episode_goes_on() {
+    crate::support::use_test_host();
+    let mut plugin_config = PluginConfig::new(plugin("crashing-plugin"));
+    plugin_config.isolate = true;
+    let mut config = ToolsConfig::default();
+    config.plugins.push(plugin_config);
+    let registry = ToolRegistry::from_config(&config).unwrap();
+    let model = ScriptedModel::from_turns([
+        r#"<tool_call>{"name": "crashing_tool", "arguments": {"mode": "segfault"}}</tool_call>"#,
+        r#"<tool_call>{"name": "crashing_tool", "arguments": {"mode": "ok"}}</tool_call>"#,
+        "<answer>red</answer>",
+    ]);
+    let agent = Agent::new(
+        &model,
+        registry.tools(),
+        PromptTemplates::default(),
+        AgentConfig::default(),
+    )
+    .unwrap();
+    let task = Task {
+        question: "What colour is the sign?".into(),
+        images: vec![pattern(64, 48)],
+    };
+    let traj = agent.run(&task, 1).unwrap();
+    assert_eq!(traj.stop, StopReason::Answered);
+    assert_eq!(traj.tool_calls.len(), 2);
+    assert_eq!(
+        traj.tool_calls[0].outcome,
+        ToolOutcome::Error {
+            message: "crashing_tool crashed: its plugin process was killed by signal 11 (SIGSEGV); it is restarted for the next call".into()
+        }
+    );
+    let ToolOutcome::Ok {
+        text: Some(text), ..
+    } = &traj.tool_calls[1].outcome
+    else {
+        panic!("{:?}", traj.tool_calls[1].outcome);
+    };
+    assert!(text.starts_with("call 1 in process"), "{text}");
+}

@@ -2,5 +2,6 @@
 //! listed, misused, and driven through the agent loop.
 
 mod agent_loop;
+mod isolation;
 mod plugins;
 mod support;

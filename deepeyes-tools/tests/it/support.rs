@@ -5,6 +5,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 
 use deepeyes_core::Image;
+use deepeyes_tools::PluginHost;
 
 /// Every plugin crate the tests load.
 const PLUGIN_CRATES: &[&str] = &[
@@ -14,6 +15,7 @@ const PLUGIN_CRATES: &[&str] = &[
     "wrong-abi-plugin",
     "missing-symbol-plugin",
     "bad-descriptor-plugin",
+    "crashing-plugin",
 ];
 
 /// Where cargo puts this test binary's artifacts: `(target root, profile dir, target triple)`.
@@ -101,4 +103,15 @@ pub(crate) fn pattern(w: u32, h: u32) -> Image {
         }
     }
     Image::from_raw(w, h, raw).expect("valid size")
+}
+
+/// This crate's plugin host binary, as cargo built it for these tests.
+pub(crate) fn test_host() -> PluginHost {
+    PluginHost::new(env!("CARGO_BIN_EXE_deepeyes-plugin-host"))
+}
+
+/// Makes [`test_host`] the default host, for plugins isolated through a registry config (a test
+/// binary has no `deepeyes-plugin-host` next to it).
+pub(crate) fn use_test_host() {
+    PluginHost::set_default(test_host());
 }
