@@ -175,27 +175,33 @@ fn resuming_with_other_settings_is_refused() {
 #[test]
 fn a_question_that_spells_special_tokens_is_asked_as_text() {
     // Once, `<|image_pad|>` in a question made a second image slot and stopped the whole
-    // evaluation ("the prompt holds 2 image pads for 1 images").
+    // evaluation ("the prompt holds 2 image pads for 1 images"); since failed items are recorded
+    // and skipped, the same bug would leave every item failed, so that is checked too.
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("vstar/direct_attributes");
-    fs::create_dir_all(&data).unwrap();
-    let source = repo().join("tests/data/datasets/vstar/direct_attributes");
-    fs::copy(source.join("sa_10001.jpg"), data.join("sa_10001.jpg")).unwrap();
-    let question = "What colour is <|image_pad|> the umbrella?<|im_end|>";
-    let row = serde_json::json!({
-        "target_object": ["umbrella"],
-        "bbox": [[10, 8, 12, 9]],
-        "question": question,
-        "options": ["red", "blue", "green", "white"],
-    });
-    fs::write(data.join("sa_10001.json"), row.to_string()).unwrap();
+    let data = support::vstar_with_spelled_special_tokens(dir.path());
     let out = dir.path().join("out");
-    ok(&eval_data(&dir.path().join("vstar"), &out, &[]));
+    let stdout = ok(&eval_data(&data, &out, &["--samples", "2"]));
+    assert!(stdout.contains("vstar: 3 items × 2 samples"), "{stdout}");
+    assert!(!stdout.contains("could not be evaluated"), "{stdout}");
     let traces = traces(&out);
-    assert_eq!(traces.len(), 1);
-    let prompt = traces[0]["prompt"].as_str().unwrap();
-    assert!(prompt.contains(question), "{prompt}");
-    assert_eq!(summary(&out)["items"], 1);
+    assert_eq!(traces.len(), 3);
+    for trace in &traces {
+        assert!(trace.get("failed").is_none(), "{trace}");
+        let prompt = trace["prompt"].as_str().unwrap();
+        assert!(prompt.contains(support::SPELLED_SPECIALS), "{prompt}");
+        let samples = trace["samples"].as_array().unwrap();
+        assert_eq!(samples.len(), 2, "{trace}");
+        assert!(
+            samples
+                .iter()
+                .all(|s| s["generated_tokens"].as_u64() > Some(0))
+        );
+    }
+    let s = summary(&out);
+    assert_eq!(
+        (s["items"].as_u64(), s["failed_items"].as_u64()),
+        (Some(3), Some(0))
+    );
 }
 
 #[test]

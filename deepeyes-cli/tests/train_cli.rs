@@ -359,3 +359,25 @@ fn an_item_whose_image_does_not_decode_is_skipped_and_recorded() {
         assert_eq!(m["trajectories"], 4, "{line}");
     }
 }
+
+#[test]
+fn questions_that_spell_special_tokens_train_like_any_other() {
+    // Every question spells `<|image_pad|>` and `<|im_end|>`: each is asked as its characters,
+    // so every step trains on its full batch, and the update reads the rollout's very token ids
+    // (its log-probs agree with the rollout engine's).
+    let dir = tempfile::tempdir().unwrap();
+    let data = support::vstar_with_spelled_special_tokens(dir.path());
+    let config = write_config_on(&data, dir.path(), "", 1, 0);
+    let out = train(&config, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+    assert_eq!(m["trajectories"], 4, "{m}");
+    assert!(m.get("skipped_items").is_none(), "{m}");
+    let diff = m["rollout_logprob_diff"].as_f64().unwrap();
+    assert!(diff < 1e-2, "rollout and update disagree by {diff}: {m}");
+}

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::image::Image;
-use crate::protocol::{IM_END, IM_START, IMAGE_MARKERS};
+use crate::protocol::{IM_START, IMAGE_MARKERS, Rendered, chatml_message};
 
 /// Who speaks a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,16 +81,18 @@ impl Message {
         })
     }
 
-    /// The content as the model reads it: text as is, each image as
+    /// The content as the model reads it: each text part as outside text (a spelling of a
+    /// special token in it stays text), each image as
     /// `<|vision_start|><|image_pad|><|vision_end|>`.
-    pub fn render_content(&self) -> String {
-        self.parts
-            .iter()
-            .map(|p| match p {
-                ContentPart::Text(t) => t.as_str(),
-                ContentPart::Image(_) => IMAGE_MARKERS,
-            })
-            .collect()
+    pub fn render_content(&self) -> Rendered {
+        let mut out = Rendered::default();
+        for part in &self.parts {
+            match part {
+                ContentPart::Text(t) => out.push_untrusted(t),
+                ContentPart::Image(_) => out.push_trusted(IMAGE_MARKERS),
+            }
+        }
+        out
     }
 }
 
@@ -122,26 +124,22 @@ impl Conversation {
             .collect()
     }
 
-    /// The ChatML text of the conversation; with `open_assistant` a final assistant header is
-    /// added so the model continues from there.
-    pub fn render(&self, open_assistant: bool) -> String {
-        let mut out = String::new();
+    /// The ChatML of the conversation, rendered as the protocol renders prompts (its text
+    /// parts are outside text: encode it with [`Rendered::encode`]); with `open_assistant` a
+    /// final assistant header is added so the model continues from there.
+    pub fn render(&self, open_assistant: bool) -> Rendered {
+        let mut out = Rendered::default();
         for (i, m) in self.messages.iter().enumerate() {
             if i > 0 {
-                out.push('\n');
+                out.push_trusted("\n");
             }
-            out.push_str(IM_START);
-            out.push_str(m.role.as_str());
-            out.push('\n');
-            out.push_str(&m.render_content());
-            out.push_str(IM_END);
+            out.push(&chatml_message(m.role.as_str(), &m.render_content()));
         }
         if open_assistant {
             if !self.messages.is_empty() {
-                out.push('\n');
+                out.push_trusted("\n");
             }
-            out.push_str(IM_START);
-            out.push_str("assistant\n");
+            out.push_trusted(&format!("{IM_START}assistant\n"));
         }
         out
     }
@@ -150,7 +148,7 @@ impl Conversation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{Rendered, render_prompt};
+    use crate::protocol::render_prompt;
 
     #[test]
     fn renders_like_the_protocol() {
@@ -162,13 +160,12 @@ mod tests {
                     .with_image(image.clone())
                     .with_text("What is it?"),
             );
+        let mut user = Rendered::trusted(IMAGE_MARKERS);
+        user.push_untrusted("What is it?");
+        // The same text, with the same stretches of it template text.
         assert_eq!(
             conv.render(true),
-            render_prompt(
-                &Rendered::trusted("sys"),
-                &Rendered::trusted(&format!("{IMAGE_MARKERS}What is it?"))
-            )
-            .into_text()
+            render_prompt(&Rendered::untrusted("sys"), &user)
         );
         assert_eq!(conv.images(), vec![image]);
     }

@@ -13,7 +13,7 @@
 //! # Ok::<(), deepeyes_core::Error>(())
 //! ```
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::model::{FinishReason, GenerateRequest, Generation, TokenCodec, VisionLanguageModel};
@@ -84,11 +84,16 @@ impl TokenCodec for CharCodec {
 type Script = dyn Fn(usize, u64) -> String + Send + Sync;
 
 /// Replays scripted assistant turns. The turn index is read off the context (the assistant
-/// headers in it), as a stateless backend must; generation stops at the request's stop
-/// sequences (kept) or its token limit.
+/// headers in it, as the protocol's templates encode them), as a stateless backend must;
+/// generation stops at the request's stop sequences (kept) or its token limit. A turn is
+/// encoded with the model's codec ([`CharCodec`] unless [`ScriptedModel::with_codec`] names
+/// another), so the special tokens it spells are its ids, except a banned one: like a sampler
+/// that may not pick it, the model writes its characters instead.
 pub struct ScriptedModel {
     script: Box<Script>,
+    codec: Arc<dyn TokenCodec>,
     bad_logprobs: bool,
+    produce_banned: bool,
     seen: Mutex<Vec<Vec<(u32, u32)>>>,
 }
 
@@ -104,7 +109,9 @@ impl ScriptedModel {
     pub fn new(script: impl Fn(usize, u64) -> String + Send + Sync + 'static) -> Self {
         Self {
             script: Box::new(script),
+            codec: Arc::new(CharCodec),
             bad_logprobs: false,
+            produce_banned: false,
             seen: Mutex::new(Vec::new()),
         }
     }
@@ -119,6 +126,14 @@ impl ScriptedModel {
         })
     }
 
+    /// The same script over `codec` (a real tokenizer, say): contexts are read and turns
+    /// written with its ids.
+    #[must_use]
+    pub fn with_codec(mut self, codec: Arc<dyn TokenCodec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
     /// The same model, returning one log-prob too many (a backend bug the agent must catch).
     #[must_use]
     pub fn with_bad_logprobs(mut self) -> Self {
@@ -126,9 +141,48 @@ impl ScriptedModel {
         self
     }
 
+    /// The same model, producing the banned tokens its script spells (a backend bug the agent
+    /// must catch).
+    #[must_use]
+    pub fn with_banned_tokens_produced(mut self) -> Self {
+        self.produce_banned = true;
+        self
+    }
+
     /// The `(width, height)` of every image each request showed the model, request by request.
     pub fn seen_images(&self) -> Vec<Vec<(u32, u32)>> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The index of the assistant turn `context` opens: its assistant headers, as ids, less one.
+    /// Counting ids rather than decoded text keeps a question that spells a header from
+    /// counting as one.
+    fn turn_of(&self, context: &[u32]) -> Result<usize> {
+        let mut header = self.codec.encode(IM_START)?;
+        header.extend(self.codec.encode_plain("assistant\n")?);
+        let (mut count, mut at) = (0usize, 0);
+        while let Some(found) = context[at..]
+            .windows(header.len())
+            .position(|w| w == header)
+        {
+            count += 1;
+            at += found + header.len();
+        }
+        Ok(count.saturating_sub(1))
+    }
+
+    /// The ids of `text` as the model writes it: special tokens as their ids, banned ones (unless
+    /// [`with_banned_tokens_produced`](Self::with_banned_tokens_produced)) as their characters.
+    fn write(&self, text: &str, banned: &[u32]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        for id in self.codec.encode(text)? {
+            if banned.contains(&id) && !self.produce_banned {
+                ids.extend(self.codec.encode_plain(&self.codec.decode(&[id])?)?);
+            } else {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
     }
 }
 
@@ -137,10 +191,8 @@ impl VisionLanguageModel for ScriptedModel {
         if let Ok(mut seen) = self.seen.lock() {
             seen.push(req.images.iter().map(|i| (i.width(), i.height())).collect());
         }
-        let context = CharCodec.decode(req.tokens)?;
-        let header = format!("{IM_START}assistant\n");
-        let turn = context.matches(&header).count().saturating_sub(1);
-        let mut tokens = CharCodec.encode(&(self.script)(turn, req.seed))?;
+        let turn = self.turn_of(req.tokens)?;
+        let mut tokens = self.write(&(self.script)(turn, req.seed), req.banned_tokens)?;
         let mut finish = FinishReason::Length;
         // Cut at the first stop sequence, keeping it.
         let cut = (1..=tokens.len()).find(|&end| {
@@ -165,6 +217,6 @@ impl VisionLanguageModel for ScriptedModel {
     }
 
     fn codec(&self) -> &dyn TokenCodec {
-        &CharCodec
+        self.codec.as_ref()
     }
 }

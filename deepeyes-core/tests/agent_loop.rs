@@ -324,7 +324,8 @@ fn broken_backends_fail_loudly() {
         .unwrap_err();
     assert!(matches!(err, Error::Invariant(_)), "{err}");
 
-    let model = ScriptedModel::new(|_, _| format!("{IMAGE_PAD}<answer>x</answer>{IM_END}"));
+    let model = ScriptedModel::new(|_, _| format!("{IMAGE_PAD}<answer>x</answer>{IM_END}"))
+        .with_banned_tokens_produced();
     let err = agent(&model, AgentConfig::default())
         .run(&task(), 1)
         .unwrap_err();

@@ -7,9 +7,8 @@ pub(crate) fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A copy of the V* fixture folder in `dir/vstar` whose item `direct_attributes/sa_10001` has a
-/// picture cut short: its header still reads (so the loader keeps the row), its pixels do not.
-pub(crate) fn vstar_with_a_truncated_image(dir: &Path) -> PathBuf {
+/// A copy of the V* fixture folder (three good items, four broken rows) in `dir/vstar`.
+pub(crate) fn vstar_copy(dir: &Path) -> PathBuf {
     let source = repo().join("tests/data/datasets/vstar");
     let data = dir.join("vstar");
     for category in ["direct_attributes", "relative_position"] {
@@ -19,6 +18,13 @@ pub(crate) fn vstar_with_a_truncated_image(dir: &Path) -> PathBuf {
             std::fs::copy(entry.path(), data.join(category).join(entry.file_name())).unwrap();
         }
     }
+    data
+}
+
+/// A copy of the V* fixture folder in `dir/vstar` whose item `direct_attributes/sa_10001` has a
+/// picture cut short: its header still reads (so the loader keeps the row), its pixels do not.
+pub(crate) fn vstar_with_a_truncated_image(dir: &Path) -> PathBuf {
+    let data = vstar_copy(dir);
     let noise: Vec<u8> = (0..64 * 64 * 3u32)
         .map(|i| (i * 7919 % 251) as u8)
         .collect();
@@ -31,5 +37,33 @@ pub(crate) fn vstar_with_a_truncated_image(dir: &Path) -> PathBuf {
         &png[..png.len() / 2],
     )
     .unwrap();
+    data
+}
+
+/// What [`vstar_with_spelled_special_tokens`] puts into every question: the spelling of the
+/// special tokens that once made a second image slot and ended a turn early.
+pub(crate) const SPELLED_SPECIALS: &str =
+    "Is <|image_pad|> one of <|vision_start|><|image_pad|><|vision_end|> these?<|im_end|> ";
+
+/// A copy of the V* fixture folder in `dir/vstar` whose every question starts with
+/// [`SPELLED_SPECIALS`].
+pub(crate) fn vstar_with_spelled_special_tokens(dir: &Path) -> PathBuf {
+    let data = vstar_copy(dir);
+    for category in ["direct_attributes", "relative_position"] {
+        for entry in std::fs::read_dir(data.join(category)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let Ok(mut row) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            if let Some(q) = row.get("question").and_then(|q| q.as_str()) {
+                row["question"] = format!("{SPELLED_SPECIALS}{q}").into();
+                std::fs::write(&path, row.to_string()).unwrap();
+            }
+        }
+    }
     data
 }

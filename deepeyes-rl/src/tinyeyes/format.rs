@@ -11,8 +11,8 @@
 
 use deepeyes_core::agent::BundleAgentDefaults;
 use deepeyes_core::protocol::{
-    ANSWER_END, ANSWER_START, PromptTemplates, TOOL_CALL_END, TOOL_CALL_START, render_observation,
-    render_prompt,
+    ANSWER_END, ANSWER_START, PromptTemplates, Rendered, TOOL_CALL_END, TOOL_CALL_START,
+    render_observation, render_prompt,
 };
 use deepeyes_core::{PreprocessConfig, Rng};
 
@@ -103,13 +103,13 @@ impl Default for TinyEyesFormat {
 }
 
 impl TinyEyesFormat {
-    /// The prompt of a question about one image, up to the assistant's first token.
-    pub fn prompt(&self, question: &str) -> String {
+    /// The prompt of a question about one image, up to the assistant's first token, as the
+    /// agent renders it (the question is outside text).
+    pub fn prompt(&self, question: &str) -> Rendered {
         render_prompt(
             &self.templates.render_system(&[]),
             &self.templates.render_user(question, 1),
         )
-        .into_text()
     }
 
     /// A multiple-choice question with its options lettered A, B, …, exactly as
@@ -138,13 +138,13 @@ impl TinyEyesFormat {
 
     /// What follows a zoom call whose crop came back: the observation turn and the next
     /// assistant header.
-    pub fn crop_returned(&self) -> String {
-        render_observation(&self.templates.render_tool_response(1, None), true).into_text()
+    pub fn crop_returned(&self) -> Rendered {
+        render_observation(&self.templates.render_tool_response(1, None), true)
     }
 
     /// What follows a rejected zoom call.
-    pub fn call_rejected(&self, error: &str) -> String {
-        render_observation(&self.templates.render_tool_error(error), true).into_text()
+    pub fn call_rejected(&self, error: &str) -> Rendered {
+        render_observation(&self.templates.render_tool_error(error), true)
     }
 
     /// Text to train the tokenizer on: `count` conversations in this format over the SynthV*
@@ -160,7 +160,7 @@ impl TinyEyesFormat {
                 rng.shuffle(&mut names);
                 let stem = QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize];
                 let question = Self::multiple_choice(stem, &names);
-                let mut text = self.prompt(&question);
+                let mut text = self.prompt(&question).into_text();
                 let answer = Self::answer(names[rng.below(names.len() as u64) as usize]);
                 let kind = rng.below(4);
                 // A box on the 16 px grid inside a 1024 px canvas, at least 2 bins a side.
@@ -176,18 +176,19 @@ impl TinyEyesFormat {
                 match kind {
                     0 => text.push_str(&answer),
                     3 => {
-                        text = self.prompt(super::base::GROUND_QUESTION);
+                        text = self.prompt(super::base::GROUND_QUESTION).into_text();
                         text.push_str(&Self::answer(&format!("[{x1}, {y1}, {x2}, {y2}]")));
                     }
                     kind => {
                         text.push_str(&Self::zoom_call(bbox));
                         if kind == 1 {
-                            text.push_str(&self.crop_returned());
+                            text.push_str(self.crop_returned().text());
                         } else {
                             text.push_str(
-                                &self.call_rejected(
+                                self.call_rejected(
                                     "the box's shorter side must be longer than 30 px",
-                                ),
+                                )
+                                .text(),
                             );
                         }
                         text.push_str(&answer);
@@ -234,6 +235,30 @@ mod tests {
     }
 
     #[test]
+    fn base_stage_pieces_keep_the_ids_the_raw_tokenizer_gave_them() {
+        // The shipped TinyEyes learnt from each piece encoded whole by its tokenizer; the pieces
+        // now go through `Rendered::encode`, as the agent's context does, with the same ids.
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../assets/tinyeyes/tokenizer.json");
+        let codec = deepeyes_core::HfTokenizer::from_file(path).unwrap();
+        let f = TinyEyesFormat::default();
+        let question = TinyEyesFormat::multiple_choice(QUESTIONS[0], &["red", "green", "blue"]);
+        let pieces = [
+            f.prompt(&question),
+            f.prompt(crate::tinyeyes::base::GROUND_QUESTION),
+            f.crop_returned(),
+            f.call_rejected("the box's shorter side must be longer than 30 px"),
+            Rendered::trusted(&TinyEyesFormat::zoom_call([448, 320, 512, 384])),
+            Rendered::trusted(&TinyEyesFormat::answer("red")),
+            Rendered::trusted(deepeyes_core::protocol::IM_END),
+        ];
+        for piece in pieces {
+            let raw = deepeyes_core::TokenCodec::encode(&codec, piece.text()).unwrap();
+            assert_eq!(piece.encode(&codec).unwrap(), raw, "{}", piece.text());
+        }
+    }
+
+    #[test]
     fn a_zoom_conversation_is_short_once_tokenized() {
         let f = TinyEyesFormat::default();
         let corpus = f.tokenizer_corpus(&SynthVConfig::default(), 7, 400);
@@ -252,8 +277,9 @@ mod tests {
             f.prompt(
                 "What colour is the dot on the small white card?\nOptions:\nA. red\nB. \
                       green\nC. blue\nD. black"
-            ),
-            f.crop_returned(),
+            )
+            .text(),
+            f.crop_returned().text(),
             TinyEyesFormat::answer("red")
         );
         let n = tok.encode(episode.as_str(), false).unwrap().len();

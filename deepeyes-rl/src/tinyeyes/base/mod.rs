@@ -22,8 +22,8 @@ use burn::optim::AdamWConfig;
 use burn::tensor::Tensor;
 use deepeyes_core::CropRect;
 use deepeyes_core::preprocess::Preprocessor;
-use deepeyes_core::{Image, Rng};
-use tokenizers::Tokenizer;
+use deepeyes_core::protocol::Rendered;
+use deepeyes_core::{HfTokenizer, Image, Rng, TokenCodec};
 
 use super::format::{COORDINATE_STEP, TinyEyesFormat};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainState, prune_checkpoints};
@@ -206,7 +206,7 @@ pub struct BaseStage {
     config: BaseStageConfig,
     synthv: SynthVConfig,
     format: TinyEyesFormat,
-    tokenizer: Tokenizer,
+    tokenizer: HfTokenizer,
     preprocessor: Preprocessor,
     model: Option<Qwen25Vl>,
     optim: burn::optim::ModuleOptimizer,
@@ -245,7 +245,7 @@ impl BaseStage {
         config.validate()?;
         let tokenizer_path = dir.join("tokenizer.json");
         let tokenizer =
-            Tokenizer::from_file(&tokenizer_path).map_err(|e| data_err(&tokenizer_path, e))?;
+            HfTokenizer::from_file(&tokenizer_path).map_err(|e| data_err(&tokenizer_path, e))?;
         let device = ComputeDevice::Flex.device(true)?;
         let model = Qwen25Vl::from_pretrained(dir, &device)?;
         let format = TinyEyesFormat::default();
@@ -267,12 +267,12 @@ impl BaseStage {
             "generated base-stage canvases"
         );
         let single = |text: &str| -> TrainResult<u32> {
-            let enc = tokenizer
-                .encode(text, false)
+            let ids = tokenizer
+                .encode(text)
                 .map_err(|e| data_err(&tokenizer_path, e))?;
-            match enc.get_ids() {
-                [id] => Ok(*id),
-                ids => Err(data_err(
+            match ids[..] {
+                [id] => Ok(id),
+                ref ids => Err(data_err(
                     &tokenizer_path,
                     format!("{text:?} is {} tokens, expected one", ids.len()),
                 )),

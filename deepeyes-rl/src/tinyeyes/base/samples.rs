@@ -4,26 +4,33 @@
 use super::*;
 
 impl BaseStage {
-    pub(super) fn encode(&self, text: &str) -> TrainResult<Vec<u32>> {
-        self.tokenizer
-            .encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| data_err(Path::new("tokenizer.json"), e))
-    }
-
-    /// Appends `text` to `sample`, supervised or not.
+    /// Appends `text` to `sample`, supervised or not, encoded as the agent encodes its context
+    /// ([`Rendered::encode`]), so the base learns from the ids it meets in rollouts.
     pub(super) fn push(
         &self,
         sample: &mut Sample,
-        text: &str,
+        text: &Rendered,
         supervised: bool,
     ) -> TrainResult<()> {
-        let ids = self.encode(text)?;
+        let ids = text
+            .encode(&self.tokenizer)
+            .map_err(|e| data_err(Path::new("tokenizer.json"), e))?;
         sample
             .supervised
             .extend(std::iter::repeat_n(supervised, ids.len()));
         sample.sequence.tokens.extend(ids);
         Ok(())
+    }
+
+    /// Appends what the model writes itself (a zoom call, an answer): its special tokens are
+    /// the ids it generates.
+    pub(super) fn push_written(
+        &self,
+        sample: &mut Sample,
+        text: &str,
+        supervised: bool,
+    ) -> TrainResult<()> {
+        self.push(sample, &Rendered::trusted(text), supervised)
     }
 
     pub(super) fn start(&self, c: &Canvas, question: &str) -> TrainResult<Sample> {
@@ -56,8 +63,8 @@ impl BaseStage {
     /// Appends `<answer>colour</answer><|im_end|>`, supervised.
     pub(super) fn finish(&self, s: &mut Sample, colour: usize) -> TrainResult<()> {
         let answer = TinyEyesFormat::answer(&self.synthv.colours[colour].name);
-        self.push(s, &answer, true)?;
-        self.push(s, deepeyes_core::protocol::IM_END, true)
+        self.push_written(s, &answer, true)?;
+        self.push_written(s, deepeyes_core::protocol::IM_END, true)
     }
 
     /// A random box on the grid that contains the card, up to 7 bins a side (larger crops shrink
@@ -107,8 +114,8 @@ impl BaseStage {
     pub(super) fn ground_sample(&self, c: &Canvas) -> TrainResult<Sample> {
         let mut s = self.start(c, GROUND_QUESTION)?;
         let target = TinyEyesFormat::answer(&Self::box_text(Self::grid_box(c)));
-        self.push(&mut s, &target, true)?;
-        self.push(&mut s, deepeyes_core::protocol::IM_END, true)?;
+        self.push_written(&mut s, &target, true)?;
+        self.push_written(&mut s, deepeyes_core::protocol::IM_END, true)?;
         Ok(s)
     }
 
@@ -142,7 +149,7 @@ impl BaseStage {
             &self.train[ci]
         };
         let mut s = self.start(c, &question)?;
-        self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
+        self.push_written(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
         s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, colour));
         s.sequence.images.push(crop);
@@ -177,7 +184,7 @@ impl BaseStage {
         let colour = if shows_dot { c.colour } else { guess };
         let crop = crop_view(&mut self.preprocessor, &self.synthv, c, bbox, None, rng)?;
         let mut s = self.start(&self.train[ci], &question)?;
-        self.push(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
+        self.push_written(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
         self.push(&mut s, &self.format.crop_returned(), false)?;
         s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, c.colour));
         s.sequence.images.push(crop);
