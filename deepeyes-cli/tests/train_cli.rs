@@ -334,18 +334,24 @@ fn resume_without_a_checkpoint_is_a_clear_error() {
     assert!(stderr.contains("no intact checkpoint in"), "{stderr}");
 }
 
-#[test]
-fn an_item_whose_image_does_not_decode_is_skipped_and_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = support::vstar_with_a_truncated_image(dir.path());
-    let config = write_config_on(&data, dir.path(), "", 3, 0);
-    let out = train(&config, &[]);
+/// Trains with `config` (its output folder `run` under `dir`), which must succeed, and returns
+/// the metrics file.
+fn trained_metrics(config: &Path, dir: &Path) -> String {
+    let out = train(config, &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap()
+}
+
+#[test]
+fn an_item_whose_image_does_not_decode_is_skipped_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = support::vstar_with_a_truncated_image(dir.path());
+    let config = write_config_on(&data, dir.path(), "", 3, 0);
+    let metrics = trained_metrics(&config, dir.path());
     let skipped: Vec<serde_json::Value> = metrics
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
@@ -368,13 +374,7 @@ fn questions_that_spell_special_tokens_train_like_any_other() {
     let dir = tempfile::tempdir().unwrap();
     let data = support::vstar_with_spelled_special_tokens(dir.path());
     let config = write_config_on(&data, dir.path(), "", 1, 0);
-    let out = train(&config, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let metrics = trained_metrics(&config, dir.path());
     let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
     assert_eq!(m["trajectories"], 4, "{m}");
     assert!(m.get("skipped_items").is_none(), "{m}");

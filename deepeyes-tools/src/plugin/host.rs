@@ -52,29 +52,12 @@ pub(crate) fn serve(mut input: impl Read, mut output: impl Write) -> io::Result<
             wire::write_frame(&mut output, &ready, &[])?;
             tool
         }
-        Err(message) => {
-            wire::write_frame(
-                &mut output,
-                &Reply::Failed {
-                    message: message.clone(),
-                },
-                &[],
-            )?;
-            return Err(io::Error::other(message));
-        }
+        Err(message) => return Err(refuse(&mut output, message)),
     };
     let preprocess = PreprocessConfig::default();
     while let Some((request, tail)) = wire::read_frame::<Request>(&mut input, MAX_REQUEST_BYTES)? {
         let Request::Call { args, image } = request else {
-            let message = "a second Init".to_string();
-            wire::write_frame(
-                &mut output,
-                &Reply::Failed {
-                    message: message.clone(),
-                },
-                &[],
-            )?;
-            return Err(io::Error::other(message));
+            return Err(refuse(&mut output, "a second Init".to_string()));
         };
         let images = wire::split_images(image.as_slice(), &tail).map_err(io::Error::other)?;
         let ctx = ToolContext {
@@ -98,6 +81,18 @@ pub(crate) fn serve(mut input: impl Read, mut output: impl Write) -> io::Result<
 }
 
 /// Caps memory, loads the plugin and creates its instance.
+/// Tells the parent that the host gives up, and why (a failure to tell it is reported instead),
+/// as the error the host ends with.
+fn refuse(output: &mut impl Write, message: String) -> io::Error {
+    let reply = Reply::Failed {
+        message: message.clone(),
+    };
+    match wire::write_frame(output, &reply, &[]) {
+        Ok(()) => io::Error::other(message),
+        Err(e) => e,
+    }
+}
+
 fn init(request: Request) -> Result<(DynTool, Reply), String> {
     let Request::Init {
         protocol,
