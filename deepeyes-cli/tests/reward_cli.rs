@@ -244,6 +244,12 @@ fn a_dead_judge_fails_fast_with_a_hint() {
     );
 }
 
+/// A chat reply: status, extra header lines, body.
+type ChatReply = (u16, &'static str, String);
+
+/// A named way for a judge to fail.
+type Scenario = (&'static str, fn() -> ChatReply);
+
 /// What a loopback judge received: chat requests, and the Authorization headers it was sent.
 #[derive(Default)]
 struct Seen {
@@ -254,7 +260,7 @@ struct Seen {
 /// A loopback judge that lists one model and answers every chat request with `chat_reply`'s
 /// status, extra headers and body.
 fn scripted_judge(
-    chat_reply: impl Fn() -> (u16, &'static str, String) + Send + Sync + 'static,
+    chat_reply: impl Fn() -> ChatReply + Send + Sync + 'static,
 ) -> (String, Arc<Seen>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -274,7 +280,7 @@ fn scripted_judge(
 fn answer(
     mut stream: std::net::TcpStream,
     seen: &Seen,
-    chat_reply: &(dyn Fn() -> (u16, &'static str, String) + Send + Sync),
+    chat_reply: &(dyn Fn() -> ChatReply + Send + Sync),
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut first = String::new();
@@ -332,7 +338,7 @@ fn chat_content(content: &str) -> String {
 
 #[test]
 fn a_judge_answering_garbage_loses_no_row_and_is_not_hammered() {
-    let replies: [(&str, fn() -> (u16, &'static str, String)); 4] = [
+    let replies: [Scenario; 4] = [
         ("HTTP 500", || (500, "", "{\"error\": \"boom\"}".into())),
         ("not JSON", || (200, "", "<html>gateway</html>".into())),
         ("no verdict", || (200, "", chat_content("Hard to say."))),
