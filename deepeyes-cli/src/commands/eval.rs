@@ -92,7 +92,7 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
             let config = config.allow_env(args.env.allow_env.iter().cloned());
             let judge = HttpJudge::new(config)
                 .with_context(|| format!("setting up the judge of {}", path.display()))?;
-            super::check_judge(&judge, "start it or leave out --judge")?;
+            super::check_judge(&judge, "start it, leave out --judge")?;
             Some(Arc::new(judge))
         }
         None => None,

@@ -115,7 +115,7 @@ pub(crate) fn run(args: RewardArgs) -> anyhow::Result<ExitCode> {
     if let Some(judge) = pipeline.judge() {
         super::check_judge(
             judge,
-            "start it, point --judge-url elsewhere, or pass --no-judge",
+            "start it, point --judge-url elsewhere, pass --no-judge",
         )?;
     }
 

@@ -127,16 +127,8 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     let pipeline = rewards
         .build(&Registry::new())
         .context("building the reward pipeline")?;
-    // Before the model loads: a dead judge is found in seconds, not after the first rollout.
-    if let Some(judge) = pipeline.judge() {
-        super::check_judge(
-            judge,
-            "start it, fix the reward config's [judge] base-url, or pass --no-judge",
-        )?;
-    }
-    let reward: Arc<dyn RewardFn> = Arc::new(pipeline);
     let tools = config_tools(&config)?;
-    let trainer = if args.resume {
+    let resume_from = if args.resume {
         let (checkpoint, skipped) =
             latest_intact(&checkpoint_root).context("listing checkpoints")?;
         let Some(checkpoint) = checkpoint else {
@@ -150,6 +142,20 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 checkpoint_root.display()
             );
         };
+        Some(checkpoint)
+    } else {
+        None
+    };
+    // After the cheap checks, before the model loads: a dead judge is found in seconds, not
+    // after the first rollout.
+    if let Some(judge) = pipeline.judge() {
+        super::check_judge(
+            judge,
+            "start it, fix the reward config's [judge] base-url, pass --no-judge",
+        )?;
+    }
+    let reward: Arc<dyn RewardFn> = Arc::new(pipeline);
+    let trainer = if let Some(checkpoint) = resume_from {
         tracing::info!(step = checkpoint.state().step, path = %checkpoint.dir().display(), "resuming");
         Trainer::resume(config, tools, reward, &checkpoint)
             .with_context(|| format!("resuming from {}", checkpoint.dir().display()))?
