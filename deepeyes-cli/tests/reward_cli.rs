@@ -243,3 +243,212 @@ fn a_dead_judge_fails_fast_with_a_hint() {
         "{stderr}"
     );
 }
+
+/// A chat reply: status, extra header lines, body.
+type ChatReply = (u16, &'static str, String);
+
+/// A named way for a judge to fail.
+type Scenario = (&'static str, fn() -> ChatReply);
+
+/// What a loopback judge received: chat requests, and the Authorization headers it was sent.
+#[derive(Default)]
+struct Seen {
+    chats: AtomicUsize,
+    auth: std::sync::Mutex<Vec<String>>,
+}
+
+/// A loopback judge that lists one model and answers every chat request with `chat_reply`'s
+/// status, extra headers and body.
+fn scripted_judge(
+    chat_reply: impl Fn() -> ChatReply + Send + Sync + 'static,
+) -> (String, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let record = seen.clone();
+    let chat_reply = Arc::new(chat_reply);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (record, chat_reply) = (record.clone(), chat_reply.clone());
+            std::thread::spawn(move || answer(stream, &record, chat_reply.as_ref()));
+        }
+    });
+    (url, seen)
+}
+
+fn answer(
+    mut stream: std::net::TcpStream,
+    seen: &Seen,
+    chat_reply: &(dyn Fn() -> ChatReply + Send + Sync),
+) {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+            if name.eq_ignore_ascii_case("authorization") {
+                seen.auth.lock().unwrap().push(value.trim().to_string());
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    let (status, headers, reply) = if first.contains("/v1/models") {
+        (
+            200,
+            "",
+            serde_json::json!({"data": [{"id": "cli-judge"}]}).to_string(),
+        )
+    } else {
+        seen.chats.fetch_add(1, Ordering::SeqCst);
+        chat_reply()
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+        reply.len()
+    );
+}
+
+/// `n` rows the rules cannot decide ("a parasol" vs "umbrella"): each needs the judge.
+fn undecided_rows(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            serde_json::json!({"id": i, "data_source": "vstar", "question": "What is the man holding?",
+                "ground_truth": "umbrella", "response": format!("{CROP}<answer>a parasol {i}</answer>")})
+            .to_string() + "\n"
+        })
+        .collect()
+}
+
+fn chat_content(content: &str) -> String {
+    serde_json::json!({"choices": [{"message": {"content": content}}]}).to_string()
+}
+
+#[test]
+fn a_judge_answering_garbage_loses_no_row_and_is_not_hammered() {
+    let replies: [Scenario; 4] = [
+        ("HTTP 500", || (500, "", "{\"error\": \"boom\"}".into())),
+        ("not JSON", || (200, "", "<html>gateway</html>".into())),
+        ("no verdict", || (200, "", chat_content("Hard to say."))),
+        ("429", || {
+            (
+                429,
+                "Retry-After: 1\r\n",
+                "{\"error\": \"slow down\"}".into(),
+            )
+        }),
+    ];
+    for (what, reply) in replies {
+        let (url, seen) = scripted_judge(reply);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("in.jsonl"), undecided_rows(20)).unwrap();
+        let out = deepeyes(
+            &[
+                "reward",
+                "--input",
+                "in.jsonl",
+                "--output",
+                "out.jsonl",
+                "--judge-url",
+                &url,
+                "--jobs",
+                "2",
+            ],
+            dir.path(),
+        );
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "{what}: {stderr}");
+        let written = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        let rows: Vec<serde_json::Value> = written
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(rows.len(), 20, "{what}: every row is written\n{stderr}");
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(row["id"], i, "{what}: input order");
+            assert_eq!(
+                row["flags"],
+                serde_json::json!(["judge_unavailable_rule_fallback"]),
+                "{what}: {row}"
+            );
+        }
+        // The breaker opens after 5 failed attempts in a row; only a request already in flight
+        // on the other job can follow. Without it: 20 rows x 5 attempts = 100 requests.
+        let chats = seen.chats.load(Ordering::SeqCst);
+        assert!(chats <= 5 + 2, "{what}: the judge saw {chats} requests");
+        assert!(stderr.contains("circuit breaker open"), "{what}: {stderr}");
+    }
+}
+
+#[test]
+fn api_key_env_reads_only_variables_the_user_allows() {
+    let (url, seen) = scripted_judge(|| (200, "", chat_content("VERDICT: CORRECT")));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.jsonl"), undecided_rows(1)).unwrap();
+    let config = |var: &str| {
+        format!(
+            "version = 1\n[sources]\nvstar = 'v'\n[rewards.v]\ntype = 'deepeyes-visual'\n[judge]\nbase-url = '{url}'\napi-key-env = '{var}'\n"
+        )
+    };
+    let run = |var: &str, extra: &[&str]| {
+        std::fs::write(dir.path().join("cfg.toml"), config(var)).unwrap();
+        let mut args = vec!["reward", "--config", "cfg.toml", "--input", "in.jsonl"];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+            .args(&args)
+            .current_dir(dir.path())
+            .env_remove("RUST_LOG")
+            .env("CLI_TEST_SECRET", "s3cret")
+            .env("DEEPEYES_JUDGE_CLI_TEST_TOKEN", "t0ken")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run deepeyes")
+    };
+
+    // A config naming any other variable is refused before a request, naming it and the way out.
+    let out = run("CLI_TEST_SECRET", &[]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("judge.api-key-env")
+            && stderr.contains("CLI_TEST_SECRET")
+            && stderr.contains("--allow-env CLI_TEST_SECRET")
+            && stderr.contains("DEEPEYES_JUDGE_"),
+        "{stderr}"
+    );
+    assert!(seen.auth.lock().unwrap().is_empty());
+    assert_eq!(seen.chats.load(Ordering::SeqCst), 0);
+
+    // Allowed on the command line: sent.
+    let out = run("CLI_TEST_SECRET", &["--allow-env", "CLI_TEST_SECRET"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        seen.auth
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|a| a == "Bearer s3cret")
+    );
+
+    // The documented prefix needs no flag.
+    seen.auth.lock().unwrap().clear();
+    let out = run("DEEPEYES_JUDGE_CLI_TEST_TOKEN", &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let auth = seen.auth.lock().unwrap().clone();
+    assert!(
+        !auth.is_empty() && auth.iter().all(|a| a == "Bearer t0ken"),
+        "{auth:?}"
+    );
+}

@@ -86,6 +86,48 @@ pub trait RewardFn: Send + Sync {
     fn name(&self) -> &str {
         "reward"
     }
+
+    /// How many samples [`RewardFn::score_batch`] scores at once: 1 for a pure function,
+    /// more for one that waits on a service (an LLM judge's `max-concurrency`).
+    fn concurrency(&self) -> usize {
+        1
+    }
+
+    /// Scores every input, on up to [`RewardFn::concurrency`] threads; the results are in
+    /// input order whatever order they finish in, so a batch scores as its items would one by
+    /// one.
+    fn score_batch(&self, inputs: &[RewardInput<'_>]) -> Vec<Result<RewardBreakdown>> {
+        let threads = self.concurrency().clamp(1, inputs.len().max(1));
+        if threads == 1 {
+            return inputs.iter().map(|input| self.score(input)).collect();
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut done: Vec<(usize, Result<RewardBreakdown>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let index = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(input) = inputs.get(index) else {
+                                break mine;
+                            };
+                            mine.push((index, self.score(input)));
+                        }
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| match worker.join() {
+                    Ok(mine) => mine,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                })
+                .collect()
+        });
+        done.sort_by_key(|(index, _)| *index);
+        done.into_iter().map(|(_, result)| result).collect()
+    }
 }
 
 impl<F> RewardFn for F
@@ -178,5 +220,82 @@ where
 {
     fn grade(&self, input: &GradeInput<'_>) -> Grade {
         self(input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Scores a response by its length, slowly, on up to `threads` threads, counting how many
+    /// calls overlap.
+    struct Slow {
+        threads: usize,
+        in_flight: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    impl RewardFn for Slow {
+        fn score(&self, input: &RewardInput<'_>) -> Result<RewardBreakdown> {
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            // Later inputs finish first, so the order must be restored.
+            std::thread::sleep(Duration::from_millis(40 - 4 * input.response.len() as u64));
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            if input.response.is_empty() {
+                return Err(crate::Error::Reward("empty".into()));
+            }
+            Ok(RewardBreakdown::from_terms(vec![RewardTerm {
+                name: "len".into(),
+                value: input.response.len() as f64,
+                weight: 1.0,
+            }]))
+        }
+
+        fn concurrency(&self) -> usize {
+            self.threads
+        }
+    }
+
+    #[test]
+    fn batches_keep_input_order_and_overlap_up_to_the_concurrency() {
+        let responses = ["a", "bb", "", "cccc", "ddd", "eeeeee", "fffff", "gg"];
+        let inputs: Vec<RewardInput<'_>> = responses
+            .iter()
+            .map(|response| RewardInput {
+                data_source: "d",
+                question: "q",
+                ground_truth: "t",
+                response,
+                trajectory: None,
+            })
+            .collect();
+        for threads in [1, 3] {
+            let reward = Slow {
+                threads,
+                in_flight: AtomicUsize::new(0),
+                most: AtomicUsize::new(0),
+            };
+            let scored = reward.score_batch(&inputs);
+            let totals: Vec<Option<f64>> = scored
+                .iter()
+                .map(|r| r.as_ref().ok().map(|b| b.total))
+                .collect();
+            let expected: Vec<Option<f64>> = responses
+                .iter()
+                .map(|r| (!r.is_empty()).then_some(r.len() as f64))
+                .collect();
+            assert_eq!(totals, expected, "threads {threads}");
+            let most = reward.most.load(Ordering::SeqCst);
+            assert!(most <= threads, "{most} > {threads}");
+            assert_eq!(
+                most > 1,
+                threads > 1,
+                "overlap {most} with {threads} threads"
+            );
+        }
     }
 }

@@ -278,11 +278,17 @@ impl Accuracy {
             }
             Decision::JudgeFailed(err) => match self.judge.as_ref().map(|j| j.on_failure) {
                 Some(FailurePolicy::RuleFallback) => {
-                    tracing::warn!(
-                        data_source = input.data_source,
-                        error = %err,
-                        "judge unavailable; scoring by the rules alone"
-                    );
+                    // An open breaker was reported once when it opened; one line per answer
+                    // after that would bury the log.
+                    if matches!(err, JudgeError::CircuitOpen { .. }) {
+                        tracing::debug!(data_source = input.data_source, error = %err, "judge not asked; scoring by the rules alone");
+                    } else {
+                        tracing::warn!(
+                            data_source = input.data_source,
+                            error = %err,
+                            "judge unavailable; scoring by the rules alone"
+                        );
+                    }
                     Ok((0.0, vec![flags::JUDGE_FALLBACK]))
                 }
                 _ => Err(Error::Judge(err)),

@@ -266,6 +266,14 @@ impl RewardFn for Pipeline {
     fn name(&self) -> &str {
         "pipeline"
     }
+
+    /// The judge's `max-concurrency` (the judge itself holds requests to it), or 1 without a
+    /// judge: the rules alone are too quick to be worth threads.
+    fn concurrency(&self) -> usize {
+        self.judge
+            .as_ref()
+            .map_or(1, |judge| judge.config().max_concurrency)
+    }
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ fn evaluate(model: &Path, data: &Path, out: &Path, seed: u64) -> anyhow::Result<
         // The bundle's agent.toml: the limits of the demo's training rollouts
         // (configs/train/tinyeyes-demo.toml), carried by the base and every checkpoint.
         limits: super::AgentLimitArgs::default(),
+        env: super::AllowEnvArgs::default(),
         temperature: 0.0,
         batch: 8,
         threads: 1,

@@ -56,6 +56,8 @@ pub(crate) struct EvalArgs {
     pub(crate) limit: Option<usize>,
     #[command(flatten)]
     pub(crate) limits: super::AgentLimitArgs,
+    #[command(flatten)]
+    pub(crate) env: super::AllowEnvArgs,
     /// Sampling temperature; 0 is greedy (DeepEyes evaluates greedily).
     #[arg(long, default_value_t = 0.0, value_name = "T")]
     pub(crate) temperature: f32,
@@ -91,13 +93,10 @@ pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
                 .with_context(|| format!("reading the judge config {}", path.display()))?;
             let config: JudgeConfig = toml::from_str(&text)
                 .with_context(|| format!("parsing the judge config {}", path.display()))?;
-            let judge = HttpJudge::new(config).context("setting up the judge")?;
-            judge.resolve_model().with_context(|| {
-                format!(
-                    "the judge at {} does not answer; start it or leave out --judge",
-                    judge.config().base_url
-                )
-            })?;
+            let config = config.allow_env(args.env.allow_env.iter().cloned());
+            let judge = HttpJudge::new(config)
+                .with_context(|| format!("setting up the judge of {}", path.display()))?;
+            super::check_judge(&judge, "start it, leave out --judge")?;
             Some(Arc::new(judge))
         }
         None => None,

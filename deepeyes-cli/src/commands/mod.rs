@@ -8,7 +8,7 @@ use anyhow::Context;
 use deepeyes_core::agent::BundleAgentDefaults;
 use deepeyes_core::{AgentConfig, PromptTemplates, SamplingParams};
 use deepeyes_reward::judge::{FailurePolicy, Verifier};
-use deepeyes_reward::{Accuracy, JudgeHandle, VisualConfig};
+use deepeyes_reward::{Accuracy, HttpJudge, JudgeHandle, VisualConfig};
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
 use crate::cli::Command;
@@ -83,6 +83,41 @@ pub(crate) fn load_tools(path: Option<&Path>) -> anyhow::Result<(ToolsConfig, To
 pub(crate) fn answer_grader(judge: Option<Arc<dyn Verifier>>) -> Accuracy {
     VisualConfig::default()
         .accuracy(judge.map(|j| JudgeHandle::new(j, FailurePolicy::RuleFallback)))
+}
+
+/// The start-up check of every command that uses a judge: asks it for its models. When it does
+/// not answer, `judge.on-start-failure` decides: `error` (the default) stops here with `hint`,
+/// `rule-fallback` warns and goes on (what it would decide is scored by the rules, flagged).
+pub(crate) fn check_judge(judge: &HttpJudge, hint: &str) -> anyhow::Result<()> {
+    let url = &judge.config().base_url;
+    match judge.probe() {
+        Ok(model) => {
+            tracing::info!(url = %url, model = %model, "judge ready");
+            Ok(())
+        }
+        Err(err) if judge.config().on_start_failure == FailurePolicy::RuleFallback => {
+            tracing::warn!(
+                url = %url,
+                error = %err,
+                "the judge does not answer; going on because judge.on-start-failure = \"rule-fallback\": undecided answers are scored by the rules, flagged judge_unavailable_rule_fallback"
+            );
+            Ok(())
+        }
+        Err(err) => Err(anyhow::Error::new(err).context(format!(
+            "the judge at {url} does not answer; {hint}, or set judge.on-start-failure = \"rule-fallback\" to start without it"
+        ))),
+    }
+}
+
+/// `--allow-env NAME`: environment variables `judge.api-key-env` may name besides those
+/// starting with `DEEPEYES_JUDGE_`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct AllowEnvArgs {
+    /// Let `judge.api-key-env` read this environment variable (its value is sent to the
+    /// judge's URL as a bearer token). Names starting with DEEPEYES_JUDGE_ are always allowed;
+    /// repeat for more.
+    #[arg(long = "allow-env", value_name = "NAME")]
+    pub(crate) allow_env: Vec<String>,
 }
 
 /// The agent-loop limits of the commands that run a model (`run`, `eval`, `select`). Each one

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use anyhow::{Context, bail};
 use clap::Args;
 use deepeyes_core::reward::{RewardBreakdown, RewardInput, RewardTerm};
-use deepeyes_reward::{JudgeConfig, Pipeline, PipelineConfig, Registry};
+use deepeyes_reward::{JudgeConfig, Pipeline, PipelineConfig, Registry, flags};
 use serde::{Deserialize, Serialize};
 
 /// Arguments of `deepeyes reward`.
@@ -42,6 +42,8 @@ pub(crate) struct RewardArgs {
     /// Rows scored at once. Default: the judge's `max-concurrency`, or 1 without a judge.
     #[arg(long)]
     jobs: Option<usize>,
+    #[command(flatten)]
+    env: super::AllowEnvArgs,
 }
 
 /// One input row.
@@ -104,17 +106,17 @@ pub(crate) fn run(args: RewardArgs) -> anyhow::Result<ExitCode> {
             None => config.judge = Some(JudgeConfig::new(url.clone())),
         }
     }
+    if let Some(judge) = config.judge.as_mut() {
+        judge.allowed_env.extend(args.env.allow_env.iter().cloned());
+    }
     let pipeline = config
         .build(&Registry::new())
         .context("building the reward pipeline")?;
     if let Some(judge) = pipeline.judge() {
-        let model = judge.resolve_model().with_context(|| {
-            format!(
-                "the judge at {} does not answer; start it, point --judge-url elsewhere, or pass --no-judge",
-                judge.config().base_url
-            )
-        })?;
-        tracing::info!(url = %judge.config().base_url, model = %model, "judge ready");
+        super::check_judge(
+            judge,
+            "start it, point --judge-url elsewhere, pass --no-judge",
+        )?;
     }
 
     let (rows, mut bad) = read_rows(&args)?;
@@ -157,9 +159,14 @@ pub(crate) fn run(args: RewardArgs) -> anyhow::Result<ExitCode> {
     }
 
     write_rows(&args, &results)?;
+    let fallbacks = results
+        .iter()
+        .filter(|(_, b)| b.flags.iter().any(|f| f == flags::JUDGE_FALLBACK))
+        .count();
     tracing::info!(
         scored = results.len(),
         skipped = bad.len(),
+        judge_fallback = fallbacks,
         "reward scoring finished"
     );
     if let Some(judge) = pipeline.judge() {
@@ -170,8 +177,16 @@ pub(crate) fn run(args: RewardArgs) -> anyhow::Result<ExitCode> {
             cache_hits = stats.cache_hits,
             retries = stats.retries,
             failures = stats.failures,
+            short_circuited = stats.short_circuited,
             "judge usage"
         );
+        if fallbacks > 0 {
+            tracing::warn!(
+                rows = fallbacks,
+                "the judge decided none of these rows: they are written scored by the rules, flagged {}",
+                flags::JUDGE_FALLBACK
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

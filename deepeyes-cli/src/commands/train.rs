@@ -46,6 +46,8 @@ pub(crate) struct TrainArgs {
     /// Threads per ONNX Runtime graph during rollouts (0: ONNX Runtime's choice).
     #[arg(long, default_value_t = 0, value_name = "N")]
     threads: usize,
+    #[command(flatten)]
+    env: super::AllowEnvArgs,
 }
 
 /// One row of the live table.
@@ -119,13 +121,14 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
     if args.no_judge {
         rewards.judge = None;
     }
-    let reward: Arc<dyn RewardFn> = Arc::new(
-        rewards
-            .build(&Registry::new())
-            .context("building the reward pipeline")?,
-    );
+    if let Some(judge) = rewards.judge.as_mut() {
+        judge.allowed_env.extend(args.env.allow_env.iter().cloned());
+    }
+    let pipeline = rewards
+        .build(&Registry::new())
+        .context("building the reward pipeline")?;
     let tools = config_tools(&config)?;
-    let trainer = if args.resume {
+    let resume_from = if args.resume {
         let (checkpoint, skipped) =
             latest_intact(&checkpoint_root).context("listing checkpoints")?;
         let Some(checkpoint) = checkpoint else {
@@ -139,6 +142,20 @@ pub(crate) fn run(args: TrainArgs) -> anyhow::Result<ExitCode> {
                 checkpoint_root.display()
             );
         };
+        Some(checkpoint)
+    } else {
+        None
+    };
+    // After the cheap checks, before the model loads: a dead judge is found in seconds, not
+    // after the first rollout.
+    if let Some(judge) = pipeline.judge() {
+        super::check_judge(
+            judge,
+            "start it, fix the reward config's [judge] base-url, pass --no-judge",
+        )?;
+    }
+    let reward: Arc<dyn RewardFn> = Arc::new(pipeline);
+    let trainer = if let Some(checkpoint) = resume_from {
         tracing::info!(step = checkpoint.state().step, path = %checkpoint.dir().display(), "resuming");
         Trainer::resume(config, tools, reward, &checkpoint)
             .with_context(|| format!("resuming from {}", checkpoint.dir().display()))?

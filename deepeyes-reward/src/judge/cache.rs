@@ -1,5 +1,9 @@
 //! An on-disk cache of judge verdicts: one JSON line per verdict in `verdicts.jsonl`, keyed by a
-//! SHA-256 of the prompt (system message and template) and the compared texts.
+//! SHA-256 of the judge model, the prompt (system message and template) and the compared texts.
+//!
+//! Keys made before the model was part of them (`deepeyes-judge-cache-v1`) can never equal a
+//! key made now, so the verdicts of an older cache file are kept on disk but never served:
+//! every comparison is asked again once and cached under its new key.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -30,19 +34,21 @@ pub struct CachedVerdict {
     pub prompt: String,
 }
 
-/// The key of a comparison: a SHA-256 over the prompt's system message and template, the
-/// question, the reference and the prediction (each length-prefixed, so no two different inputs
-/// share a preimage). Temperature and model are not part of it: use one cache directory per
-/// judge model.
+/// The key of a comparison: a SHA-256 over the judge model, the prompt's system message and
+/// template, the question, the reference and the prediction (each length-prefixed, so no two
+/// different inputs share a preimage). So one cache directory may serve several judge models,
+/// each seeing only its own verdicts. Temperature is not part of it.
 pub fn cache_key(
+    model: &str,
     prompt: &JudgePrompt,
     question: &str,
     reference: &str,
     prediction: &str,
 ) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(b"deepeyes-judge-cache-v1");
+    hasher.update(b"deepeyes-judge-cache-v2");
     for part in [
+        model,
         prompt.system.as_str(),
         prompt.template.as_str(),
         question,
@@ -166,12 +172,14 @@ mod tests {
     #[test]
     fn keys_separate_every_field() {
         let p = JudgePrompt::builtin("visual").unwrap();
-        let a = cache_key(&p, "q", "ab", "c");
-        assert_eq!(a, cache_key(&p, "q", "ab", "c"));
-        assert_ne!(a, cache_key(&p, "q", "a", "bc"));
-        assert_ne!(a, cache_key(&p, "qa", "b", "c"));
+        let a = cache_key("m", &p, "q", "ab", "c");
+        assert_eq!(a, cache_key("m", &p, "q", "ab", "c"));
+        assert_ne!(a, cache_key("m", &p, "q", "a", "bc"));
+        assert_ne!(a, cache_key("m", &p, "qa", "b", "c"));
+        assert_ne!(a, cache_key("m2", &p, "q", "ab", "c"));
+        assert_ne!(a, cache_key("", &p, "mq", "ab", "c"));
         let m = JudgePrompt::builtin("math").unwrap();
-        assert_ne!(a, cache_key(&m, "q", "ab", "c"));
+        assert_ne!(a, cache_key("m", &m, "q", "ab", "c"));
         assert_eq!(a.len(), 64);
     }
 

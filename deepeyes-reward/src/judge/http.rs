@@ -1,5 +1,6 @@
 //! [`HttpJudge`]: the judge over an OpenAI-compatible HTTP server, with its request counters
-//! ([`JudgeStats`]), model detection, chat completions and the retry loop.
+//! ([`JudgeStats`]), model detection, the start-up probe, chat completions and the retry loop
+//! (behind the circuit breaker).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use deepeyes_core::Rng;
 use serde::Serialize;
 
-use super::backoff::Failure;
+use super::backoff::{Failure, parse_retry_after};
+use super::breaker::Breaker;
 use super::limit::Semaphore;
 use super::{
     AttemptError, CachedVerdict, FailurePolicy, JudgeConfig, JudgeError, JudgePrompt, JudgeRequest,
@@ -29,6 +32,8 @@ pub struct JudgeStats {
     pub retries: u64,
     /// Comparisons that got no verdict.
     pub failures: u64,
+    /// Requests not made because the circuit breaker was open.
+    pub short_circuited: u64,
 }
 
 #[derive(Debug, Default)]
@@ -38,6 +43,7 @@ struct Counters {
     cache_hits: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
+    short_circuited: AtomicU64,
 }
 
 /// The judge over an OpenAI-compatible HTTP server. Share one per process (`Arc<HttpJudge>`):
@@ -50,6 +56,9 @@ pub struct HttpJudge {
     prompts: BTreeMap<String, JudgePrompt>,
     model: Mutex<Option<String>>,
     limiter: Semaphore,
+    breaker: Breaker,
+    /// Spreads the retries of threads that failed together.
+    jitter: Mutex<Rng>,
     cache: Option<VerdictCache>,
     counters: Counters,
 }
@@ -96,9 +105,17 @@ impl HttpJudge {
             .user_agent(concat!("deepeyes-reward/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
         Ok(Self {
             model: Mutex::new(config.model.clone()),
             limiter: Semaphore::new(config.max_concurrency),
+            breaker: Breaker::new(
+                config.breaker_failures,
+                Duration::from_secs_f64(config.breaker_cooldown_secs),
+            ),
+            jitter: Mutex::new(Rng::new(seed)),
             root,
             agent,
             api_key,
@@ -138,6 +155,7 @@ impl HttpJudge {
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
+            short_circuited: c.short_circuited.load(Ordering::Relaxed),
         }
     }
 
@@ -150,18 +168,46 @@ impl HttpJudge {
     }
 
     /// The model id: from config, or detected once from `/v1/models` (with the same retries as
-    /// a verdict). Call it at start-up to fail fast on a dead judge.
+    /// a verdict).
     pub fn resolve_model(&self) -> Result<String, JudgeError> {
+        // Known already: no attempt, so nothing for the breaker to count as a success.
+        if let Some(id) = self
+            .model
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(id);
+        }
         self.with_retries(&self.models_url(), |judge| judge.model_once())
     }
 
-    fn model_once(&self) -> Result<String, Failure> {
-        let mut model = self.model.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(id) = model.as_ref() {
-            return Ok(id.clone());
-        }
+    /// The start-up check: asks `/v1/models` (with the retries of a verdict) even when the
+    /// model is configured, so a dead or misaddressed judge is found before any work, and
+    /// returns the model id. Warns when a configured model is not listed.
+    pub fn probe(&self) -> Result<String, JudgeError> {
         let url = self.models_url();
-        let body = self.send(&url, None)?;
+        let listed = self.with_retries(&url, |judge| judge.list_models_once())?;
+        let configured = self
+            .model
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match configured {
+            Some(model) => {
+                if !listed.contains(&model) {
+                    tracing::warn!(url = %url, model = %model, listed = ?listed, "the configured judge model is not listed by the server");
+                }
+                Ok(model)
+            }
+            None => self.resolve_model(),
+        }
+    }
+
+    /// The ids `/v1/models` lists, in its order; an empty list, or a first entry without an
+    /// id, is a failure.
+    fn list_models_once(&self) -> Result<Vec<String>, Failure> {
+        let body = self.send(&self.models_url(), None)?;
         let parsed: serde_json::Value = serde_json::from_str(&body).map_err(|e| {
             Failure::Retry(AttemptError::Malformed(format!("{e}: {}", clip(&body))))
         })?;
@@ -174,18 +220,32 @@ impl HttpJudge {
                     clip(&body)
                 )))
             })?;
-        let id = data
-            .first()
-            .ok_or(Failure::Retry(AttemptError::NoModel))?
-            .get("id")
-            .and_then(serde_json::Value::as_str)
-            .ok_or_else(|| {
-                Failure::Retry(AttemptError::Malformed(format!(
-                    "the first model has no `id`: {}",
-                    clip(&body)
-                )))
-            })?
-            .to_string();
+        let id = |entry: &serde_json::Value| {
+            entry
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        match data.first() {
+            None => Err(Failure::Retry(AttemptError::NoModel)),
+            Some(first) if id(first).is_none() => Err(Failure::Retry(AttemptError::Malformed(
+                format!("the first model has no `id`: {}", clip(&body)),
+            ))),
+            Some(_) => Ok(data.iter().filter_map(id).collect()),
+        }
+    }
+
+    fn model_once(&self) -> Result<String, Failure> {
+        let mut model = self.model.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(id) = model.as_ref() {
+            return Ok(id.clone());
+        }
+        let url = self.models_url();
+        let id = self
+            .list_models_once()?
+            .into_iter()
+            .next()
+            .ok_or(Failure::Retry(AttemptError::NoModel))?;
         tracing::info!(url = %url, model = %id, "judge model detected");
         *model = Some(id.clone());
         Ok(id)
@@ -194,6 +254,18 @@ impl HttpJudge {
     /// Sends one request (a GET when `json` is `None`) and returns the body of a 2xx reply.
     fn send(&self, url: &str, json: Option<&serde_json::Value>) -> Result<String, Failure> {
         let _permit = self.limiter.acquire();
+        // Asked after the permit: a thread that queued while the judge was failing must not
+        // send once the breaker opened.
+        if let Err(wait) = self.breaker.admit() {
+            self.counters
+                .short_circuited
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Failure::Open(JudgeError::CircuitOpen {
+                url: url.to_string(),
+                failures: self.breaker.consecutive(),
+                wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            }));
+        }
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let auth = self.api_key.as_ref().map(|key| format!("Bearer {key}"));
         let result = match json {
@@ -214,6 +286,11 @@ impl HttpJudge {
         };
         let mut response = result.map_err(|err| Failure::Retry(transport_error(err)))?;
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
         let body = response
             .body_mut()
             .read_to_string()
@@ -223,6 +300,7 @@ impl HttpJudge {
             408 | 429 | 500..=599 => Err(Failure::Retry(AttemptError::Status {
                 status,
                 body: clip(&body),
+                retry_after,
             })),
             _ => Err(Failure::Fatal(JudgeError::Rejected {
                 url: url.to_string(),
@@ -263,7 +341,8 @@ impl HttpJudge {
             })
     }
 
-    /// Runs `attempt` until it succeeds, fails fatally, or the retries run out.
+    /// Runs `attempt` until it succeeds, fails fatally, the breaker opens, or the retries run
+    /// out. Every attempt's outcome feeds the breaker.
     fn with_retries<T>(
         &self,
         url: &str,
@@ -274,17 +353,27 @@ impl HttpJudge {
         for n in 1..=attempts {
             if n > 1 {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
-                std::thread::sleep(self.config.backoff(n - 1));
+                std::thread::sleep(self.retry_wait(n - 1, &last));
             }
             match attempt(self) {
-                Ok(value) => return Ok(value),
+                Ok(value) => {
+                    self.breaker.success();
+                    return Ok(value);
+                }
+                Err(Failure::Open(err)) => {
+                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(url, error = %err, "judge not asked");
+                    return Err(err);
+                }
                 Err(Failure::Fatal(err)) => {
                     self.counters.failures.fetch_add(1, Ordering::Relaxed);
+                    self.note_failure(url);
                     tracing::error!(url, error = %err, "judge request rejected");
                     return Err(err);
                 }
                 Err(Failure::Retry(err)) => {
                     tracing::warn!(url, attempt = n, of = attempts, error = %err, "judge attempt failed");
+                    self.note_failure(url);
                     last = err;
                 }
             }
@@ -300,6 +389,35 @@ impl HttpJudge {
     }
 }
 
+impl HttpJudge {
+    /// The wait before retry `retry` after `last` failed: its `Retry-After`, or a jittered
+    /// backoff.
+    fn retry_wait(&self, retry: u32, last: &AttemptError) -> Duration {
+        let asked = match last {
+            AttemptError::Status { retry_after, .. } => *retry_after,
+            _ => None,
+        };
+        let jitter = self
+            .jitter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .next_f64();
+        self.config.retry_wait(retry, asked, jitter)
+    }
+
+    /// Feeds a failed attempt to the breaker, saying so when it opens.
+    fn note_failure(&self, url: &str) {
+        if self.breaker.failure() {
+            tracing::error!(
+                url,
+                failures = self.breaker.consecutive(),
+                cooldown_s = self.config.breaker_cooldown_secs,
+                "judge circuit breaker open: not asking the judge during the cool-down; undecided answers get the rule fallback"
+            );
+        }
+    }
+}
+
 impl Verifier for HttpJudge {
     fn verify(&self, request: &JudgeRequest<'_>) -> Result<JudgeVerdict, JudgeError> {
         let prompt = self
@@ -309,7 +427,10 @@ impl Verifier for HttpJudge {
                 name: request.prompt.to_string(),
                 known: self.prompts.keys().cloned().collect::<Vec<_>>().join(", "),
             })?;
+        // The model is part of the key, so it is known (configured or detected) first.
+        let model = self.resolve_model()?;
         let key = cache_key(
+            &model,
             prompt,
             request.question,
             request.reference,
@@ -343,12 +464,6 @@ impl Verifier for HttpJudge {
             }
         })?;
         self.counters.verdicts.fetch_add(1, Ordering::Relaxed);
-        let model = self
-            .model
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .unwrap_or_default();
         tracing::info!(
             key = %&key[..16],
             prompt = %prompt.name,

@@ -3,14 +3,20 @@
 //! The judge is consulted only when the rule matchers cannot decide. [`HttpJudge`] posts one
 //! `/v1/chat/completions` request per comparison, with:
 //! - the model from config, or the first id listed by `/v1/models` (as DeepEyes does);
-//! - a timeout per request, bounded retries with exponential backoff on transport errors,
-//!   timeouts, 408/429/5xx replies, malformed JSON and unreadable verdicts;
+//! - a timeout per request, bounded retries with jittered exponential backoff (or the server's
+//!   `Retry-After`, capped) on transport errors, timeouts, 408/429/5xx replies, malformed JSON
+//!   and unreadable verdicts;
+//! - a circuit breaker: after `breaker-failures` failed attempts in a row the judge is left
+//!   alone for `breaker-cooldown-secs`, and what it would have decided fails at once (the
+//!   accuracy term then scores it by the rules, flagged), so a dead judge costs a run seconds,
+//!   not hours;
 //! - a concurrency limit shared by every thread that uses the judge (the reward API is
 //!   synchronous; trainers score from many threads);
 //! - an optional on-disk cache of verdicts ([`VerdictCache`]), so re-scoring is free;
 //! - a `tracing` event for every verdict with the judge's raw reply.
 //!
-//! What happens when the retries run out is the caller's choice ([`FailurePolicy`]).
+//! What happens when the judge gives no verdict is the config's choice ([`FailurePolicy`]); by
+//! default the answer is scored by the rules and flagged, so no sample is lost.
 //!
 //! Any other verifier (a local model, a test double) plugs in through [`Verifier`], which
 //! closures implement:
@@ -24,6 +30,7 @@
 //! ```
 
 mod backoff;
+mod breaker;
 mod cache;
 mod config;
 mod http;
@@ -34,7 +41,7 @@ mod verdict;
 use serde::{Deserialize, Serialize};
 
 pub use cache::{CACHE_FILE, CachedVerdict, VerdictCache, cache_key};
-pub use config::JudgeConfig;
+pub use config::{API_KEY_ENV_PREFIX, JudgeConfig};
 pub use http::{HttpJudge, JudgeStats};
 pub use prompt::{
     DEFAULT_MARKER, DEFAULT_MATH_TEMPLATE, DEFAULT_SYSTEM, DEFAULT_VISUAL_TEMPLATE, JudgePrompt,
@@ -42,15 +49,16 @@ pub use prompt::{
 };
 pub use verdict::parse_verdict;
 
-/// What to do when the judge cannot give a verdict after its retries.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// What to do when the judge cannot give a verdict (`on-failure`), or does not answer at
+/// start-up (`on-start-failure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FailurePolicy {
-    /// Fail the sample's reward with the judge's error.
-    #[default]
+    /// Fail: the sample's reward is an error (`deepeyes reward` reports the row as bad,
+    /// `train` stops), or, at start-up, the command refuses to start.
     Error,
     /// Score by the rules alone (an undecided answer scores 0) and flag the breakdown with
-    /// `judge_unavailable_rule_fallback`.
+    /// `judge_unavailable_rule_fallback`; at start-up, start anyway with a warning.
     RuleFallback,
 }
 
@@ -109,6 +117,8 @@ pub enum AttemptError {
         status: u16,
         /// The start of the reply body.
         body: String,
+        /// The wait its `Retry-After` header asked for (seconds form).
+        retry_after: Option<std::time::Duration>,
     },
     /// The reply was not the JSON an OpenAI-compatible server sends.
     #[error("malformed reply: {0}")]
@@ -147,6 +157,19 @@ pub enum JudgeError {
         status: u16,
         /// The start of the reply body.
         body: String,
+    },
+    /// The circuit breaker is open: the judge failed too often in a row and is not asked
+    /// until its cool-down ends.
+    #[error(
+        "{url}: not asked; the judge failed {failures} time(s) in a row and is left alone for another {wait_ms} ms (circuit breaker open)"
+    )]
+    CircuitOpen {
+        /// The endpoint.
+        url: String,
+        /// The failed attempts in a row.
+        failures: u32,
+        /// How long the breaker stays open.
+        wait_ms: u64,
     },
     /// The request names a prompt that does not exist.
     #[error("unknown judge prompt {name:?} (known: {known})")]

@@ -358,11 +358,21 @@ fn the_concurrency_limit_holds_across_threads() {
 }
 
 #[test]
-fn the_api_key_comes_from_the_named_variable() {
+fn the_api_key_comes_from_an_allowed_variable_only() {
     let server = JudgeServer::answering("VERDICT: CORRECT");
-    let mut config = fast(&server.url());
-    config.api_key_env = Some("PATH".into());
-    let judge = HttpJudge::new(config).unwrap();
+    // PATH is neither DEEPEYES_JUDGE_* nor allowed: refused before any request, naming it.
+    let err = HttpJudge::new(fast(&server.url()).with_api_key_env("PATH")).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("PATH") && text.contains("--allow-env PATH"),
+        "{text}"
+    );
+    assert!(server.requests().is_empty());
+
+    let allowed = fast(&server.url())
+        .with_api_key_env("PATH")
+        .allow_env(["PATH"]);
+    let judge = HttpJudge::new(allowed).unwrap();
     judge.verify(&request("a")).unwrap();
     let expected = format!("Bearer {}", std::env::var("PATH").unwrap());
     assert_eq!(
@@ -370,12 +380,166 @@ fn the_api_key_comes_from_the_named_variable() {
         Some(expected.as_str())
     );
 
-    let mut missing = fast(&server.url());
-    missing.api_key_env = Some("DEEPEYES_TEST_SURELY_UNSET_VARIABLE".into());
+    let missing = fast(&server.url()).with_api_key_env("DEEPEYES_JUDGE_SURELY_UNSET_VARIABLE");
     let err = HttpJudge::new(missing).unwrap_err();
     assert!(
         err.to_string()
-            .contains("DEEPEYES_TEST_SURELY_UNSET_VARIABLE"),
+            .contains("DEEPEYES_JUDGE_SURELY_UNSET_VARIABLE is not set"),
         "{err}"
     );
+}
+
+#[test]
+fn the_breaker_stops_asking_a_failing_judge_and_probes_after_the_cooldown() {
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = healthy.clone();
+    let server = JudgeServer::start(move |_, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            chat("VERDICT: CORRECT")
+        } else {
+            Reply::Body(500, "down".into())
+        }
+    });
+    let config = fast(&server.url()).with_breaker(4, Duration::from_secs(1));
+    let judge = HttpJudge::new(config).unwrap();
+    let errors: Vec<JudgeError> = (0..20)
+        .map(|i| judge.verify(&request(&format!("answer {i}"))).unwrap_err())
+        .collect();
+    // 3 attempts for the first answer, 1 for the second opens the breaker; the other 18 are not
+    // sent at all (without the breaker: 60 requests and 40 backoffs).
+    assert_eq!(server.chat_requests(), 4);
+    assert!(
+        matches!(errors[0], JudgeError::Exhausted { attempts: 3, .. }),
+        "{}",
+        errors[0]
+    );
+    for err in &errors[2..] {
+        assert!(
+            matches!(err, JudgeError::CircuitOpen { failures: 4, .. }),
+            "{err}"
+        );
+    }
+    assert!(errors[5].to_string().contains("circuit breaker open"));
+    assert_eq!(judge.stats().short_circuited, 19);
+
+    // After the cool-down one probe goes; the judge is back, so the breaker closes.
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert!(judge.verify(&request("back")).unwrap().correct);
+    assert!(judge.verify(&request("again")).unwrap().correct);
+    assert_eq!(server.chat_requests(), 6);
+}
+
+#[test]
+fn retry_after_is_honoured_up_to_the_backoff_cap() {
+    let retry_after = |seconds: &str| {
+        Reply::WithHeaders(
+            429,
+            vec![("Retry-After".into(), seconds.into())],
+            "{\"error\": \"slow down\"}".into(),
+        )
+    };
+    let server = JudgeServer::start(move |_, n| {
+        if n == 0 {
+            retry_after("1")
+        } else {
+            chat("VERDICT: CORRECT")
+        }
+    });
+    let config =
+        fast(&server.url()).with_retries(2, Duration::from_millis(1), Duration::from_millis(5000));
+    let judge = HttpJudge::new(config).unwrap();
+    let started = Instant::now();
+    let verdict = judge.verify(&request("a")).unwrap();
+    assert_eq!(verdict.attempts, 2);
+    // The backoff alone would have waited about 1 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // An hour is capped at backoff-max-ms (20 ms in `fast`).
+    let server = JudgeServer::start(move |_, _| retry_after("3600"));
+    let judge = HttpJudge::new(fast(&server.url())).unwrap();
+    let started = Instant::now();
+    let err = judge.verify(&request("a")).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            JudgeError::Exhausted {
+                attempts: 3,
+                last: AttemptError::Status {
+                    status: 429,
+                    retry_after: Some(_),
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// The cache key of a comparison as it was computed before the model was part of it.
+fn v1_key(question: &str, reference: &str, prediction: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let prompt = deepeyes_reward::judge::JudgePrompt::builtin("visual").unwrap();
+    let mut hasher = Sha256::new();
+    hasher.update(b"deepeyes-judge-cache-v1");
+    for part in [
+        prompt.system.as_str(),
+        prompt.template.as_str(),
+        question,
+        reference,
+        prediction,
+    ] {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part.as_bytes());
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+#[test]
+fn the_cache_keeps_each_models_verdicts_apart_and_ignores_keys_without_a_model() {
+    let server = JudgeServer::start(|req, _| {
+        // Each model has its own opinion.
+        if req.json()["model"] == "strict" {
+            chat("VERDICT: INCORRECT")
+        } else {
+            chat("VERDICT: CORRECT")
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // A verdict cached by an older build, under a key without the model, saying "incorrect".
+    let old = serde_json::json!({
+        "key": v1_key("What colour is the kite?", "red", "crimson"),
+        "correct": false, "raw_reply": "VERDICT: INCORRECT", "model": "strict", "prompt": "visual",
+    });
+    std::fs::write(
+        dir.path().join(deepeyes_reward::judge::CACHE_FILE),
+        format!("{old}\n"),
+    )
+    .unwrap();
+
+    let lenient = HttpJudge::new(fast(&server.url()).with_cache_dir(dir.path())).unwrap();
+    let first = lenient.verify(&request("crimson")).unwrap();
+    assert!(first.correct && !first.cached, "the old entry was served");
+    assert!(lenient.verify(&request("crimson")).unwrap().cached);
+    assert_eq!(server.chat_requests(), 1);
+
+    let mut strict_config = fast(&server.url()).with_cache_dir(dir.path());
+    strict_config.model = Some("strict".into());
+    let strict = HttpJudge::new(strict_config).unwrap();
+    let verdict = strict.verify(&request("crimson")).unwrap();
+    assert!(!verdict.correct && !verdict.cached);
+    assert!(strict.verify(&request("crimson")).unwrap().cached);
+    assert_eq!(server.chat_requests(), 2);
+    // Both models' verdicts and the old line stay in the file.
+    let lines = std::fs::read_to_string(dir.path().join(deepeyes_reward::judge::CACHE_FILE))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(lines, 3);
 }

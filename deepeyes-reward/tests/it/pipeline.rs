@@ -204,3 +204,45 @@ fn the_composed_config_scores_like_the_presets() {
         );
     }
 }
+
+#[test]
+fn a_batch_is_scored_concurrently_within_max_concurrency_and_in_order() {
+    use std::time::Duration;
+
+    use crate::server::{Reply, chat};
+
+    // The judge calls "colour N" correct for even N, slowly, so the requests overlap.
+    let server = JudgeServer::start(|req, _| {
+        let user = req.json()["messages"][1]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let even = ["colour 0", "colour 2", "colour 4", "colour 6"]
+            .iter()
+            .any(|c| user.contains(c));
+        let verdict = if even {
+            "VERDICT: CORRECT"
+        } else {
+            "VERDICT: INCORRECT"
+        };
+        Reply::After(Duration::from_millis(80), Box::new(chat(verdict)))
+    });
+    let mut config = config(&server.url(), FailurePolicy::Error);
+    config.judge.as_mut().unwrap().max_concurrency = 3;
+    let pipeline = config.build(&Registry::new()).unwrap();
+    assert_eq!(pipeline.concurrency(), 3);
+
+    let responses: Vec<String> = (0..8)
+        .map(|i| format!("{CROP}<answer>colour {i}</answer>"))
+        .collect();
+    let inputs: Vec<RewardInput<'_>> = responses.iter().map(|r| visual("red", r)).collect();
+    let scored = pipeline.score_batch(&inputs);
+    let accuracy: Vec<f64> = scored
+        .iter()
+        .map(|s| s.as_ref().unwrap().term("accuracy").unwrap())
+        .collect();
+    assert_eq!(accuracy, vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+    assert_eq!(server.chat_requests(), 8);
+    let most = server.max_in_flight();
+    assert!((2..=3).contains(&most), "max in flight: {most}");
+}

@@ -36,6 +36,8 @@ impl Request {
 pub(crate) enum Reply {
     /// A status and a body sent as JSON.
     Body(u16, String),
+    /// A status, extra headers and a body.
+    WithHeaders(u16, Vec<(String, String)>, String),
     /// Wait, then answer.
     After(Duration, Box<Reply>),
     /// Close the connection without answering.
@@ -227,9 +229,14 @@ fn respond(mut stream: TcpStream, reply: Reply) {
         Reply::Close => {
             let _ = stream.shutdown(Shutdown::Both);
         }
-        Reply::Body(status, body) => {
+        Reply::Body(status, body) => respond(stream, Reply::WithHeaders(status, Vec::new(), body)),
+        Reply::WithHeaders(status, headers, body) => {
+            let extra: String = headers
+                .iter()
+                .map(|(name, value)| format!("{name}: {value}\r\n"))
+                .collect();
             let head = format!(
-                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
             let _ = stream.write_all(head.as_bytes());

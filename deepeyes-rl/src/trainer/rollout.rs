@@ -148,27 +148,47 @@ impl<N: PolicyNetwork> Trainer<N> {
     }
 
     /// The score phase of one round: the reward of every trajectory, over its decoded
-    /// response region.
+    /// response region. The whole round is one [`RewardFn::score_batch`], so a reward that
+    /// waits on a judge has up to its `max-concurrency` answers in flight; the rewards come
+    /// back in trajectory order, so a step is the same however the requests interleave.
     fn score(
         &self,
         codec: &dyn TokenCodec,
         prepared: Vec<PreparedItem>,
         groups: Vec<Vec<Trajectory>>,
     ) -> TrainResult<Vec<RolledGroup>> {
-        let mut out = Vec::with_capacity(prepared.len());
-        for (p, trajectories) in prepared.into_iter().zip(groups) {
-            let truth = p.ground_truth();
-            let mut rewards = Vec::with_capacity(trajectories.len());
-            for traj in &trajectories {
-                let response = codec.decode(traj.response_tokens())?;
-                rewards.push(self.reward.score(&RewardInput {
+        let truths: Vec<String> = prepared.iter().map(PreparedItem::ground_truth).collect();
+        let responses: Vec<Vec<String>> = groups
+            .iter()
+            .map(|trajectories| {
+                trajectories
+                    .iter()
+                    .map(|traj| codec.decode(traj.response_tokens()))
+                    .collect()
+            })
+            .collect::<Result<_, _>>()?;
+        let mut inputs = Vec::new();
+        for (((p, truth), trajectories), responses) in
+            prepared.iter().zip(&truths).zip(&groups).zip(&responses)
+        {
+            for (traj, response) in trajectories.iter().zip(responses) {
+                inputs.push(RewardInput {
                     data_source: &p.item.data_source,
                     question: &p.question,
-                    ground_truth: &truth,
-                    response: &response,
+                    ground_truth: truth,
+                    response,
                     trajectory: Some(traj),
-                })?);
+                });
             }
+        }
+        let mut scored = self.reward.score_batch(&inputs).into_iter();
+        drop(inputs);
+        let mut out = Vec::with_capacity(prepared.len());
+        for (p, trajectories) in prepared.into_iter().zip(groups) {
+            let rewards = scored
+                .by_ref()
+                .take(trajectories.len())
+                .collect::<Result<Vec<_>, _>>()?;
             out.push(RolledGroup {
                 item: p,
                 trajectories,
