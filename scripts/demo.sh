@@ -7,4 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup_ort.sh
-cargo run --release -p deepeyes-cli -- demo "$@"
+# The demo reads no parquet files: building without that feature shortens the first wait
+# (docs/BUILD.md). `cargo build --release -p deepeyes-cli` builds the full binary.
+cargo run --release -p deepeyes-cli --no-default-features -- demo "$@"

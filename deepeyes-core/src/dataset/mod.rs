@@ -338,7 +338,9 @@ fn open_verl(path: &Path, options: &LoadOptions) -> Result<Box<dyn ItemReader>, 
 #[cfg(not(feature = "parquet"))]
 fn open_verl(_path: &Path, _options: &LoadOptions) -> Result<Box<dyn ItemReader>, DatasetError> {
     Err(DatasetError::Config(
-        "deepeyes-core was built without the `parquet` feature; verl parquet files cannot be read"
+        "this build has no parquet support (deepeyes-core's `parquet` feature; scripts/demo.sh \
+         builds the CLI without it): build the full CLI with `cargo build --release -p \
+         deepeyes-cli`"
             .into(),
     ))
 }
