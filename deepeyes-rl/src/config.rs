@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigProblem, Error, Result};
 use crate::grpo::GrpoConfig;
+use crate::network::LoraConfig;
 use crate::schedule::ScheduleConfig;
 
 /// The formats a training dataset can come in.
@@ -109,6 +110,8 @@ pub struct SeedsConfig {
     pub data: u64,
     /// Rollout sampling (0).
     pub rollout: u64,
+    /// The start of LoRA adapters, with `[lora]` (0).
+    pub adapters: u64,
 }
 
 /// Batch sizes of one RL step. Defaults are DeepEyes' 7B run.
@@ -276,6 +279,10 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// The policy.
     pub model: ModelConfig,
+    /// Train LoRA adapters on a frozen base instead of every weight (absent: full updates).
+    /// Checkpoints then hold the adapter as PEFT writes it next to the merged bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
     /// Tool registry configuration, passed as is to the tools crate (empty: the default tools).
     #[serde(default)]
     pub tools: toml::Table,
@@ -401,6 +408,9 @@ impl TrainConfig {
         }
         if empty_path(&self.model.bundle) {
             errs.push("model.bundle", "must not be empty");
+        }
+        if let Some(Err(e)) = self.lora.as_ref().map(LoraConfig::validate) {
+            errs.push("lora", e);
         }
 
         if let Err(e) = self.rollout.validate() {

@@ -10,7 +10,7 @@ use deepeyes_core::onnx::{LogitsOf, OnnxModel, OnnxOptions};
 use deepeyes_core::{RewardBreakdown, RewardInput, RewardTerm, WeightReceiver};
 use deepeyes_reward::{Bounds, PipelineConfig, Registry};
 use deepeyes_rl::TrainConfig;
-use deepeyes_rl::network::{Batch, PadLayout, Sequence, to_host};
+use deepeyes_rl::network::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, Batch, PadLayout, Sequence, to_host};
 use deepeyes_rl::trainer::Trainer;
 use deepeyes_tools::{ToolRegistry, ToolsConfig};
 
@@ -290,6 +290,145 @@ fn kl_entropy_and_dynamic_sampling_enter_the_update() {
         assert!(entropy > 0.0, "{entropy}");
     }
     // The policy starts as the reference, then moves away from it.
+    assert!(first.update.kl.expect("kl is reported").abs() < 1e-6);
+    assert!(second.update.kl.expect("kl is reported") > 0.0);
+}
+
+/// `[lora]` as a user writes it: adapters on every linear layer but the output head.
+const LORA: &str = "[lora]\nrank = 4\nalpha = 8\ntarget-modules = \"all-linear\"";
+
+/// The metrics of a trainer's next `steps` steps, times left out.
+fn run_steps(trainer: &mut Trainer, steps: usize) -> Vec<serde_json::Value> {
+    (0..steps)
+        .map(|_| {
+            let m = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
+            let mut line = serde_json::to_value(m).unwrap();
+            line.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !k.starts_with("time_"));
+            line
+        })
+        .collect()
+}
+
+/// The burn model's logits of a short text prompt.
+fn text_logits(model: &deepeyes_rl::network::Qwen25Vl, tokens: &[u32]) -> Vec<f32> {
+    let seq = Sequence {
+        score_from: 0,
+        tokens: tokens.to_vec(),
+        images: vec![],
+    };
+    let batch = Batch::new(&model.config, &[seq], PadLayout::OnePerImage).unwrap();
+    to_host(model.logits(&batch).unwrap())
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// LoRA GRPO: only the adapters train, the rollout engine runs the merged weights, checkpoints
+/// hold the adapter as PEFT writes it, and a run resumed from one continues exactly.
+#[test]
+fn lora_grpo_trains_the_adapter_only_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
+        .unwrap();
+    let tokens: Vec<u32> = vec![15, 17, 200, 301, 9, 42, 77, 600];
+    let base = deepeyes_rl::network::Qwen25Vl::from_pretrained(
+        repo().join("tests/data/tiny-qwen2_5_vl/bundle"),
+        &deepeyes_rl::network::ComputeDevice::Flex
+            .device(false)
+            .unwrap(),
+    )
+    .unwrap();
+
+    let mut whole = trainer(config(&dir.path().join("whole"), 4, LORA), &rewards);
+    let params = whole.model().params();
+    assert!(
+        params
+            .iter()
+            .filter(|p| p.trainable)
+            .all(|p| p.name.contains(".lora_"))
+    );
+    assert!(params.iter().any(|p| p.trainable));
+    let uninterrupted = run_steps(&mut whole, 4);
+    let trained = text_logits(whole.model(), &tokens);
+    let moved = max_diff(&trained, &text_logits(&base, &tokens));
+    assert!(
+        moved > 1e-3,
+        "four LoRA steps did not change the model ({moved:e})"
+    );
+    // The rollout engine took the merged weights in place.
+    let engine = whole.rollout_engine().unwrap();
+    let prompt = engine.prepare(&tokens, &[]).unwrap();
+    let (live, _) = engine.prefill(&[&prompt], LogitsOf::All).unwrap();
+    let d = max_diff(&live[0], &trained);
+    assert!(d <= 1e-4, "rollout engine vs adapted burn model: {d:e}");
+
+    // Killed after step 2 and resumed from its checkpoint.
+    let out = dir.path().join("resumed");
+    let mut first = trainer(config(&out, 4, LORA), &rewards);
+    let head = run_steps(&mut first, 2);
+    let saved = first.save_checkpoint().unwrap();
+    drop(first);
+    for file in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        assert!(saved.join(file).is_file(), "the checkpoint has no {file}");
+    }
+    // The checkpoint's adapter on the untouched base is the trainer's model.
+    let adapter = base.clone().load_adapter(&saved).unwrap();
+    let merged = deepeyes_rl::network::Qwen25Vl::from_pretrained(&saved, &base.device()).unwrap();
+    assert!(
+        max_diff(
+            &text_logits(&adapter, &tokens),
+            &text_logits(&merged, &tokens)
+        ) <= 1e-5
+    );
+
+    let config = config(&out, 4, LORA);
+    let (checkpoint, _) = deepeyes_rl::checkpoint::latest_intact(&config.checkpoint_dir()).unwrap();
+    let tools =
+        ToolRegistry::from_config(&ToolsConfig::from_table(&config.tools, "[tools]").unwrap())
+            .unwrap()
+            .tools();
+    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
+        .unwrap()
+        .build(&rewards)
+        .unwrap();
+    let mut resumed = Trainer::resume(
+        config,
+        tools,
+        std::sync::Arc::new(reward),
+        &checkpoint.unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+    .with_onnx_options(OnnxOptions {
+        threads: 1,
+        ..OnnxOptions::default()
+    });
+    let tail = run_steps(&mut resumed, 2);
+    assert_eq!([head, tail].concat(), uninterrupted);
+    assert_eq!(text_logits(resumed.model(), &tokens), trained);
+}
+
+/// A LoRA run's KL reference is its own base with the adapters off: zero at the first step
+/// (B = 0), positive once the adapters have moved, and no second model is loaded.
+#[test]
+fn lora_kl_reference_is_the_base_without_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
+        .unwrap();
+    let extra = format!("kl-coef = 0.1\n{LORA}");
+    let mut trainer = trainer(config(&dir.path().join("run"), 2, &extra), &rewards);
+    let first = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
+    let second = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
     assert!(first.update.kl.expect("kl is reported").abs() < 1e-6);
     assert!(second.update.kl.expect("kl is reported") > 0.0);
 }

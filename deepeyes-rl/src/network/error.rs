@@ -77,6 +77,12 @@ pub enum ModelError {
         /// What is wrong.
         message: String,
     },
+    /// A LoRA configuration or adapter is invalid.
+    #[error("LoRA: {message}")]
+    Lora {
+        /// What is wrong.
+        message: String,
+    },
     /// The requested device is not compiled in.
     #[error("device `{name}` is not available: {message}")]
     Device {

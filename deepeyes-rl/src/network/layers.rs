@@ -7,6 +7,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::error::Result;
 use super::init::ParamSource;
+use super::lora::LoraAdapter;
 
 /// A dense layer `y = x Wᵀ + b` with `W` stored as `[out, in]`, as Hugging Face stores it.
 #[derive(Module, Debug)]
@@ -15,6 +16,8 @@ pub struct Linear {
     pub weight: Param<Tensor<2>>,
     /// `[out]`, when the layer has a bias.
     pub bias: Option<Param<Tensor<1>>>,
+    /// A LoRA adapter, when the layer has one ([`super::lora`]).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -31,7 +34,11 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
     /// Applies the layer to the last dimension of `x`.
@@ -41,7 +48,11 @@ impl Linear {
         let rows = x.shape().num_elements() / d_in.max(1);
         let w = self.weight.val();
         let d_out = w.dims()[0];
-        let mut y = x.reshape([rows, d_in]).matmul(w.transpose());
+        let x = x.reshape([rows, d_in]);
+        let mut y = match &self.lora {
+            Some(lora) => x.clone().matmul(w.transpose()) + lora.forward(x),
+            None => x.matmul(w.transpose()),
+        };
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze::<2>();
         }

@@ -32,6 +32,7 @@ mod config;
 mod error;
 mod init;
 mod layers;
+mod lora;
 mod policy;
 mod qwen;
 mod text;
@@ -43,9 +44,14 @@ use burn::tensor::Device;
 pub use batch::{Batch, ImageInput, PadLayout, Sequence, SharedPrefixes};
 pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
-pub use policy::{PolicyNetwork, ScoreOptions};
+pub use layers::{Linear, SwiGlu};
+pub use lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, LoraConfig, TargetModules};
+pub use policy::{Adapters, PolicyNetwork, ScoreOptions};
 pub use qwen::{Qwen25Vl, TokenScores, tensor2, to_host};
-pub use vision::{Grid, VisionInputs};
+pub use text::{DecoderLayer, TextAttention, TextModel};
+pub use vision::{
+    Grid, PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionInputs, VisionTower,
+};
 pub use weights::{HostParam, ParamInfo, param_grads};
 
 /// Where the model runs.

@@ -7,7 +7,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 
 use super::weights::param_infos;
-use super::{Batch, PadLayout, ParamInfo, Qwen25Vl, Result, Sequence, TokenScores};
+use super::{Batch, LoraConfig, PadLayout, ParamInfo, Qwen25Vl, Result, Sequence, TokenScores};
 
 /// How [`PolicyNetwork::score_sequences`] scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -17,6 +17,20 @@ pub struct ScoreOptions {
     /// Run a beginning that several sequences share once (the prompt of a GRPO group's samples;
     /// see [`crate::network::SharedPrefixes`]); the results are the same.
     pub share_prefixes: bool,
+}
+
+/// Where [`PolicyNetwork::adapt`] takes its adapters from.
+#[derive(Debug, Clone, Copy)]
+pub enum Adapters<'a> {
+    /// Fresh adapters for the layers `config` targets, drawn from `seed`.
+    Fresh {
+        /// Which layers, rank, scale, start.
+        config: &'a LoraConfig,
+        /// The adapters' seed.
+        seed: u64,
+    },
+    /// A PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`).
+    Saved(&'a Path),
 }
 
 /// What the GRPO trainer needs of a trainable vision-language network, and all it uses.
@@ -57,6 +71,19 @@ pub trait PolicyNetwork: Module + Sized {
     /// The same network with its vision encoder frozen (no gradients, no optimizer state).
     fn freeze_vision(self) -> Self;
 
+    /// The network with LoRA adapters attached and every base parameter frozen, so that only
+    /// the adapters train; the weights it hands out ([`PolicyNetwork::hf_tensors`]) are the
+    /// merged ones.
+    fn adapt(self, adapters: Adapters<'_>) -> Result<Self>;
+
+    /// Writes the adapters as a PEFT adapter folder `dir`; `Ok(false)` when the network has
+    /// none.
+    fn save_adapter(&self, dir: &Path) -> Result<bool>;
+
+    /// The base network (the adapters off, the weights shared), `None` without adapters: the
+    /// KL reference of a LoRA run, which needs no second copy of the weights.
+    fn without_adapters(&self) -> Option<Self>;
+
     /// The device the parameters live on.
     fn device(&self) -> Device;
 
@@ -93,6 +120,25 @@ impl PolicyNetwork for Qwen25Vl {
 
     fn freeze_vision(self) -> Self {
         Qwen25Vl::freeze_vision(self)
+    }
+
+    fn adapt(self, adapters: Adapters<'_>) -> Result<Self> {
+        match adapters {
+            Adapters::Fresh { config, seed } => self.with_lora(config, seed),
+            Adapters::Saved(dir) => self.load_adapter(dir),
+        }
+    }
+
+    fn save_adapter(&self, dir: &Path) -> Result<bool> {
+        if self.lora.is_none() {
+            return Ok(false);
+        }
+        Qwen25Vl::save_adapter(self, dir, None)?;
+        Ok(true)
+    }
+
+    fn without_adapters(&self) -> Option<Self> {
+        Qwen25Vl::without_adapters(self)
     }
 
     fn device(&self) -> Device {

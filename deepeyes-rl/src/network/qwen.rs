@@ -30,6 +30,9 @@ pub struct Qwen25Vl {
     /// Hyper-parameters.
     #[module(skip)]
     pub config: Qwen25VlConfig,
+    /// The LoRA configuration, when the model carries adapters ([`Qwen25Vl::with_lora`]).
+    #[module(skip)]
+    pub lora: Option<super::LoraConfig>,
 }
 
 /// Per-token scores of a [`Batch`], as autodiff tensors when the model is on an autodiff device.
@@ -66,6 +69,7 @@ impl Qwen25Vl {
             model,
             lm_head,
             config: config.clone(),
+            lora: None,
         })
     }
 
@@ -103,7 +107,12 @@ impl Qwen25Vl {
 
     /// Every parameter with its Hugging Face name and shape (the patch embedding as the 5-D
     /// convolution kernel transformers stores), as host copies.
+    /// With adapters, the weights are the merged ones (`W + s·B A`), which is what the model
+    /// computes.
     pub fn hf_tensors(&self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        if self.lora.is_some() {
+            return self.clone().merged().hf_tensors();
+        }
         let v = &self.config.vision;
         let mut tensors = BTreeMap::new();
         for p in param_values(self) {
@@ -214,6 +223,7 @@ impl Qwen25Vl {
             None => Linear {
                 weight: self.model.embed_tokens.weight.clone(),
                 bias: None,
+                lora: None,
             }
             .forward(hidden),
         }

@@ -258,6 +258,7 @@ impl VisionTower {
                     tensor_from(w, [c, pd], &device),
                 ),
                 bias: None,
+                lora: None,
             },
         };
         let mut blocks = Vec::with_capacity(cfg.depth);

@@ -15,6 +15,8 @@ pub(crate) fn hf_name(path: &[String]) -> String {
     joined
         .replace("visual.merger.mlp0.", "visual.merger.mlp.0.")
         .replace("visual.merger.mlp2.", "visual.merger.mlp.2.")
+        .replace(".lora.lora_a", ".lora_A.weight")
+        .replace(".lora.lora_b", ".lora_B.weight")
 }
 
 /// A parameter's name, id, shape and whether it is trainable.

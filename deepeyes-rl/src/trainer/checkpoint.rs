@@ -31,6 +31,7 @@ impl<N: PolicyNetwork> Trainer<N> {
         let root = self.config.checkpoint_dir();
         let mut writer = CheckpointWriter::begin(&root, self.step)?;
         export_bundle(self.model(), &self.config.model.bundle, writer.dir())?;
+        self.model().save_adapter(writer.dir())?;
         let mut names: Vec<String> = std::fs::read_dir(writer.dir())
             .map_err(io_err(writer.dir()))?
             .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))

@@ -38,7 +38,7 @@ use deepeyes_core::{
 use crate::checkpoint::{Checkpoint, list_checkpoints};
 use crate::config::{DeviceKind, TrainConfig};
 use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics, TimeSplit};
-use crate::network::{ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
+use crate::network::{Adapters, ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
 use deepeyes_core::dataset::{PreparedItem, prepare_item};
 
 /// Everything that can stop training, naming the part at fault.
@@ -94,12 +94,26 @@ fn networks<N: PolicyNetwork>(
         DeviceKind::Cpu => ComputeDevice::Flex,
         DeviceKind::Cuda => ComputeDevice::Cuda(0),
     };
-    let weights = checkpoint.unwrap_or(&config.model.bundle);
-    let mut model = N::from_pretrained(weights, &compute.device(true)?)?;
+    let device = compute.device(true)?;
+    let mut model = match (&config.lora, checkpoint) {
+        (None, _) => N::from_pretrained(checkpoint.unwrap_or(&config.model.bundle), &device)?,
+        // A LoRA run's checkpoint holds the adapter; the base is the bundle's, unchanged.
+        (Some(lora), dir) => {
+            let base = N::from_pretrained(&config.model.bundle, &device)?;
+            base.adapt(match dir {
+                Some(dir) => Adapters::Saved(dir),
+                None => Adapters::Fresh {
+                    config: lora,
+                    seed: config.seeds.adapters,
+                },
+            })?
+        }
+    };
     if config.model.freeze_vision {
         model = model.freeze_vision();
     }
-    let reference = if config.grpo.needs_reference() {
+    // A LoRA run's reference is its own base with the adapters off (`fixed_logprobs`).
+    let reference = if config.grpo.needs_reference() && config.lora.is_none() {
         Some(N::from_pretrained(
             &config.model.bundle,
             &compute.device(false)?,

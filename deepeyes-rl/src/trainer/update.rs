@@ -190,7 +190,16 @@ impl<N: PolicyNetwork> Trainer<N> {
         } else {
             Some(logprobs_of(self.model(), sequences, chunk, width, share)?)
         };
-        let reference = match &self.reference {
+        let base;
+        let reference = match (&self.reference, self.config.grpo.needs_reference()) {
+            (Some(r), _) => Some(r),
+            (None, true) => {
+                base = self.model().without_adapters();
+                base.as_ref()
+            }
+            (None, false) => None,
+        };
+        let reference = match reference {
             Some(r) => Some(logprobs_of(r, sequences, chunk, width, share)?),
             None => None,
         };

@@ -244,3 +244,18 @@ fn missing_files_are_reported_before_work() {
     );
     assert!(TrainConfig::load(&dir.path().join("absent.toml")).is_err());
 }
+
+#[test]
+fn a_lora_table_is_read_and_checked() {
+    let cfg =
+        with("[lora]\nrank = 8\nalpha = 16\ntarget-modules = [\"q_proj\", \"v_proj\"]").unwrap();
+    let lora = cfg.lora.expect("the [lora] table");
+    assert_eq!((lora.rank, lora.scale()), (8, 2.0));
+    let err = with("[lora]\nrank = 8\nalpha = 16\ndropout = 0.1\ntarget-modules = \"all-linear\"")
+        .unwrap_err();
+    assert_eq!(problems(&err), ["lora"]);
+    assert!(err.to_string().contains("dropout"), "{err}");
+    let err = with("[lora]\nrank = 8\nalpha = 16\ntarget-modules = \"(\"").unwrap_err();
+    assert_eq!(problems(&err), ["lora"]);
+    assert!(with("[lora]\nrank = 8\nalpha = 16\ntarget-modules = \"all-linear\"\nr = 3").is_err());
+}
