@@ -215,3 +215,77 @@ fn require_gpu_fails_without_one() {
     let err = failed_run(&fixture().join("bundle"), &["--require-gpu"]);
     assert!(err.contains("GPU"), "{err}");
 }
+
+/// The first turn's generated ids and log-probs of a greedy run of `bundle`.
+fn first_turn(bundle: &std::path::Path, trace: &std::path::Path) -> serde_json::Value {
+    ok(&run_on_golden_image(
+        bundle,
+        "What color is the disc?",
+        &[
+            "--max-turns",
+            "1",
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+            "--trace",
+            trace.to_str().unwrap(),
+        ],
+    ));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
+    json["turns"][0]["logprobs"].clone()
+}
+
+/// A PEFT adapter (made by PEFT, `tests/data/lora/peft`) merged into the base bundle gives a
+/// bundle `deepeyes run` answers with, and it runs the adapted weights, not the base's.
+#[test]
+fn export_merge_writes_a_bundle_that_runs_the_adapted_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture().join("bundle");
+    let adapter = fixture().join("../lora/peft");
+    let merged = dir.path().join("merged");
+    let out = ok(&deepeyes(&[
+        "export",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--bundle",
+        base.to_str().unwrap(),
+        "--merge",
+        "--out",
+        merged.to_str().unwrap(),
+    ]));
+    assert!(out.contains("loads on CPUExecutionProvider"), "{out}");
+    let adapted = first_turn(&merged, &dir.path().join("merged.json"));
+    let original = first_turn(&base, &dir.path().join("base.json"));
+    assert!(adapted.as_array().is_some_and(|a| !a.is_empty()));
+    assert_ne!(adapted, original, "the merged bundle runs the base weights");
+
+    // An adapter alone is not a bundle: --merge is required, and a bad folder is named.
+    let out = deepeyes(&[
+        "export",
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--bundle",
+        base.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--merge"));
+    let out = deepeyes(&[
+        "export",
+        "--adapter",
+        dir.path().to_str().unwrap(),
+        "--bundle",
+        base.to_str().unwrap(),
+        "--merge",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("adapter_config.json"),
+        "{err}"
+    );
+}

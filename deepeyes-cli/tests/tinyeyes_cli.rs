@@ -170,6 +170,33 @@ fn pretrain_then_demo_run_end_to_end() {
     // Data is reused only when it was written with the same settings.
     assert!(run_demo("0").contains("reusing the SynthV* data"));
     assert!(run_demo("1").contains("writing 8 training and 4 held-out"));
+
+    // --lora: adapters on the frozen base; its checkpoints hold them as PEFT writes them.
+    let lora = dir.path().join("demo-lora");
+    let stdout = deepeyes(&[
+        "demo",
+        "--model",
+        path(&bundle),
+        "--out",
+        path(&lora),
+        "--steps",
+        "1",
+        "--train-items",
+        "8",
+        "--eval-items",
+        "4",
+        "--lora",
+    ]);
+    assert!(stdout.contains("GRPO with LoRA adapters"), "{stdout}");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(lora.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["lora"], true);
+    let checkpoints: Vec<_> = std::fs::read_dir(lora.join("train/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("adapter_model.safetensors").is_file())
+        .collect();
+    assert!(!checkpoints.is_empty(), "no checkpoint holds the adapter");
 }
 
 #[test]

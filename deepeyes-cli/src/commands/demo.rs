@@ -29,6 +29,8 @@ use super::synthv::SynthVArgs;
 
 /// The GRPO settings of the demo (`configs/train/tinyeyes-demo.toml`).
 const DEMO_CONFIG: &str = include_str!("../../../configs/train/tinyeyes-demo.toml");
+/// `--lora`: the learning rate and `[lora]` table replacing the demo's full updates.
+const DEMO_LORA: &str = include_str!("../../../configs/train/tinyeyes-demo-lora.toml");
 /// The ablation's reward: DeepEyes' without the tool bonus.
 const NO_BONUS_REWARD: &str = include_str!("../../../configs/rewards/deepeyes-no-tool-bonus.toml");
 
@@ -56,6 +58,18 @@ pub(crate) struct DemoArgs {
     /// Seed of the data and of training.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Train LoRA adapters on the frozen base instead of every weight
+    /// (`configs/train/tinyeyes-demo-lora.toml`).
+    #[arg(long)]
+    lora: bool,
+}
+
+/// `configs/train/tinyeyes-demo-lora.toml`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DemoLora {
+    lr: f64,
+    lora: deepeyes_rl::network::LoraConfig,
 }
 
 /// The numbers compared before and after training.
@@ -292,6 +306,16 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     config.model.bundle = args.model.clone();
     config.seeds.data = args.seed;
     config.seeds.rollout = args.seed;
+    if args.lora {
+        let lora: DemoLora =
+            toml::from_str(DEMO_LORA).context("configs/train/tinyeyes-demo-lora.toml")?;
+        config.optimizer.lr = lora.lr;
+        config.seeds.adapters = args.seed;
+        config.lora = Some(lora.lora);
+        config
+            .validate("configs/train/tinyeyes-demo-lora.toml")
+            .context("the built-in LoRA demo config")?;
+    }
     let rewards = if args.no_tool_bonus {
         PipelineConfig::from_toml_str(
             NO_BONUS_REWARD,
@@ -318,7 +342,8 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let train_dir = config.output_dir.clone();
     writeln!(
         stdout,
-        "\nGRPO: {} steps of 8 prompts × 16 samples, reward {}",
+        "\nGRPO{}: {} steps of 8 prompts × 16 samples, reward {}",
+        if args.lora { " with LoRA adapters" } else { "" },
         args.steps,
         if args.no_tool_bonus {
             "DeepEyes without the tool bonus (ablation)"
@@ -377,6 +402,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let summary = json!({
         "steps": args.steps,
         "tool_bonus": !args.no_tool_bonus,
+        "lora": args.lora,
         "base": headline(&before),
         "trained": headline(&after),
         "accuracy_gain": after.overall - before.overall,
