@@ -103,23 +103,24 @@ fn pretrain_then_demo_run_end_to_end() {
     );
 
     let demo = dir.path().join("demo");
-    let run_demo = |seed: &str| {
-        deepeyes(&[
+    let demo_in = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
             "demo",
             "--model",
             path(&bundle),
             "--out",
-            path(&demo),
+            path(out),
             "--steps",
             "1",
             "--train-items",
             "8",
             "--eval-items",
             "4",
-            "--seed",
-            seed,
-        ])
+        ];
+        args.extend_from_slice(extra);
+        deepeyes(&args)
     };
+    let run_demo = |seed: &str| demo_in(&demo, &["--seed", seed]);
     let stdout = run_demo("0");
     for expected in [
         "held-out SynthV* (4 items, greedy)",
@@ -173,20 +174,7 @@ fn pretrain_then_demo_run_end_to_end() {
 
     // --lora: adapters on the frozen base; its checkpoints hold them as PEFT writes them.
     let lora = dir.path().join("demo-lora");
-    let stdout = deepeyes(&[
-        "demo",
-        "--model",
-        path(&bundle),
-        "--out",
-        path(&lora),
-        "--steps",
-        "1",
-        "--train-items",
-        "8",
-        "--eval-items",
-        "4",
-        "--lora",
-    ]);
+    let stdout = demo_in(&lora, &["--lora"]);
     assert!(stdout.contains("GRPO with LoRA adapters"), "{stdout}");
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(lora.join("summary.json")).unwrap()).unwrap();
