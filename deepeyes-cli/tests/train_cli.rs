@@ -195,11 +195,11 @@ struct RunTime {
     total: std::time::Duration,
 }
 
-/// Metrics of an uninterrupted `steps`-step run with a checkpoint every `every` steps, and how
-/// long the run took.
-fn uninterrupted(steps: u64, every: u64) -> (Vec<serde_json::Value>, RunTime) {
+/// Metrics of an uninterrupted `steps`-step run of [`write_config`] with `extra` and a
+/// checkpoint every `every` steps, and how long the run took.
+fn uninterrupted(extra: &str, steps: u64, every: u64) -> (Vec<serde_json::Value>, RunTime) {
     let whole = tempfile::tempdir().unwrap();
-    let config = write_config(whole.path(), "", steps, every);
+    let config = write_config(whole.path(), extra, steps, every);
     let started = std::time::Instant::now();
     let out = train(&config, &[]);
     let total = started.elapsed();
@@ -265,8 +265,20 @@ fn run_with_kills(config: &Path, run: &Path, took: RunTime, state: &mut u64) -> 
 
 #[test]
 fn runs_killed_at_random_moments_resume_exactly() {
+    killed_runs_resume_exactly("");
+}
+
+/// The same for a LoRA run, whose checkpoints hold the adapter and whose base is reloaded.
+#[test]
+fn lora_runs_killed_at_random_moments_resume_exactly() {
+    killed_runs_resume_exactly("[lora]\nrank = 4\nalpha = 8\ntarget-modules = \"all-linear\"\n");
+}
+
+/// Runs of [`write_config`] with `extra`, each killed at random moments and resumed until it
+/// ends, each ending as the uninterrupted run did.
+fn killed_runs_resume_exactly(extra: &str) {
     let steps = 4;
-    let (want, took) = uninterrupted(steps, 1);
+    let (want, took) = uninterrupted(extra, steps, 1);
     assert_eq!(want.len(), steps as usize);
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     // Until a run has been killed at least twice (a resumed run near its end may finish before
@@ -275,7 +287,7 @@ fn runs_killed_at_random_moments_resume_exactly() {
     let mut most = 0;
     for _ in 0..5 {
         let cut = tempfile::tempdir().unwrap();
-        let config = write_config(cut.path(), "", steps, 1);
+        let config = write_config(cut.path(), extra, steps, 1);
         let run = cut.path().join("run");
         let kills = run_with_kills(&config, &run, took, &mut state);
         let got = metrics_without_times(&run);
@@ -297,7 +309,7 @@ fn runs_killed_at_random_moments_resume_exactly() {
 #[test]
 fn a_damaged_newest_checkpoint_is_skipped_and_the_previous_resumes_exactly() {
     let steps = 3;
-    let (want, _) = uninterrupted(steps, 1);
+    let (want, _) = uninterrupted("", steps, 1);
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "", steps, 1);
     let out = train(&config, &[]);

@@ -602,7 +602,7 @@ impl Qwen25Vl {
             .map_err(|e| lora_err(format!("{}: {e}", dir.display())))
     }
 
-    fn adapt(mut self, config: LoraConfig, source: AdapterSource) -> Result<Self> {
+    fn adapt(self, config: LoraConfig, source: AdapterSource) -> Result<Self> {
         if self.lora.is_some() {
             return Err(lora_err("the model already has adapters"));
         }
@@ -611,8 +611,7 @@ impl Qwen25Vl {
         let n = attach(model.linears_mut(), &config, source, &device)?;
         tracing::debug!(layers = n, rank = config.rank, "attached LoRA adapters");
         model.lora = Some(config);
-        self = model;
-        Ok(self)
+        Ok(model)
     }
 
     /// Writes the adapters as a PEFT adapter folder `dir`; `base` goes into the config's
