@@ -386,27 +386,37 @@ fn lora_grpo_trains_the_adapter_only_and_resumes_exactly() {
         ) <= 1e-5
     );
 
-    let config = config(&out, 4, LORA);
-    let (checkpoint, _) = deepeyes_rl::checkpoint::latest_intact(&config.checkpoint_dir()).unwrap();
-    let tools =
-        ToolRegistry::from_config(&ToolsConfig::from_table(&config.tools, "[tools]").unwrap())
+    let (checkpoint, _) =
+        deepeyes_rl::checkpoint::latest_intact(&config(&out, 4, LORA).checkpoint_dir()).unwrap();
+    let checkpoint = checkpoint.unwrap();
+    let resume = |config: TrainConfig| {
+        let tools =
+            ToolRegistry::from_config(&ToolsConfig::from_table(&config.tools, "[tools]").unwrap())
+                .unwrap()
+                .tools();
+        let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
             .unwrap()
-            .tools();
-    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
-        .unwrap()
-        .build(&rewards)
-        .unwrap();
-    let mut resumed = Trainer::resume(
-        config,
-        tools,
-        std::sync::Arc::new(reward),
-        &checkpoint.unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-    .with_onnx_options(OnnxOptions {
-        threads: 1,
-        ..OnnxOptions::default()
-    });
+            .build(&rewards)
+            .unwrap();
+        Trainer::resume(config, tools, std::sync::Arc::new(reward), &checkpoint)
+    };
+    // A checkpoint continues only a run of its own kind.
+    for (other, want) in [
+        ("", "holds a LoRA adapter"),
+        (
+            "[lora]\nrank = 8\nalpha = 8\ntarget-modules = \"all-linear\"",
+            "rank 4",
+        ),
+    ] {
+        let e = resume(config(&out, 4, other)).unwrap_err().to_string();
+        assert!(e.contains(want) && e.contains("step-00000002"), "{e}");
+    }
+    let mut resumed = resume(config(&out, 4, LORA))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_onnx_options(OnnxOptions {
+            threads: 1,
+            ..OnnxOptions::default()
+        });
     let tail = run_steps(&mut resumed, 2);
     assert_eq!([head, tail].concat(), uninterrupted);
     assert_eq!(text_logits(resumed.model(), &tokens), trained);
@@ -427,4 +437,33 @@ fn lora_kl_reference_is_the_base_without_adapters() {
     let second = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
     assert!(first.update.kl.expect("kl is reported").abs() < 1e-6);
     assert!(second.update.kl.expect("kl is reported") > 0.0);
+}
+
+/// A full-update run's checkpoint is not continued as a LoRA run (nor the other way round: see
+/// [`lora_grpo_trains_the_adapter_only_and_resumes_exactly`]).
+#[test]
+fn a_full_update_checkpoint_does_not_resume_as_lora() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
+        .unwrap();
+    let out = dir.path().join("run");
+    let mut full = trainer(config(&out, 2, ""), &rewards);
+    run_steps(&mut full, 1);
+    let saved = full.save_checkpoint().unwrap();
+    drop(full);
+    let checkpoint = deepeyes_rl::checkpoint::Checkpoint::open(&saved).unwrap();
+    let config = config(&out, 2, LORA);
+    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
+        .unwrap()
+        .build(&rewards)
+        .unwrap();
+    let e = Trainer::resume(config, vec![], std::sync::Arc::new(reward), &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("trains every weight") && e.contains("[lora]"),
+        "{e}"
+    );
 }

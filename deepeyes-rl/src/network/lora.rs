@@ -130,6 +130,23 @@ impl LoraConfig {
         }
     }
 
+    /// Whether adapters made under `other` have the same layers, shapes and scale (dropout and
+    /// the start do not change a trained adapter).
+    pub fn same_adapters(&self, other: &LoraConfig) -> bool {
+        (self.rank, self.alpha, &self.target_modules, self.use_rslora)
+            == (
+                other.rank,
+                other.alpha,
+                &other.target_modules,
+                other.use_rslora,
+            )
+    }
+
+    /// The configuration of the PEFT adapter folder `dir` (its `adapter_config.json`).
+    pub fn of_adapter(dir: &Path) -> Result<Self> {
+        read_adapter_config(dir)
+    }
+
     /// Checks the values. Dropout other than 0 is refused: GRPO compares the policy's log-probs
     /// with the rollout's and the old policy's, which a random mask on the adapter's input
     /// would make differ from step to step.
@@ -526,6 +543,12 @@ pub(crate) fn save_adapter(
 
 /// Reads a PEFT adapter folder: its [`LoraConfig`] and its tensors (PEFT keys).
 pub(crate) fn read_adapter(dir: &Path) -> Result<(LoraConfig, BTreeMap<String, HostTensor>)> {
+    let config = read_adapter_config(dir)?;
+    let tensors = read_safetensors(&dir.join(ADAPTER_WEIGHTS))?;
+    Ok((config, tensors))
+}
+
+fn read_adapter_config(dir: &Path) -> Result<LoraConfig> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
         path: path.clone(),
@@ -535,9 +558,7 @@ pub(crate) fn read_adapter(dir: &Path) -> Result<(LoraConfig, BTreeMap<String, H
         path: path.clone(),
         source,
     })?;
-    let config = peft.to_lora(&path)?;
-    let tensors = read_safetensors(&dir.join(ADAPTER_WEIGHTS))?;
-    Ok((config, tensors))
+    peft.to_lora(&path)
 }
 
 pub(crate) fn lora_err(message: impl Into<String>) -> ModelError {

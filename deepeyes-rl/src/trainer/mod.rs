@@ -38,7 +38,9 @@ use deepeyes_core::{
 use crate::checkpoint::{Checkpoint, list_checkpoints};
 use crate::config::{DeviceKind, TrainConfig};
 use crate::metrics::{JsonlWriter, SkippedItem, StepMetrics, TimeSplit};
-use crate::network::{Adapters, ComputeDevice, ModelError, PolicyNetwork, Qwen25Vl};
+use crate::network::{
+    ADAPTER_CONFIG, Adapters, ComputeDevice, LoraConfig, ModelError, PolicyNetwork, Qwen25Vl,
+};
 use deepeyes_core::dataset::{PreparedItem, prepare_item};
 
 /// Everything that can stop training, naming the part at fault.
@@ -95,6 +97,9 @@ fn networks<N: PolicyNetwork>(
         DeviceKind::Cuda => ComputeDevice::Cuda(0),
     };
     let device = compute.device(true)?;
+    if let Some(dir) = checkpoint {
+        check_adapter_kind(config, dir)?;
+    }
     let mut model = match (&config.lora, checkpoint) {
         (None, _) => N::from_pretrained(checkpoint.unwrap_or(&config.model.bundle), &device)?,
         // A LoRA run's checkpoint holds the adapter; the base is the bundle's, unchanged.
@@ -122,6 +127,48 @@ fn networks<N: PolicyNetwork>(
         None
     };
     Ok((model, reference))
+}
+
+/// A checkpoint continues only the kind of run that wrote it: full updates without `[lora]`, or
+/// adapters of the same layers, rank and scale as the config's `[lora]`.
+fn check_adapter_kind(config: &TrainConfig, dir: &Path) -> TrainResult<()> {
+    let refuse = |reason: String| {
+        Err(TrainError::Data {
+            path: dir.to_path_buf(),
+            reason,
+        })
+    };
+    let saved = dir
+        .join(ADAPTER_CONFIG)
+        .is_file()
+        .then(|| LoraConfig::of_adapter(dir))
+        .transpose()?;
+    match (&config.lora, saved) {
+        (None, None) => Ok(()),
+        (Some(_), None) => refuse(
+            "was written by a run that trains every weight; the config's [lora] table cannot \
+             continue it (remove [lora], or start a new run with --overwrite)"
+                .into(),
+        ),
+        (None, Some(_)) => refuse(
+            "holds a LoRA adapter, and the config has no [lora] table (restore the run's [lora] \
+             table to continue it)"
+                .into(),
+        ),
+        (Some(want), Some(saved)) if !want.same_adapters(&saved) => refuse(format!(
+            "holds adapters of rank {}, alpha {}, target-modules {:?}, rsLoRA {}; the config's \
+             [lora] asks for rank {}, alpha {}, target-modules {:?}, rsLoRA {}",
+            saved.rank,
+            saved.alpha,
+            saved.target_modules,
+            saved.use_rslora,
+            want.rank,
+            want.alpha,
+            want.target_modules,
+            want.use_rslora
+        )),
+        (Some(_), Some(_)) => Ok(()),
+    }
 }
 
 /// A fresh run must not overwrite another run's results: refuses an output folder that holds
