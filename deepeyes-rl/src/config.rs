@@ -100,6 +100,12 @@ pub struct ModelConfig {
     /// Where the training engine runs (`cpu`).
     #[serde(default)]
     pub device: DeviceKind,
+    /// burn's gradient checkpointing (false): element-wise results are recomputed in the
+    /// backward pass instead of kept, which lowers the update's peak memory by about 30 % at
+    /// the same gradients; attention scores and matrix products are still kept
+    /// (docs/LORA.md, "Activation memory").
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Seeds of the independent random streams of a run.

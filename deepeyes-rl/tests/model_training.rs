@@ -285,3 +285,29 @@ fn shared_prefixes_give_the_same_logprobs_and_gradients() {
         "gradients differ by {dg} (relative to each tensor's largest)"
     );
 }
+
+/// burn's gradient checkpointing (`model.gradient-checkpointing`) recomputes instead of keeping,
+/// and gives the same gradients.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let g = Golden::load();
+    let plain = autodiff_model(&g);
+    let device = ComputeDevice::Flex
+        .device(true)
+        .unwrap()
+        .gradient_checkpointing();
+    let checkpointed = Qwen25Vl::from_pretrained(g.checkpoint(), &device).unwrap();
+    let want = param_grads(&plain, &golden_loss(&g, &plain).backward());
+    let got = param_grads(&checkpointed, &golden_loss(&g, &checkpointed).backward());
+    assert_eq!(got.len(), want.len());
+    for ((name, a), (_, b)) in got.iter().zip(&want) {
+        let (a, b) = (a.as_ref().unwrap(), b.as_ref().unwrap());
+        let d = a
+            .values
+            .iter()
+            .zip(&b.values)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d <= 1e-6, "{name}: max |Δ| {d:e}");
+    }
+}

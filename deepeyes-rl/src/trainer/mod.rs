@@ -96,7 +96,10 @@ fn networks<N: PolicyNetwork>(
         DeviceKind::Cpu => ComputeDevice::Flex,
         DeviceKind::Cuda => ComputeDevice::Cuda(0),
     };
-    let device = compute.device(true)?;
+    let mut device = compute.device(true)?;
+    if config.model.gradient_checkpointing {
+        device = device.gradient_checkpointing();
+    }
     if let Some(dir) = checkpoint {
         check_adapter_kind(config, dir)?;
     }
