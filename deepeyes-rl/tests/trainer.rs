@@ -93,16 +93,34 @@ name = "low_token_share"
     TrainConfig::from_toml_str(&text, "test config").unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The custom rewards of these tests: [`low_token_share`] under its name.
+fn low_share_rewards() -> Registry {
+    let mut rewards = Registry::new();
+    rewards
+        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
+        .unwrap();
+    rewards
+}
+
+/// The reward pipeline of `config`'s `[reward]` table, custom functions from `rewards`.
+fn pipeline(
+    config: &TrainConfig,
+    rewards: &Registry,
+) -> std::sync::Arc<dyn deepeyes_core::RewardFn> {
+    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
+        .unwrap()
+        .build(rewards)
+        .unwrap();
+    std::sync::Arc::new(reward)
+}
+
 /// A trainer for `config`, wired as the CLI wires it: the tools of its `[tools]` table and the
 /// pipeline of its `[reward]` table, with custom reward functions from `rewards`.
 fn trainer(config: TrainConfig, rewards: &Registry) -> Trainer {
     let tools = ToolsConfig::from_table(&config.tools, "[tools]").unwrap();
     let tools = ToolRegistry::from_config(&tools).unwrap().tools();
-    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
-        .unwrap()
-        .build(rewards)
-        .unwrap();
-    Trainer::new(config, tools, std::sync::Arc::new(reward))
+    let reward = pipeline(&config, rewards);
+    Trainer::new(config, tools, reward)
         .unwrap_or_else(|e| panic!("{e}"))
         .with_onnx_options(OnnxOptions {
             threads: 1,
@@ -114,10 +132,7 @@ fn trainer(config: TrainConfig, rewards: &Registry) -> Trainer {
 /// that the trainer held at most `window` items.
 fn metrics_without_times(mut config: TrainConfig, window: usize) -> Vec<serde_json::Value> {
     config.data.window = window;
-    let mut rewards = Registry::new();
-    rewards
-        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
-        .unwrap();
+    let rewards = low_share_rewards();
     let steps = config.steps;
     let mut trainer = trainer(config, &rewards);
     (0..steps)
@@ -151,10 +166,7 @@ fn a_small_data_window_trains_exactly_as_holding_all_the_data() {
 fn grpo_raises_the_reward_and_the_exported_bundle_runs_the_new_weights() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    let mut rewards = Registry::new();
-    rewards
-        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
-        .unwrap();
+    let rewards = low_share_rewards();
     let mut trainer = trainer(config(&out, 8, ""), &rewards);
     let engine = trainer.rollout_engine().unwrap();
     assert_eq!(engine.weights_version(), Some(0));
@@ -331,10 +343,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn lora_grpo_trains_the_adapter_only_and_resumes_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rewards = Registry::new();
-    rewards
-        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
-        .unwrap();
+    let rewards = low_share_rewards();
     let tokens: Vec<u32> = vec![15, 17, 200, 301, 9, 42, 77, 600];
     let base = deepeyes_rl::network::Qwen25Vl::from_pretrained(
         repo().join("tests/data/tiny-qwen2_5_vl/bundle"),
@@ -394,11 +403,8 @@ fn lora_grpo_trains_the_adapter_only_and_resumes_exactly() {
             ToolRegistry::from_config(&ToolsConfig::from_table(&config.tools, "[tools]").unwrap())
                 .unwrap()
                 .tools();
-        let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
-            .unwrap()
-            .build(&rewards)
-            .unwrap();
-        Trainer::resume(config, tools, std::sync::Arc::new(reward), &checkpoint)
+        let reward = pipeline(&config, &rewards);
+        Trainer::resume(config, tools, reward, &checkpoint)
     };
     // A checkpoint continues only a run of its own kind.
     for (other, want) in [
@@ -427,10 +433,7 @@ fn lora_grpo_trains_the_adapter_only_and_resumes_exactly() {
 #[test]
 fn lora_kl_reference_is_the_base_without_adapters() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rewards = Registry::new();
-    rewards
-        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
-        .unwrap();
+    let rewards = low_share_rewards();
     let extra = format!("kl-coef = 0.1\n{LORA}");
     let mut trainer = trainer(config(&dir.path().join("run"), 2, &extra), &rewards);
     let first = trainer.train_step().unwrap_or_else(|e| panic!("{e}"));
@@ -444,10 +447,7 @@ fn lora_kl_reference_is_the_base_without_adapters() {
 #[test]
 fn a_full_update_checkpoint_does_not_resume_as_lora() {
     let dir = tempfile::tempdir().unwrap();
-    let mut rewards = Registry::new();
-    rewards
-        .register_fn("low_token_share", Bounds::new(0.0, 1.0), low_token_share)
-        .unwrap();
+    let rewards = low_share_rewards();
     let out = dir.path().join("run");
     let mut full = trainer(config(&out, 2, ""), &rewards);
     run_steps(&mut full, 1);
@@ -455,11 +455,8 @@ fn a_full_update_checkpoint_does_not_resume_as_lora() {
     drop(full);
     let checkpoint = deepeyes_rl::checkpoint::Checkpoint::open(&saved).unwrap();
     let config = config(&out, 2, LORA);
-    let reward = PipelineConfig::from_table(config.reward.as_ref().unwrap(), "[reward]")
-        .unwrap()
-        .build(&rewards)
-        .unwrap();
-    let e = Trainer::resume(config, vec![], std::sync::Arc::new(reward), &checkpoint)
+    let reward = pipeline(&config, &rewards);
+    let e = Trainer::resume(config, vec![], reward, &checkpoint)
         .unwrap_err()
         .to_string();
     assert!(
