@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+#[allow(dead_code)] // each test binary uses some of the shared fixtures
 mod support;
 
 use support::repo;

@@ -1,7 +1,10 @@
 //! `deepeyes reward` end to end: the built-in DeepEyes pipeline, bad rows, the output file, a
 //! config file, and a loopback judge.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[allow(dead_code)] // each test binary uses some of the shared fixtures
+mod support;
+
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -167,26 +170,10 @@ fn judge_server() -> (String, Arc<AtomicUsize>) {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut first = String::new();
-            if reader.read_line(&mut first).is_err() {
+            let Some(request) = support::read_request(&stream) else {
                 continue;
-            }
-            let mut length = 0;
-            loop {
-                let mut header = String::new();
-                if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-                    break;
-                }
-                if let Some((name, value)) = header.split_once(':')
-                    && name.eq_ignore_ascii_case("content-length")
-                {
-                    length = value.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = reader.read_exact(&mut body);
-            let reply = if first.contains("/v1/models") {
+            };
+            let reply = if request.line.contains("/v1/models") {
                 serde_json::json!({"data": [{"id": "cli-judge"}]})
             } else {
                 counter.fetch_add(1, Ordering::SeqCst);
@@ -282,29 +269,15 @@ fn answer(
     seen: &Seen,
     chat_reply: &(dyn Fn() -> ChatReply + Send + Sync),
 ) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut first = String::new();
-    if reader.read_line(&mut first).is_err() {
+    let Some(request) = support::read_request(&stream) else {
         return;
-    }
-    let mut length = 0;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap_or(0);
-            }
-            if name.eq_ignore_ascii_case("authorization") {
-                seen.auth.lock().unwrap().push(value.trim().to_string());
-            }
+    };
+    for (name, value) in &request.headers {
+        if name == "authorization" {
+            seen.auth.lock().unwrap().push(value.clone());
         }
     }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let (status, headers, reply) = if first.contains("/v1/models") {
+    let (status, headers, reply) = if request.line.contains("/v1/models") {
         (
             200,
             "",

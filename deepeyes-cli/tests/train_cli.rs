@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[allow(dead_code)] // each test binary uses some of the shared fixtures
 mod support;
 
 use support::repo;

@@ -1,7 +1,10 @@
 //! `deepeyes train` with an LLM judge on loopback: the start-up check, and a step's answers
 //! scored concurrently. Needs the ONNX Runtime library (`scripts/setup_ort.sh`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[allow(dead_code)] // each test binary uses some of the shared fixtures
+mod support;
+
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -39,26 +42,10 @@ fn start_judge(delay: Duration) -> (String, Arc<Judge>) {
 }
 
 fn serve(mut stream: TcpStream, judge: &Judge, delay: Duration) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut first = String::new();
-    if reader.read_line(&mut first).is_err() {
+    let Some(request) = support::read_request(&stream) else {
         return;
-    }
-    let mut length = 0;
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
-            break;
-        }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0; length];
-    let _ = reader.read_exact(&mut body);
-    let reply = if first.contains("/v1/models") {
+    };
+    let reply = if request.line.contains("/v1/models") {
         serde_json::json!({"data": [{"id": "train-judge"}]})
     } else {
         judge.chats.fetch_add(1, Ordering::SeqCst);

@@ -67,3 +67,43 @@ pub(crate) fn vstar_with_spelled_special_tokens(dir: &Path) -> PathBuf {
     }
     data
 }
+
+/// One HTTP/1.1 request as the test servers read it.
+pub(crate) struct Request {
+    /// The request line (`POST /v1/chat/completions HTTP/1.1`).
+    pub(crate) line: String,
+    /// Header names lower-cased, values trimmed.
+    pub(crate) headers: Vec<(String, String)>,
+    /// The `Content-Length` bytes after the headers.
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads one request from `stream`; `None` when the client closed it first.
+pub(crate) fn read_request(stream: &std::net::TcpStream) -> Option<Request> {
+    use std::io::{BufRead, Read};
+    let mut reader = std::io::BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut headers = Vec::new();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).is_err() || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            headers.push((name.trim().to_ascii_lowercase(), value.trim().to_string()));
+        }
+    }
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    let _ = reader.read_exact(&mut body);
+    Some(Request {
+        line,
+        headers,
+        body,
+    })
+}
