@@ -101,11 +101,20 @@ pub struct ModelConfig {
     #[serde(default)]
     pub device: DeviceKind,
     /// burn's gradient checkpointing (false): element-wise results are recomputed in the
-    /// backward pass instead of kept, which lowers the update's peak memory by about 30 % at
-    /// the same gradients; attention scores and matrix products are still kept
-    /// (docs/LORA.md, "Activation memory").
+    /// backward pass instead of kept, at the same gradients; matrix products are still kept.
+    /// Attention scores and the output head's logits of long sequences are never kept whole
+    /// either way (`attention-chunk`; docs/LORA.md, "Activation memory").
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Query rows attended at once (512): longer sequences are attended a chunk at a time and
+    /// each chunk's scores recomputed in the backward pass, so attention's memory grows
+    /// linearly with the length; shorter ones are attended whole. Same results either way.
+    #[serde(default = "default_attention_chunk")]
+    pub attention_chunk: usize,
+}
+
+fn default_attention_chunk() -> usize {
+    crate::network::DEFAULT_ATTENTION_CHUNK
 }
 
 /// Seeds of the independent random streams of a run.
@@ -411,6 +420,9 @@ impl TrainConfig {
         }
         if self.data.limit == Some(0) {
             errs.push("data.limit", "must be at least 1 (omit it to use all rows)");
+        }
+        if self.model.attention_chunk == 0 {
+            errs.push("model.attention-chunk", "must be at least 1 query row");
         }
         if empty_path(&self.model.bundle) {
             errs.push("model.bundle", "must not be empty");

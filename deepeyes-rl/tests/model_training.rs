@@ -9,8 +9,8 @@ mod model_common;
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use deepeyes_rl::network::{
-    Batch, ComputeDevice, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, param_grads, tensor2,
-    to_host,
+    Batch, ComputeDevice, HostParam, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, param_grads,
+    tensor2, to_host,
 };
 use model_common::Golden;
 
@@ -243,36 +243,12 @@ fn shared_prefixes_give_the_same_logprobs_and_gradients() {
     assert_eq!(plan.prefix.seq, 8 - 1 + 4 - 1);
     assert_eq!(plain.targets, shared.targets);
 
-    let weights: Vec<f32> = (0..plain.batch * plain.score_len)
-        .map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.4)
-        .collect();
-    let run = |batch: &Batch| {
-        let scores = model.score_tokens(batch, true).unwrap();
-        let w = tensor2(weights.clone(), batch.batch, batch.score_len, &device).unwrap();
-        let logp = to_host(scores.logprobs.clone());
-        let ent = to_host(scores.entropy.clone().unwrap());
-        let loss = (w * scores.logprobs).sum() + scores.entropy.unwrap().sum().mul_scalar(0.1);
-        (logp, ent, param_grads(&model, &loss.backward()))
-    };
-    let (lp_a, ent_a, grads_a) = run(&plain);
-    let (lp_b, ent_b, grads_b) = run(&shared);
-    let worst = |a: &[f32], b: &[f32]| {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
-    };
+    let weights = loss_weights(&plain);
+    let (lp_a, ent_a, grads_a) = scored(&model, &plain, &weights);
+    let (lp_b, ent_b, grads_b) = scored(&model, &shared, &weights);
     assert!(lp_a.iter().any(|&v| v != 0.0));
     let (dl, de) = (worst(&lp_a, &lp_b), worst(&ent_a, &ent_b));
-    let mut dg = 0f32;
-    for ((name, a), (_, b)) in grads_a.iter().zip(&grads_b) {
-        let (a, b) = (
-            a.as_ref().unwrap(),
-            b.as_ref().unwrap_or_else(|| panic!("{name}")),
-        );
-        let scale = a.values.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-        dg = dg.max(worst(&a.values, &b.values) / scale);
-    }
+    let dg = worst_gradient(&grads_a, &grads_b);
     eprintln!(
         "shared prefixes vs full rows: log-probs {dl:.1e}, entropy {de:.1e}, gradients {dg:.1e} (relative)"
     );
@@ -284,6 +260,92 @@ fn shared_prefixes_give_the_same_logprobs_and_gradients() {
         dg <= 1e-4,
         "gradients differ by {dg} (relative to each tensor's largest)"
     );
+}
+
+/// Fixed per-token weights of a GRPO-shaped loss over `batch`.
+fn loss_weights(batch: &Batch) -> Vec<f32> {
+    (0..batch.batch * batch.score_len)
+        .map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.4)
+        .collect()
+}
+
+/// Every parameter's gradient by name (`None` where it has none).
+type Grads = Vec<(String, Option<HostParam>)>;
+
+/// Log-probs, entropies and every parameter's gradient of `Σ w·logp + 0.1 Σ H` over `batch`.
+fn scored(model: &Qwen25Vl, batch: &Batch, weights: &[f32]) -> (Vec<f32>, Vec<f32>, Grads) {
+    let scores = model.score_tokens(batch, true).unwrap();
+    let w = tensor2(
+        weights.to_vec(),
+        batch.batch,
+        batch.score_len,
+        &model.device(),
+    )
+    .unwrap();
+    let logp = to_host(scores.logprobs.clone());
+    let ent = to_host(scores.entropy.clone().unwrap());
+    let loss = (w * scores.logprobs).sum() + scores.entropy.unwrap().sum().mul_scalar(0.1);
+    (logp, ent, param_grads(model, &loss.backward()))
+}
+
+/// The largest absolute difference.
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// The largest difference of two models' gradients, relative to each tensor's largest value.
+fn worst_gradient(a: &[(String, Option<HostParam>)], b: &[(String, Option<HostParam>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut dg = 0f32;
+    for ((name, a), (_, b)) in a.iter().zip(b) {
+        let (a, b) = (
+            a.as_ref().unwrap(),
+            b.as_ref().unwrap_or_else(|| panic!("{name}")),
+        );
+        let scale = a.values.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        dg = dg.max(worst(&a.values, &b.values) / scale);
+    }
+    dg
+}
+
+/// Attention a few query rows at a time (`model.attention-chunk`) and the output head a few rows
+/// at a time, with and without burn's checkpointing, give the log-probs, entropies and gradients
+/// of whole attention and whole logits: on full rows, on shared prefixes and their suffixes, and
+/// in the vision tower (16- and 8-patch images).
+#[test]
+fn chunked_attention_and_logits_give_the_same_scores_and_gradients() {
+    let cfg = Qwen25VlConfig::tiny();
+    let seqs = grouped_sequences(&cfg);
+    let plain = Batch::new(&cfg, &seqs, PadLayout::OnePerImage).unwrap();
+    let shared = plain.clone().share_prefixes().unwrap();
+    let weights = loss_weights(&plain);
+    for checkpointing in [false, true] {
+        let mut device = ComputeDevice::Flex.device(true).unwrap();
+        if checkpointing {
+            device = device.gradient_checkpointing();
+        }
+        let whole = Qwen25Vl::random(&cfg, 11, &device).unwrap();
+        let chunked = Qwen25Vl::random(&cfg, 11, &device)
+            .unwrap()
+            .with_attention_chunk(3)
+            .with_logits_limit(3 * cfg.text.vocab_size);
+        for batch in [&plain, &shared] {
+            let (lp_a, ent_a, grads_a) = scored(&whole, batch, &weights);
+            let (lp_b, ent_b, grads_b) = scored(&chunked, batch, &weights);
+            let (dl, de) = (worst(&lp_a, &lp_b), worst(&ent_a, &ent_b));
+            let dg = worst_gradient(&grads_a, &grads_b);
+            eprintln!(
+                "chunked vs whole attention and logits (checkpointing {checkpointing}, shared {}): \
+                 log-probs {dl:.1e}, entropy {de:.1e}, gradients {dg:.1e}",
+                batch.shared.is_some()
+            );
+            assert!(dl <= 1e-5 && de <= 1e-5, "log-probs {dl}, entropies {de}");
+            assert!(dg <= 1e-4, "gradients differ by {dg}");
+        }
+    }
 }
 
 /// burn's gradient checkpointing (`model.gradient-checkpointing`) recomputes instead of keeping,

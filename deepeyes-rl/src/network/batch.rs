@@ -5,8 +5,9 @@ use super::config::Qwen25VlConfig;
 use super::error::{Result, input_err};
 use deepeyes_core::vision;
 
-use super::text::{DecoderInputs, causal_bias};
-use super::vision::{Grid, MASKED, VisionInputs, core_grids};
+use super::attention::KeyMask;
+use super::text::DecoderInputs;
+use super::vision::{Grid, VisionInputs, core_grids};
 
 /// One image, already resized and cut into patches by the image processor.
 #[derive(Debug, Clone)]
@@ -225,7 +226,7 @@ impl Batch {
                 }
             }
         }
-        let decoder = DecoderInputs::new(batch, seq, positions, causal_bias(&lengths, seq))?;
+        let decoder = DecoderInputs::causal(batch, seq, positions, &lengths)?;
         Ok(Self {
             batch,
             seq,
@@ -271,18 +272,22 @@ impl Batch {
                 (0..sseq).map(move |i| (b * seq + p + i.min(len.max(1) - 1)) as i64)
             })
             .collect();
-        let prefix = DecoderInputs::new(
+        let prefix = DecoderInputs::causal(
             groups.len(),
             pseq,
             self.mrope_at(&prefix_positions),
-            causal_bias(&prefix_len, pseq),
+            &prefix_len,
         )?;
         let suffix = DecoderInputs::after_prefix(
             self.batch,
             sseq,
             pseq,
             self.mrope_at(&suffix_positions),
-            suffix_bias(&own, &suffix_len, pseq, sseq),
+            KeyMask::Causal {
+                past: pseq,
+                prefix: own.clone(),
+                lengths: suffix_len.clone(),
+            },
         )?;
         let target_rows = self
             .targets
@@ -365,21 +370,6 @@ impl Batch {
         let plane = (self.batch * self.seq) as i64;
         self.embed_rows.iter().filter(|&&r| r >= plane).count()
     }
-}
-
-/// `[rows, 1, sseq, pseq + sseq]` additive bias of rows that continue a prefix: row `b` sees
-/// the first `prefix[b]` of the `pseq` prefix keys, then its own `suffix[b]` positions causally.
-fn suffix_bias(prefix: &[usize], suffix: &[usize], pseq: usize, sseq: usize) -> Vec<f32> {
-    let keys = pseq + sseq;
-    let mut bias = vec![MASKED; prefix.len() * sseq * keys];
-    for (b, (&p, &len)) in prefix.iter().zip(suffix).enumerate() {
-        for i in 0..sseq {
-            let row = &mut bias[(b * sseq + i) * keys..][..keys];
-            row[..p].fill(0.0);
-            row[pseq..pseq + len.min(i + 1)].fill(0.0);
-        }
-    }
-    bias
 }
 
 /// Checks that an image's patches fit its grid.
@@ -544,21 +534,6 @@ mod tests {
         assert_eq!(rows(1, 6, 4), (plane + 4..plane + 8).collect::<Vec<_>>());
         assert_eq!(rows(2, 1, 2), vec![plane + 8, plane + 9]);
         assert_eq!(b.image_tokens(), 4 + 8 + 2);
-    }
-
-    #[test]
-    fn suffix_rows_see_their_prefix_then_themselves_causally() {
-        // Two rows after prefixes of 2 and 1 keys (of 2), with 2 and 1 own positions.
-        let b = suffix_bias(&[2, 1], &[2, 1], 2, 2);
-        let m = MASKED;
-        #[rustfmt::skip]
-        let want = vec![
-            0.0, 0.0, 0.0, m,
-            0.0, 0.0, 0.0, 0.0,
-            0.0, m, 0.0, m,
-            0.0, m, 0.0, m,
-        ];
-        assert_eq!(b, want);
     }
 
     #[test]

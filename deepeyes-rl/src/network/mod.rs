@@ -7,7 +7,9 @@
 //!   frozen ([`Qwen25Vl::freeze_vision`]).
 //! * [`Batch`] prepares token sequences and their images on the host: pad expansion, the
 //!   vision inputs ([`VisionInputs`]: patches, 2D positions, window permutation, window / full
-//!   attention masks), mRoPE positions and the causal / padding bias. Every grid-dependent value
+//!   attention blocks), mRoPE positions and which keys each position sees ([`KeyMask`]: causal,
+//!   padding, shared prefix; never a dense `[L, L]` bias). Sequences longer than the attention
+//!   chunk are attended a chunk of rows at a time ([`ChunkedAttention`]). Every grid-dependent value
 //!   comes from [`deepeyes_core::vision`], the geometry the ONNX Runtime backend uses too.
 //! * [`Qwen25Vl::score_tokens`] returns per-token log-probs of the next token and the predictive
 //!   entropy, so a GRPO loss `(weights * logprobs).sum()` back-propagates into the model.
@@ -27,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attention;
 mod batch;
 mod config;
 mod error;
@@ -36,11 +39,13 @@ mod lora;
 mod policy;
 mod qwen;
 mod text;
+mod token_scores;
 mod vision;
 mod weights;
 
 use burn::tensor::Device;
 
+pub use attention::{ChunkedAttention, DEFAULT_ATTENTION_CHUNK, KeyMask};
 pub use batch::{Batch, ImageInput, PadLayout, Sequence, SharedPrefixes};
 pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
@@ -49,6 +54,7 @@ pub use lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, LoraConfig, TargetM
 pub use policy::{Adapters, PolicyNetwork, ScoreOptions};
 pub use qwen::{Qwen25Vl, TokenScores, tensor2, to_host};
 pub use text::{DecoderLayer, TextAttention, TextModel};
+pub use token_scores::{ChunkedTokenScores, WHOLE_LOGITS_LIMIT};
 pub use vision::{
     Grid, PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionInputs, VisionTower,
 };

@@ -71,6 +71,10 @@ pub trait PolicyNetwork: Module + Sized {
     /// The same network with its vision encoder frozen (no gradients, no optimizer state).
     fn freeze_vision(self) -> Self;
 
+    /// The same network attending `chunk` query rows at a time in longer sequences, so that
+    /// the memory of attention grows linearly with the length (same results).
+    fn with_attention_chunk(self, chunk: usize) -> Self;
+
     /// The network with LoRA adapters attached and every base parameter frozen, so that only
     /// the adapters train; the weights it hands out ([`PolicyNetwork::hf_tensors`]) are the
     /// merged ones.
@@ -120,6 +124,10 @@ impl PolicyNetwork for Qwen25Vl {
 
     fn freeze_vision(self) -> Self {
         Qwen25Vl::freeze_vision(self)
+    }
+
+    fn with_attention_chunk(self, chunk: usize) -> Self {
+        Qwen25Vl::with_attention_chunk(self, chunk)
     }
 
     fn adapt(self, adapters: Adapters<'_>) -> Result<Self> {

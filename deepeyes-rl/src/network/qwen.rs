@@ -14,6 +14,7 @@ use super::error::{ModelError, Result, input_err};
 use super::init::{CheckpointSource, ParamSource, RandomSource};
 use super::layers::{Linear, tensor_from};
 use super::text::{DecoderInputs, TextModel};
+use super::token_scores::{chunked_token_scores, whole_logits};
 use super::vision::{VisionInputs, VisionTower};
 use super::weights::{ParamInfo, param_infos, param_values, write_atomic, write_safetensors};
 
@@ -33,6 +34,10 @@ pub struct Qwen25Vl {
     /// The LoRA configuration, when the model carries adapters ([`Qwen25Vl::with_lora`]).
     #[module(skip)]
     pub lora: Option<super::LoraConfig>,
+    /// Logits computed whole at most; more go a chunk of rows at a time
+    /// ([`WHOLE_LOGITS_LIMIT`](super::WHOLE_LOGITS_LIMIT) unless set).
+    #[module(skip)]
+    pub logits_limit: usize,
 }
 
 /// Per-token scores of a [`Batch`], as autodiff tensors when the model is on an autodiff device.
@@ -70,6 +75,7 @@ impl Qwen25Vl {
             lm_head,
             config: config.clone(),
             lora: None,
+            logits_limit: super::WHOLE_LOGITS_LIMIT,
         })
     }
 
@@ -163,6 +169,23 @@ impl Qwen25Vl {
     /// Stops gradients for the whole vision tower (its parameters stay fixed during training).
     pub fn freeze_vision(mut self) -> Self {
         self.visual = self.visual.no_grad();
+        self
+    }
+
+    /// Attends `chunk` query rows at a time in sequences longer than that, in both towers
+    /// ([`DEFAULT_ATTENTION_CHUNK`](super::DEFAULT_ATTENTION_CHUNK) unless set): the memory of
+    /// attention then grows linearly with the length (`model.attention-chunk`).
+    pub fn with_attention_chunk(mut self, chunk: usize) -> Self {
+        self.model.attention_chunk = chunk.max(1);
+        self.visual.attention_chunk = chunk.max(1);
+        self
+    }
+
+    /// Computes at most `limit` logits at once (at least one row's): the log-probs and
+    /// entropies of more rows go a chunk at a time, recomputed in the backward pass. Same
+    /// results.
+    pub fn with_logits_limit(mut self, limit: usize) -> Self {
+        self.logits_limit = limit;
         self
     }
 
@@ -324,9 +347,46 @@ impl Qwen25Vl {
             0,
             Tensor::<1, Int>::from_data(TensorData::new(src, [k]), &device),
         );
-        let logp = log_softmax(self.head(rows), 1);
-        let tgt = Tensor::<2, Int>::from_data(TensorData::new(tgt, [k, 1]), &device);
-        Ok(logp.gather(1, tgt).reshape([k]))
+        Ok(self.scores_of_rows(rows, tgt, false).0)
+    }
+
+    /// `[rows]` log-probs of `targets` after the hidden states `rows`, and with `entropy` the
+    /// entropies of the same predictive distributions. Logits too large to hold whole (long
+    /// sequences at a large vocabulary) are computed a chunk of rows at a time and recomputed
+    /// in the backward pass ([`super::token_scores`]).
+    fn scores_of_rows(
+        &self,
+        rows: Tensor<2>,
+        targets: Vec<i64>,
+        entropy: bool,
+    ) -> (Tensor<1>, Option<Tensor<1>>) {
+        let [k, _] = rows.dims();
+        let device = rows.device();
+        let (vocab, limit) = (self.config.text.vocab_size, self.logits_limit);
+        if !whole_logits(k, vocab, limit, &device) {
+            let (logp, ent) = chunked_token_scores(rows, self.head_weight(), &targets, limit);
+            return (logp, entropy.then_some(ent));
+        }
+        let logp_all = log_softmax(self.head(rows), 1);
+        let tgt = Tensor::<2, Int>::from_data(TensorData::new(targets, [k, 1]), &device);
+        let picked = logp_all.clone().gather(1, tgt).reshape([k]);
+        let ent = entropy.then(|| {
+            let p = logp_all.clone().exp();
+            (p * logp_all).sum_dim(1).reshape([k]).neg()
+        });
+        (picked, ent)
+    }
+
+    /// The output head's weight `[vocab, hidden]` (the token embeddings when tied), its
+    /// adapter merged in.
+    fn head_weight(&self) -> Tensor<2> {
+        match &self.lm_head {
+            Some(head) => match &head.lora {
+                Some(lora) => head.weight.val() + lora.delta_weight(),
+                None => head.weight.val(),
+            },
+            None => self.model.embed_tokens.weight.val(),
+        }
     }
 
     /// Per-token log-probs of each next token (and, with `entropy`, the predictive entropy),
@@ -368,9 +428,7 @@ impl Qwen25Vl {
             0,
             Tensor::<1, Int>::from_data(TensorData::new(src, [k]), &device),
         );
-        let logp_all = log_softmax(self.head(rows), 1);
-        let tgt = Tensor::<2, Int>::from_data(TensorData::new(tgt, [k, 1]), &device);
-        let picked = logp_all.clone().gather(1, tgt).reshape([k]);
+        let (picked, ent) = self.scores_of_rows(rows, tgt, entropy);
         // Scatter the k values into the [batch, score_len] grid: every cell reads entry `k`
         // (a zero) unless it is scored.
         let mut place = vec![k as i64; cells];
@@ -384,13 +442,9 @@ impl Qwen25Vl {
                 .select(0, place.clone())
                 .reshape([batch.batch, batch.score_len])
         };
-        let ent = entropy.then(|| {
-            let p = logp_all.clone().exp();
-            spread((p * logp_all).sum_dim(1).reshape([k]).neg())
-        });
         Ok(TokenScores {
             logprobs: spread(picked),
-            entropy: ent,
+            entropy: ent.map(spread),
             mask,
         })
     }

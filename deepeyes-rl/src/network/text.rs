@@ -1,28 +1,17 @@
 //! The language model: token embedding, decoder layers with grouped-query attention and
-//! multimodal rotary positions (mRoPE), final norm. Plus the causal / padding bias of its inputs;
-//! the mRoPE positions come from the workspace's one definition, [`deepeyes_core::vision::rope_index`].
+//! multimodal rotary positions (mRoPE), final norm. Which keys a position sees is a
+//! [`KeyMask`] (causal, padding, shared prefix), never a dense bias; the mRoPE positions come from the workspace's one definition, [`deepeyes_core::vision::rope_index`].
+
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor};
 
+use super::attention::{DEFAULT_ATTENTION_CHUNK, KeyMask, masked_attention};
 use super::config::TextConfig;
 use super::error::{Result, input_err};
 use super::init::ParamSource;
-use super::layers::{Embedding, Linear, RmsNorm, SwiGlu, apply_rotary, attention, tensor_from};
-use super::vision::MASKED;
-
-/// `[batch, 1, seq, seq]` additive bias for right-padded rows of the given lengths: causal within
-/// each row, padding keys masked with the finite [`MASKED`].
-pub(crate) fn causal_bias(lengths: &[usize], seq: usize) -> Vec<f32> {
-    let mut out = vec![MASKED; lengths.len() * seq * seq];
-    for (b, &len) in lengths.iter().enumerate() {
-        for i in 0..seq {
-            let row = &mut out[(b * seq + i) * seq..(b * seq + i + 1) * seq];
-            row[..len.min(i + 1)].fill(0.0);
-        }
-    }
-    out
-}
+use super::layers::{Embedding, Linear, RmsNorm, SwiGlu, apply_rotary, tensor_from};
 
 /// One layer's keys and values, `[rows, kv heads, positions, head_dim]` each.
 pub(crate) type KeysValues = (Tensor<4>, Tensor<4>);
@@ -38,29 +27,29 @@ pub struct DecoderInputs {
     pub position_ids: Vec<i64>,
     /// Key positions each query may attend to: `seq`, or `past + seq` after a shared prefix.
     pub keys: usize,
-    /// `[batch, 1, seq, keys]` additive attention bias.
-    pub attn_bias: Vec<f32>,
+    /// Which keys each position sees (causal, padding, the shared prefix).
+    pub mask: Arc<KeyMask>,
 }
 
 impl DecoderInputs {
-    /// Checks the shapes (`attn_bias` is `[batch, 1, seq, seq]`).
-    pub fn new(
+    /// Inputs of right-padded causal rows of the given lengths; checks the shapes.
+    pub fn causal(
         batch: usize,
         seq: usize,
         position_ids: Vec<i64>,
-        attn_bias: Vec<f32>,
+        lengths: &[usize],
     ) -> Result<Self> {
-        Self::after_prefix(batch, seq, 0, position_ids, attn_bias)
+        Self::after_prefix(batch, seq, 0, position_ids, KeyMask::causal(lengths))
     }
 
-    /// Checks the shapes of inputs whose rows continue a prefix of `past` positions
-    /// (`attn_bias` is `[batch, 1, seq, past + seq]`, the prefix's keys first).
+    /// Checks the shapes of inputs whose rows continue a prefix of `past` positions (`mask`
+    /// over `past + seq` keys, the prefix's first).
     pub fn after_prefix(
         batch: usize,
         seq: usize,
         past: usize,
         position_ids: Vec<i64>,
-        attn_bias: Vec<f32>,
+        mask: KeyMask,
     ) -> Result<Self> {
         if position_ids.len() != 3 * batch * seq {
             return Err(input_err(format!(
@@ -69,20 +58,32 @@ impl DecoderInputs {
                 3 * batch * seq
             )));
         }
-        let keys = past + seq;
-        if attn_bias.len() != batch * seq * keys {
+        let fits = match &mask {
+            KeyMask::Causal {
+                past: p,
+                prefix,
+                lengths,
+            } => {
+                *p == past
+                    && lengths.len() == batch
+                    && prefix.len() == batch
+                    && lengths.iter().all(|&l| l <= seq)
+                    && prefix.iter().all(|&l| l <= past)
+            }
+            KeyMask::Segments { .. } => false,
+        };
+        if !fits {
             return Err(input_err(format!(
-                "attn_bias holds {} values; [{batch}, 1, {seq}, {keys}] needs {}",
-                attn_bias.len(),
-                batch * seq * keys
+                "the attention mask {mask:?} does not fit {batch} rows of {seq} positions after \
+                 {past} prefix keys"
             )));
         }
         Ok(Self {
             batch,
             seq,
-            keys,
+            keys: past + seq,
             position_ids,
-            attn_bias,
+            mask: Arc::new(mask),
         })
     }
 }
@@ -129,6 +130,9 @@ pub struct TextModel {
     /// Hyper-parameters.
     #[module(skip)]
     pub config: TextConfig,
+    /// Query rows attended at once in longer sequences ([`DEFAULT_ATTENTION_CHUNK`]).
+    #[module(skip)]
+    pub attention_chunk: usize,
 }
 
 impl TextModel {
@@ -171,6 +175,7 @@ impl TextModel {
             layers,
             norm: RmsNorm::load(src, "model.norm", h, cfg.rms_norm_eps)?,
             config: cfg.clone(),
+            attention_chunk: DEFAULT_ATTENTION_CHUNK,
         })
     }
 
@@ -230,7 +235,7 @@ impl TextModel {
 
     /// Runs the decoder over rows that continue shared prefixes: row `b` attends to the keys and
     /// values of prefix `prefix_of_row[b]` (from [`TextModel::prefix_keys_values`]) and then
-    /// to its own positions, as `inputs.attn_bias` allows. Final-normed hidden states.
+    /// to its own positions, as `inputs.mask` allows. Final-normed hidden states.
     pub(crate) fn forward_after_prefix(
         &self,
         embeds: Tensor<3>,
@@ -252,8 +257,6 @@ impl TextModel {
     ) -> Tensor<3> {
         let device = embeds.device();
         let (cos, sin) = self.rotary_tables(inputs, &device);
-        let (b, s, keys) = (inputs.batch, inputs.seq, inputs.keys);
-        let bias = tensor_from(inputs.attn_bias.clone(), [b, 1, s, keys], &device);
         let mut h = embeds;
         for (i, layer) in self.layers.iter().enumerate() {
             let attn = &layer.self_attn;
@@ -269,7 +272,7 @@ impl TextModel {
                 }
                 None => (k, v),
             };
-            h = h + attn.attend(q, k, v, bias.clone());
+            h = h + attn.attend(q, k, v, &inputs.mask, self.attention_chunk);
             h = h.clone() + layer.mlp.forward(layer.post_attention_layernorm.forward(h));
         }
         h
@@ -299,36 +302,19 @@ impl TextAttention {
         )
     }
 
-    /// Attention of `q` over `k`/`v` with the additive `bias` `[batch, 1, seq, keys]`, projected
-    /// back to `[batch, seq, hidden]`.
-    fn attend(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Tensor<4>) -> Tensor<3> {
+    /// Attention of `q` over `k`/`v` as `mask` allows (`chunk` query rows at a time when
+    /// longer), projected back to `[batch, seq, hidden]`.
+    fn attend(
+        &self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        mask: &Arc<KeyMask>,
+        chunk: usize,
+    ) -> Tensor<3> {
         let [b, nh, s, hd] = q.dims();
-        let rep = nh / self.num_kv_heads;
-        // Heads kv·rep .. kv·rep + rep − 1 share key/value head kv: stack them along the query
-        // axis instead of repeating keys and values.
-        let q = q.reshape([b, self.num_kv_heads, rep * s, hd]);
-        let bias = if rep > 1 {
-            bias.repeat_dim(2, rep)
-        } else {
-            bias
-        };
-        let out = attention(q, k, v, bias, 1.0 / (hd as f64).sqrt());
-        let out = out
-            .reshape([b, nh, s, hd])
-            .swap_dims(1, 2)
-            .reshape([b, s, nh * hd]);
-        self.o_proj.forward(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn causal_bias_masks_future_and_padding() {
-        let b = causal_bias(&[2], 3);
-        let m = MASKED;
-        assert_eq!(b, vec![0.0, m, m, 0.0, 0.0, m, 0.0, 0.0, m]);
+        let out = masked_attention(q, k, v, mask, 1.0 / (hd as f64).sqrt(), chunk);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, nh * hd]))
     }
 }

@@ -1,20 +1,20 @@
-//! The vision tower: patch embedding, blocks with 2D rotary attention restricted by additive
-//! window / full masks, and the patch merger. Its grid-dependent inputs (patch positions, the
+//! The vision tower: patch embedding, blocks with 2D rotary attention restricted to windows or
+//! frames ([`KeyMask::Segments`]), and the patch merger. Its grid-dependent inputs (patch positions, the
 //! window permutation, the attention blocks) come from the workspace's one definition of the
 //! Qwen2.5-VL geometry, [`deepeyes_core::vision`], which the ONNX Runtime backend uses too.
+
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::tensor::activation::gelu;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use deepeyes_core::vision;
 
+use super::attention::{DEFAULT_ATTENTION_CHUNK, KeyMask, masked_attention};
 use super::config::VisionConfig;
 use super::error::{Result, input_err};
 use super::init::{InitKind, ParamSource};
-use super::layers::{Linear, RmsNorm, SwiGlu, apply_rotary, attention, tensor_from};
-
-/// Additive bias for masked-out attention scores (finite, so a fully masked row stays finite).
-pub(crate) const MASKED: f32 = -1.0e9;
+use super::layers::{Linear, RmsNorm, SwiGlu, apply_rotary, tensor_from};
 
 /// The `(t, h, w)` patch grid of one image: frames / 2 × rows × columns of 14-pixel patches.
 pub type Grid = [usize; 3];
@@ -51,10 +51,10 @@ pub struct VisionInputs {
     pub pos_ids: Vec<[i64; 2]>,
     /// The window order of merged units (`n / merge²` entries).
     pub window_index: Vec<usize>,
-    /// `[n, n]` additive bias of the window-attention blocks, in window order.
-    pub window_mask: Vec<f32>,
-    /// `[n, n]` additive bias of the full-attention blocks, in window order.
-    pub full_mask: Vec<f32>,
+    /// The blocks of the window-attention layers, in window order.
+    pub window_mask: Arc<KeyMask>,
+    /// The blocks of the full-attention layers (one per frame), in window order.
+    pub full_mask: Arc<KeyMask>,
 }
 
 impl VisionInputs {
@@ -73,25 +73,31 @@ impl VisionInputs {
         let core = core_grids(grids)?;
         let geometry = |e: deepeyes_core::Error| input_err(e.to_string());
         let pos_ids = vision::vision_position_ids(&core, &geo).map_err(geometry)?;
-        let n = pos_ids.len();
         let windows = vision::window_index(&core, &geo).map_err(geometry)?;
         let window_index = windows.window_index.iter().map(|&i| i as usize).collect();
         // The window permutation moves whole frames as blocks, so the frame boundaries hold in
         // window order too.
-        let window_mask =
-            vision::segment_mask(&windows.cu_window_seqlens, n, MASKED).map_err(geometry)?;
-        let full_mask =
-            vision::segment_mask(&vision::frame_seqlens(&core), n, MASKED).map_err(geometry)?;
-        Self::new(patches, pos_ids, window_index, window_mask, full_mask, cfg)
+        let bounds = |cu: &[i64]| cu.iter().map(|&b| b as usize).collect::<Vec<_>>();
+        let window_bounds = bounds(&windows.cu_window_seqlens);
+        let frame_bounds = bounds(&vision::frame_seqlens(&core));
+        Self::new(
+            patches,
+            pos_ids,
+            window_index,
+            window_bounds,
+            frame_bounds,
+            cfg,
+        )
     }
 
-    /// Takes precomputed inputs (e.g. the ones fed to the ONNX graph) and checks their shapes.
+    /// Takes precomputed inputs (e.g. the ones fed to the ONNX graph; the attention blocks as
+    /// cumulative boundaries, window order) and checks their shapes.
     pub fn new(
         patches: Vec<f32>,
         pos_ids: Vec<[i64; 2]>,
         window_index: Vec<usize>,
-        window_mask: Vec<f32>,
-        full_mask: Vec<f32>,
+        window_bounds: Vec<usize>,
+        frame_bounds: Vec<usize>,
         cfg: &VisionConfig,
     ) -> Result<Self> {
         let n = pos_ids.len();
@@ -124,22 +130,25 @@ impl VisionInputs {
                 )));
             }
         }
-        for (name, mask) in [("window_mask", &window_mask), ("full_mask", &full_mask)] {
-            if mask.len() != n * n {
+        for (name, bounds) in [("window", &window_bounds), ("frame", &frame_bounds)] {
+            if bounds.first() != Some(&0)
+                || bounds.last() != Some(&n)
+                || bounds.windows(2).any(|w| w[1] < w[0])
+            {
                 return Err(input_err(format!(
-                    "{name} has {} values, expected {n}×{n}",
-                    mask.len()
+                    "{name} boundaries {bounds:?} do not cover {n} patches"
                 )));
             }
         }
+        let segments = |bounds| Arc::new(KeyMask::Segments { bounds });
         Ok(Self {
             patches,
             n,
             count: 1,
             pos_ids,
             window_index,
-            window_mask,
-            full_mask,
+            window_mask: segments(window_bounds),
+            full_mask: segments(frame_bounds),
         })
     }
 
@@ -230,6 +239,9 @@ pub struct VisionTower {
     /// Hyper-parameters.
     #[module(skip)]
     pub config: VisionConfig,
+    /// Query rows attended at once in longer sequences ([`DEFAULT_ATTENTION_CHUNK`]).
+    #[module(skip)]
+    pub attention_chunk: usize,
 }
 
 impl VisionTower {
@@ -286,6 +298,7 @@ impl VisionTower {
             blocks,
             merger,
             config: cfg.clone(),
+            attention_chunk: DEFAULT_ATTENTION_CHUNK,
         })
     }
 
@@ -341,17 +354,19 @@ impl VisionTower {
         let (cos, sin) = self.rotary_tables(inputs, &device);
         let hd = cfg.head_dim();
         let (cos, sin) = (cos.reshape([1, n, 1, hd]), sin.reshape([1, n, 1, hd]));
-        let window = tensor_from(inputs.window_mask.clone(), [1, 1, n, n], &device);
-        let full = tensor_from(inputs.full_mask.clone(), [1, 1, n, n], &device);
         for (i, blk) in self.blocks.iter().enumerate() {
             let mask = if cfg.fullatt_block_indexes.contains(&i) {
-                full.clone()
+                &inputs.full_mask
             } else {
-                window.clone()
+                &inputs.window_mask
             };
-            let a = blk
-                .attn
-                .forward(blk.norm1.forward(h.clone()), &cos, &sin, mask);
+            let a = blk.attn.forward(
+                blk.norm1.forward(h.clone()),
+                &cos,
+                &sin,
+                mask,
+                self.attention_chunk,
+            );
             h = h + a;
             h = h.clone() + blk.mlp.forward(blk.norm2.forward(h));
         }
@@ -370,13 +385,15 @@ impl VisionTower {
 }
 
 impl VisionAttention {
-    /// Self-attention over `[images, n, hidden]`, each image on its own.
+    /// Self-attention over `[images, n, hidden]`, each image on its own, within the blocks of
+    /// `mask` (`chunk` query rows at a time when longer).
     fn forward(
         &self,
         x: Tensor<3>,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        mask: Tensor<4>,
+        mask: &Arc<KeyMask>,
+        chunk: usize,
     ) -> Tensor<3> {
         let [b, n, c] = x.dims();
         let heads = self.num_heads;
@@ -386,7 +403,7 @@ impl VisionAttention {
         let q = apply_rotary(part(0), cos.clone(), sin.clone()).swap_dims(1, 2);
         let k = apply_rotary(part(1), cos.clone(), sin.clone()).swap_dims(1, 2);
         let v = part(2).swap_dims(1, 2);
-        let out = attention(q, k, v, mask, 1.0 / (hd as f64).sqrt());
+        let out = masked_attention(q, k, v, mask, 1.0 / (hd as f64).sqrt(), chunk);
         self.proj.forward(out.swap_dims(1, 2).reshape([b, n, c]))
     }
 }
@@ -415,8 +432,8 @@ mod tests {
             vec![0.0; 4 * pd],
             vec![[0, 0]; 4],
             vec![1],
-            vec![0.0; 16],
-            vec![0.0; 16],
+            vec![0, 4],
+            vec![0, 4],
             &cfg,
         )
         .unwrap_err();

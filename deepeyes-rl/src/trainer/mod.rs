@@ -120,12 +120,14 @@ fn networks<N: PolicyNetwork>(
     if config.model.freeze_vision {
         model = model.freeze_vision();
     }
+    let chunk = config.model.attention_chunk;
+    model = model.with_attention_chunk(chunk);
     // A LoRA run's reference is its own base with the adapters off (`fixed_logprobs`).
     let reference = if config.grpo.needs_reference() && config.lora.is_none() {
-        Some(N::from_pretrained(
-            &config.model.bundle,
-            &compute.device(false)?,
-        )?)
+        Some(
+            N::from_pretrained(&config.model.bundle, &compute.device(false)?)?
+                .with_attention_chunk(chunk),
+        )
     } else {
         None
     };

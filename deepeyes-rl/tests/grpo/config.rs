@@ -54,6 +54,7 @@ fn example_parses_and_matches_the_defaults() {
     assert_eq!(cfg.data.kind, DatasetKind::DeepeyesParquet);
     assert_eq!(cfg.data.paths.len(), 3);
     assert_eq!(cfg.model.rollout_engine, RolloutEngine::Ort);
+    assert_eq!(cfg.model.attention_chunk, minimal.model.attention_chunk);
     assert!(matches!(cfg.reward_source(), RewardSource::File(p) if p.ends_with("deepeyes.toml")));
     assert!(cfg.tools.is_empty());
 }
@@ -172,6 +173,20 @@ fn invalid_values_are_all_reported_by_key() {
     }
     let msg = err.to_string();
     assert!(msg.starts_with("config test.toml: key `"), "{msg}");
+}
+
+#[test]
+fn attention_chunk_is_at_least_one_row() {
+    let text = |chunk: usize| {
+        MINIMAL.replace(
+            "bundle = \"m\"",
+            &format!("bundle = \"m\"\nattention-chunk = {chunk}"),
+        )
+    };
+    assert_eq!(parse(&text(64)).unwrap().model.attention_chunk, 64);
+    assert_eq!(parse(MINIMAL).unwrap().model.attention_chunk, 512);
+    let err = parse(&text(0)).unwrap_err();
+    assert_eq!(problems(&err), ["model.attention-chunk"]);
 }
 
 #[test]
