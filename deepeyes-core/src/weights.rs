@@ -5,6 +5,8 @@
 //! engine ([`WeightReceiver`]) takes it before the next rollout and reports the version it runs.
 //! ONNX Runtime takes it in place (`OnnxModel` overwrites the buffers its sessions read); a
 //! remote inference server or an adapter-serving engine takes the same update its own way.
+//! The update reads the parameters through [`WeightSource`], so a training engine can hand out
+//! views of its own buffers instead of copying every weight first.
 
 use std::collections::BTreeMap;
 
@@ -22,13 +24,46 @@ pub struct HostTensor {
 /// Model parameters by Hugging Face name.
 pub type Weights = BTreeMap<String, HostTensor>;
 
+/// One parameter as a rollout engine reads it: its shape and row-major values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorView<'a> {
+    /// Dimensions.
+    pub shape: &'a [usize],
+    /// Values, `shape.iter().product()` of them.
+    pub data: &'a [f32],
+}
+
+/// Parameters by Hugging Face name: host copies ([`Weights`]) or views of a training engine's
+/// own buffers.
+pub trait WeightSource: Send + Sync {
+    /// The parameter `name`, if there is one.
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>>;
+}
+
+impl WeightSource for Weights {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        self.get(name).map(|t| TensorView {
+            shape: &t.shape,
+            data: &t.data,
+        })
+    }
+}
+
 /// One published version of the policy's parameters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct WeightUpdate<'a> {
     /// Increases with every update the trainer publishes (the trainer uses its step count).
     pub version: u64,
     /// Every parameter, by Hugging Face name.
-    pub tensors: &'a Weights,
+    pub tensors: &'a dyn WeightSource,
+}
+
+impl std::fmt::Debug for WeightUpdate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightUpdate")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A rollout engine that takes new policy weights between rollouts.

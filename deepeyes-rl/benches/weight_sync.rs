@@ -6,9 +6,11 @@
 //! - **fresh load**: `OnnxModel::load` of the bundle (graphs, tokenizer, sessions);
 //! - **rebuild**: `OnnxModel::load_with_weights` with the training engine's weights, what the
 //!   trainer did every step before it kept its sessions;
-//! - **sync**: what the trainer does every step now: the training engine's weights copied to
-//!   the host (`PolicyNetwork::host_weights`) and taken in place by the same sessions
-//!   (`WeightReceiver::receive_weights`), with the two parts reported apart;
+//! - **sync**: what the trainer does every step now: views of the training engine's own buffers
+//!   (`PolicyNetwork::weight_source`, no copy) taken in place by the same sessions
+//!   (`WeightReceiver::receive_weights`), the two parts reported apart;
+//! - **sync with a host copy**: the same with the weights first copied to the host
+//!   (`PolicyNetwork::host_weights`), what it did before;
 //! - **generation** on sessions built by `load` (weights pre-packed) and on the in-place ones
 //!   (pre-packing off): 16 sampled continuations of 24 tokens of one prompt with a 448×448
 //!   image, the shape of a demo rollout turn, so that the price of in-place weights in rollout
@@ -23,7 +25,8 @@ use std::time::Instant;
 
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
 use deepeyes_core::{
-    GenerateRequest, Image, SamplingParams, VisionLanguageModel, WeightReceiver, WeightUpdate,
+    GenerateRequest, Image, SamplingParams, VisionLanguageModel, WeightReceiver, WeightSource,
+    WeightUpdate,
 };
 use deepeyes_rl::network::{ComputeDevice, PolicyNetwork, Qwen25Vl};
 
@@ -110,23 +113,49 @@ fn main() {
     });
     let engine = OnnxModel::load_with_weights(&bundle, &options, &model.host_weights())
         .expect("the rollout engine loads");
-    let (mut host, mut take) = (Vec::new(), Vec::new());
-    let sync = timed(runs, |i| {
+    // `copy`: the host copy of every weight first (before), or views of burn's buffers (now).
+    let sync_with = |copy: bool, version: u64, parts: &mut (Vec<f64>, Vec<f64>)| {
         let t = Instant::now();
-        let tensors = model.host_weights();
-        let copied = t.elapsed().as_secs_f64();
+        let tensors: Box<dyn WeightSource> = if copy {
+            Box::new(model.host_weights())
+        } else {
+            model.weight_source()
+        };
+        let handed = t.elapsed().as_secs_f64();
         let t = Instant::now();
         engine
             .receive_weights(&WeightUpdate {
-                version: i as u64,
-                tensors: &tensors,
+                version,
+                tensors: tensors.as_ref(),
             })
             .expect("the engine takes the weights");
-        if i > 0 {
-            host.push(copied);
-            take.push(t.elapsed().as_secs_f64());
+        parts.0.push(handed);
+        parts.1.push(t.elapsed().as_secs_f64());
+    };
+    let (mut views, mut copied) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    let mut version = 0;
+    let mut sync = Vec::new();
+    let mut sync_copy = Vec::new();
+    // Alternately, so that both see the same machine.
+    for i in 0..=runs {
+        for copy in [false, true] {
+            version += 1;
+            let parts = if copy { &mut copied } else { &mut views };
+            let t = Instant::now();
+            sync_with(copy, version, parts);
+            let s = t.elapsed().as_secs_f64();
+            if i > 0 {
+                if copy {
+                    sync_copy.push(s)
+                } else {
+                    sync.push(s)
+                }
+            } else {
+                parts.0.clear();
+                parts.1.clear();
+            }
         }
-    });
+    }
     let packed = OnnxModel::load(&bundle, &options).expect("the bundle loads");
     let gen_packed = generation(&packed, runs);
     let gen_in_place = generation(&engine, runs);
@@ -144,16 +173,27 @@ fn main() {
     println!("rebuild with the weights (load_with_weights) median {r:.3} s  runs {rebuild:.3?}");
     println!("sync in place                                median {s:.3} s  runs {sync:.3?}");
     println!(
-        "  of which the training engine's host copy  median {:.3} s",
-        median(host)
+        "  of which views of the engine's buffers    median {:.3} s",
+        median(views.0)
     );
     println!(
         "  and the engine taking them in place       median {:.3} s",
-        median(take)
+        median(views.1)
+    );
+    let sc = median(sync_copy.clone());
+    println!("sync with a host copy (before)               median {sc:.3} s  runs {sync_copy:.3?}");
+    println!(
+        "  of which the training engine's host copy  median {:.3} s",
+        median(copied.0)
     );
     println!(
-        "sync / fresh load: {:.1} %   sync / rebuild: {:.1} %",
+        "  and the engine taking them in place       median {:.3} s",
+        median(copied.1)
+    );
+    println!(
+        "sync / fresh load: {:.1} %   sync with a host copy / fresh load: {:.1} %   sync / rebuild: {:.1} %",
         100.0 * s / f,
+        100.0 * sc / f,
         100.0 * s / r
     );
     let (gp, gi) = (median(gen_packed.clone()), median(gen_in_place.clone()));

@@ -358,3 +358,31 @@ fn an_adapted_head_gets_the_same_gradients_in_chunks() {
     }
     assert_eq!(head, 2, "the head's A and B both get gradients");
 }
+
+/// What a rollout engine reads (`weight_views`) is what the network hands out as copies
+/// (`hf_tensors`: Hugging Face names and shapes, adapters merged), read from burn's own buffers
+/// with no parameter copied.
+#[test]
+fn weight_views_are_the_handed_out_weights_without_copies() {
+    use deepeyes_core::WeightSource;
+    for model in [
+        base(true),
+        base(true).with_lora(&deepeyes_config(), 11).unwrap(),
+    ] {
+        let copies = model.hf_tensors();
+        let views = model.weight_views();
+        assert_eq!(
+            views.lent(),
+            copies.len(),
+            "every parameter lent, none copied"
+        );
+        for (name, (shape, values)) in &copies {
+            let view = views
+                .tensor(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            assert_eq!(view.shape, shape.as_slice(), "{name}");
+            assert_eq!(view.data, values.as_slice(), "{name}");
+        }
+        assert!(views.tensor("no.such.weight").is_none());
+    }
+}

@@ -24,7 +24,8 @@ use super::error::{OnnxError, OnnxResult};
 use super::provider::{DeviceReport, OnnxOptions, Placement};
 use super::runtime::{Runtime, RuntimeInfo, runtime};
 use super::vision_cache::FeatureCache;
-use super::weights::{MapEntry, WeightMap, Weights, initializer_value, read_safetensors};
+use super::weights::{MapEntry, WeightMap, initializer_value, read_safetensors};
+use crate::weights::WeightSource;
 
 /// Whether this process has already logged a bundle load at info level.
 static LOAD_REPORTED: AtomicBool = AtomicBool::new(false);
@@ -145,7 +146,12 @@ impl OnnxModel {
             }
             _ => None,
         };
-        Self::load_inner(dir, options, weights.as_ref().map(|(w, m)| (w, m)), false)
+        Self::load_inner(
+            dir,
+            options,
+            weights.as_ref().map(|(w, m)| (w as &dyn WeightSource, m)),
+            false,
+        )
     }
 
     /// Loads the bundle in `dir` with `weights` (Hugging Face names) in place of its own, e.g. a
@@ -159,7 +165,7 @@ impl OnnxModel {
     pub fn load_with_weights(
         dir: impl AsRef<Path>,
         options: &OnnxOptions,
-        weights: &Weights,
+        weights: &dyn WeightSource,
     ) -> OnnxResult<Self> {
         let dir = dir.as_ref();
         let map = WeightMap::load(dir)?.ok_or_else(|| OnnxError::Bundle {
@@ -172,7 +178,7 @@ impl OnnxModel {
     fn load_inner(
         dir: &Path,
         options: &OnnxOptions,
-        weights: Option<(&Weights, &WeightMap)>,
+        weights: Option<(&dyn WeightSource, &WeightMap)>,
         in_place: bool,
     ) -> OnnxResult<Self> {
         let dir = dir.to_path_buf();
@@ -324,7 +330,7 @@ pub(super) fn build_sessions(
     config: &BundleConfig,
     options: &OnnxOptions,
     place: &mut Placement,
-    weights: Option<(&Weights, &WeightMap)>,
+    weights: Option<(&dyn WeightSource, &WeightMap)>,
     in_place: bool,
 ) -> OnnxResult<[BuiltSession; 3]> {
     let files = [
@@ -354,7 +360,7 @@ fn load_session(
     name: &str,
     options: &OnnxOptions,
     placement: &mut Placement,
-    weights: Option<(&Weights, &WeightMap)>,
+    weights: Option<(&dyn WeightSource, &WeightMap)>,
     in_place: bool,
 ) -> OnnxResult<BuiltSession> {
     let path = dir.join(name);

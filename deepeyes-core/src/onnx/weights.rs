@@ -21,6 +21,7 @@ pub const WEIGHT_MAP_FILE: &str = "weights.json";
 pub const WEIGHT_MAP_FORMAT: &str = "deepeyes-weight-map";
 
 pub use crate::weights::{HostTensor, Weights};
+use crate::weights::{TensorView, WeightSource};
 
 /// One initializer that holds a parameter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,7 +186,7 @@ fn f16_to_f32(h: u16) -> f32 {
 /// against the graph's shape. Errors name the parameter and the file that maps it.
 pub(crate) fn initializer_value(
     entry: &MapEntry,
-    weights: &Weights,
+    weights: &dyn WeightSource,
     map_path: &Path,
 ) -> OnnxResult<HostTensor> {
     let mut data = vec![0.0; entry.shape.iter().product()];
@@ -200,10 +201,10 @@ pub(crate) fn initializer_value(
 /// graph stores it transposed). Errors name the parameter and the file that maps it.
 pub(crate) fn mapped_param<'w>(
     entry: &MapEntry,
-    weights: &'w Weights,
+    weights: &'w dyn WeightSource,
     map_path: &Path,
-) -> OnnxResult<&'w HostTensor> {
-    let Some(param) = weights.get(&entry.param) else {
+) -> OnnxResult<TensorView<'w>> {
+    let Some(param) = weights.tensor(&entry.param) else {
         return Err(bad(
             map_path,
             format!(
@@ -233,7 +234,7 @@ pub(crate) fn mapped_param<'w>(
 /// transposed when the graph stores it so.
 pub(crate) fn fill_initializer(
     entry: &MapEntry,
-    weights: &Weights,
+    weights: &dyn WeightSource,
     map_path: &Path,
     out: &mut [f32],
 ) -> OnnxResult<()> {
@@ -251,10 +252,10 @@ pub(crate) fn fill_initializer(
         ));
     }
     if !entry.transpose {
-        out.copy_from_slice(&param.data);
+        out.copy_from_slice(param.data);
         return Ok(());
     }
-    transpose_into(&param.data, param.shape[0], param.shape[1], out);
+    transpose_into(param.data, param.shape[0], param.shape[1], out);
     Ok(())
 }
 

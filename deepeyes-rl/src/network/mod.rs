@@ -58,7 +58,7 @@ pub use token_scores::{ChunkedTokenScores, WHOLE_LOGITS_LIMIT};
 pub use vision::{
     Grid, PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionInputs, VisionTower,
 };
-pub use weights::{HostParam, ParamInfo, param_grads};
+pub use weights::{HostParam, ParamInfo, ParamViews, param_grads};
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

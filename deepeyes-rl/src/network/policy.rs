@@ -61,6 +61,13 @@ pub trait PolicyNetwork: Module + Sized {
             .collect()
     }
 
+    /// The weights a rollout engine takes ([`deepeyes_core::WeightUpdate`]): views of the
+    /// network's own buffers where it can lend them, else host copies
+    /// ([`PolicyNetwork::host_weights`]).
+    fn weight_source(&self) -> Box<dyn deepeyes_core::WeightSource> {
+        Box::new(self.host_weights())
+    }
+
     /// Per-token log-probs of `sequences` (each image once, as one `<|image_pad|>` token) from
     /// each one's [`Sequence::score_from`] on, and the predictive entropy when asked:
     /// `[sequences, longest]` tensors aligned with the tokens, carrying the autodiff graph on an
@@ -120,6 +127,10 @@ impl PolicyNetwork for Qwen25Vl {
             batch = batch.share_prefixes()?;
         }
         self.score_tokens(&batch, options.entropy)
+    }
+
+    fn weight_source(&self) -> Box<dyn deepeyes_core::WeightSource> {
+        Box::new(self.weight_views())
     }
 
     fn freeze_vision(self) -> Self {

@@ -16,7 +16,9 @@ use super::layers::{Linear, tensor_from};
 use super::text::{DecoderInputs, TextModel};
 use super::token_scores::{chunked_token_scores, whole_logits};
 use super::vision::{VisionInputs, VisionTower};
-use super::weights::{ParamInfo, param_infos, param_values, write_atomic, write_safetensors};
+use super::weights::{
+    ParamInfo, ParamViews, param_infos, param_values, param_views, write_atomic, write_safetensors,
+};
 
 /// The Qwen2.5-VL model. Field names follow Hugging Face's parameter names (`visual.*`,
 /// `model.*`, `lm_head.*`).
@@ -136,6 +138,27 @@ impl Qwen25Vl {
             tensors.insert(p.name, (shape, p.values));
         }
         tensors
+    }
+
+    /// [`Qwen25Vl::hf_tensors`] without copying them: views of burn's own buffers where the
+    /// backend lends them (the CPU backend does), for a rollout engine to read.
+    pub fn weight_views(&self) -> ParamViews {
+        if self.lora.is_some() {
+            return self.clone().merged().weight_views();
+        }
+        let mut views = param_views(self);
+        let v = &self.config.vision;
+        views.reshape(
+            "visual.patch_embed.proj.weight",
+            vec![
+                v.hidden_size,
+                v.in_channels,
+                v.temporal_patch_size,
+                v.patch_size,
+                v.patch_size,
+            ],
+        );
+        views
     }
 
     /// Writes every parameter, with Hugging Face names and shapes, to one safetensors file.

@@ -4,8 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use burn::backend::Flex;
+use burn::backend::flex::FlexTensor;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Gradients, Tensor};
+use deepeyes_core::{TensorView, WeightSource};
 
 use super::error::{ModelError, Result};
 
@@ -43,9 +46,66 @@ pub struct HostParam {
     pub values: Vec<f32>,
 }
 
+/// A model's parameters by Hugging Face name as a rollout engine reads them, without a copy
+/// where the engine lends its buffer: burn's CPU backend keeps a contiguous parameter as one
+/// shared block, which these views hold on to (a later optimizer step writes new blocks, so the
+/// views keep the version they were taken of). Anything else is copied.
+#[derive(Debug, Default)]
+pub struct ParamViews {
+    tensors: BTreeMap<String, (Vec<usize>, ParamBuffer)>,
+}
+
+/// Where a viewed parameter's values are.
+#[derive(Debug)]
+enum ParamBuffer {
+    /// burn's own buffer (contiguous `f32`, checked when taken).
+    Lent(FlexTensor),
+    /// A host copy.
+    Copied(Vec<f32>),
+}
+
+impl ParamViews {
+    /// Gives the parameter `name` the shape `shape` (same number of values), as a file stores it.
+    pub(crate) fn reshape(&mut self, name: &str, shape: Vec<usize>) {
+        if let Some((s, _)) = self.tensors.get_mut(name) {
+            debug_assert_eq!(s.iter().product::<usize>(), shape.iter().product::<usize>());
+            *s = shape;
+        }
+    }
+
+    /// How many of the parameters are burn's own buffers (the rest are copies).
+    pub fn lent(&self) -> usize {
+        self.tensors
+            .values()
+            .filter(|(_, b)| matches!(b, ParamBuffer::Lent(_)))
+            .count()
+    }
+}
+
+impl WeightSource for ParamViews {
+    fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
+        let (shape, buffer) = self.tensors.get(name)?;
+        let data = match buffer {
+            ParamBuffer::Lent(t) => t.as_slice::<f32>().expect("checked when lent"),
+            ParamBuffer::Copied(v) => v,
+        };
+        Some(TensorView { shape, data })
+    }
+}
+
+/// The values of `t`: burn's buffer when it lends one, else a copy.
+fn buffer<const D: usize>(t: Tensor<D>) -> ParamBuffer {
+    let t = t.inner();
+    match t.clone().try_into_primitive::<Flex>() {
+        Ok(flex) if flex.as_slice::<f32>().is_some() => ParamBuffer::Lent(flex),
+        _ => ParamBuffer::Copied(super::qwen::to_host(t)),
+    }
+}
+
 enum Mode<'a> {
     Info,
     Values,
+    Views,
     Grads(&'a Gradients),
 }
 
@@ -54,6 +114,7 @@ struct Collector<'a> {
     mode: Mode<'a>,
     infos: Vec<ParamInfo>,
     values: Vec<(String, Option<HostParam>)>,
+    views: ParamViews,
 }
 
 fn host<const D: usize>(name: &str, t: Tensor<D>) -> HostParam {
@@ -91,6 +152,11 @@ impl ModuleVisitor for Collector<'_> {
                 let v = host(&name, param.val());
                 self.values.push((name, Some(v)));
             }
+            Mode::Views => {
+                let t = param.val();
+                let shape = t.dims().to_vec();
+                self.views.tensors.insert(name, (shape, buffer(t)));
+            }
             Mode::Grads(grads) => {
                 let g = param.val().grad(grads).map(|g| host(&name, g));
                 self.values.push((name, g));
@@ -105,6 +171,7 @@ fn collect<'a, M: Module>(module: &M, mode: Mode<'a>) -> Collector<'a> {
         mode,
         infos: Vec::new(),
         values: Vec::new(),
+        views: ParamViews::default(),
     };
     module.visit(&mut c);
     c
@@ -113,6 +180,11 @@ fn collect<'a, M: Module>(module: &M, mode: Mode<'a>) -> Collector<'a> {
 /// Names, ids and shapes of every float parameter of `module`, in module order.
 pub(crate) fn param_infos<M: Module>(module: &M) -> Vec<ParamInfo> {
     collect(module, Mode::Info).infos
+}
+
+/// Views of every parameter of `module`, burn's own buffers where it lends them.
+pub(crate) fn param_views<M: Module>(module: &M) -> ParamViews {
+    collect(module, Mode::Views).views
 }
 
 /// Host copies of every parameter of `module`.

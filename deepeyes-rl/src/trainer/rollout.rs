@@ -41,7 +41,7 @@ impl<N: PolicyNetwork> Trainer<N> {
                 let built = OnnxModel::load_with_weights(
                     &self.config.model.bundle,
                     &self.onnx,
-                    &self.model().host_weights(),
+                    self.model().weight_source().as_ref(),
                 )?;
                 Arc::clone(self.engine.insert(Arc::new(built)))
             }
@@ -56,10 +56,10 @@ impl<N: PolicyNetwork> Trainer<N> {
         if engine.weights_version() == Some(self.step) {
             return Ok(());
         }
-        let tensors = self.model().host_weights();
+        let tensors = self.model().weight_source();
         engine.receive_weights(&WeightUpdate {
             version: self.step,
-            tensors: &tensors,
+            tensors: tensors.as_ref(),
         })?;
         Ok(())
     }
