@@ -23,8 +23,7 @@ use std::path::Path;
 
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use deepeyes_rl::network::{
-    Batch, ComputeDevice, LoraConfig, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, TargetModules,
-    tensor2,
+    Batch, ComputeDevice, LoraConfig, PadLayout, Qwen25Vl, Qwen25VlConfig, Sequence, tensor2,
 };
 
 /// A `/proc/self/status` field in MiB (Linux).
@@ -104,14 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Qwen25Vl::random(&Qwen25VlConfig::from_hf_file(path)?, 0, &device)?
     };
     if let Some(rank) = rank {
-        let lora = LoraConfig {
-            rank,
-            alpha: 2.0 * rank as f64,
-            dropout: 0.0,
-            target_modules: TargetModules::Pattern("all-linear".into()),
-            use_rslora: false,
-            init_lora_weights: true,
-        };
+        let lora = LoraConfig::all_linear(rank);
         model = model.with_lora(&lora, 0)?;
     }
     if whole {

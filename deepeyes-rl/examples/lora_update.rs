@@ -23,8 +23,7 @@ use std::time::Instant;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::tensor::{Device, Tensor};
 use deepeyes_rl::network::{
-    Batch, ComputeDevice, LoraConfig, PadLayout, Qwen25Vl, Sequence, TargetModules, tensor2,
-    to_host,
+    Batch, ComputeDevice, LoraConfig, PadLayout, Qwen25Vl, Sequence, tensor2, to_host,
 };
 use serde::Deserialize;
 
@@ -130,14 +129,7 @@ fn main() -> Result<(), Error> {
     let rank: usize = flag(&args, "--rank").unwrap_or("16").parse()?;
     let runs: usize = flag(&args, "--runs").unwrap_or("3").parse()?;
     let started = Instant::now();
-    let lora = LoraConfig {
-        rank,
-        alpha: 2.0 * rank as f64,
-        dropout: 0.0,
-        target_modules: TargetModules::Pattern("all-linear".into()),
-        use_rslora: false,
-        init_lora_weights: true,
-    };
+    let lora = LoraConfig::all_linear(rank);
     let mut model =
         Qwen25Vl::from_pretrained(Path::new(model_dir), &device)?.with_lora(&lora, 0)?;
     let load_s = started.elapsed().as_secs_f64();

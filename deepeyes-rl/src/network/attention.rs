@@ -413,12 +413,10 @@ impl<B: Backend + ChunkedAttention, C: CheckpointStrategy> ChunkedAttention for 
 mod tests {
     use super::*;
     use crate::network::ComputeDevice;
+    use crate::network::layers::test_values;
 
     fn random(shape: [usize; 4], seed: usize, device: &burn::tensor::Device) -> Tensor<4> {
-        let n: usize = shape.iter().product();
-        let values = (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5) * 2.0)
-            .collect();
+        let values = test_values(shape.iter().product(), seed, 2.0);
         tensor_from(values, shape, device).require_grad()
     }
 

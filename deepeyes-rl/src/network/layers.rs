@@ -168,6 +168,14 @@ pub(crate) fn attention<const D: usize>(
     softmax(scores, D - 1).matmul(v)
 }
 
+/// `n` deterministic values in `[-scale/2, scale/2)` spread over the range (test inputs).
+#[cfg(test)]
+pub(crate) fn test_values(n: usize, seed: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5) * scale)
+        .collect()
+}
+
 /// A float tensor from host data.
 pub(crate) fn tensor_from<const D: usize>(
     data: Vec<f32>,

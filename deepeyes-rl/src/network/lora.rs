@@ -121,6 +121,19 @@ fn default_true() -> bool {
 }
 
 impl LoraConfig {
+    /// Adapters of rank `rank` on every linear layer (PEFT's `"all-linear"`), alpha `2 · rank`,
+    /// no rsLoRA, `B` starting at zero: the demo's choice at rank 16.
+    pub fn all_linear(rank: usize) -> Self {
+        Self {
+            rank,
+            alpha: 2.0 * rank as f64,
+            dropout: 0.0,
+            target_modules: TargetModules::Pattern("all-linear".into()),
+            use_rslora: false,
+            init_lora_weights: true,
+        }
+    }
+
     /// The factor `s` of the update `s · B A`.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {

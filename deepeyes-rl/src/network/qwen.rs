@@ -20,6 +20,9 @@ use super::weights::{
     ParamInfo, ParamViews, param_infos, param_values, param_views, write_atomic, write_safetensors,
 };
 
+/// The patch embedding's parameter name.
+const PATCH_EMBED: &str = "visual.patch_embed.proj.weight";
+
 /// The Qwen2.5-VL model. Field names follow Hugging Face's parameter names (`visual.*`,
 /// `model.*`, `lm_head.*`).
 #[derive(Module, Debug)]
@@ -121,17 +124,10 @@ impl Qwen25Vl {
         if self.lora.is_some() {
             return self.clone().merged().hf_tensors();
         }
-        let v = &self.config.vision;
         let mut tensors = BTreeMap::new();
         for p in param_values(self) {
-            let shape = if p.name == "visual.patch_embed.proj.weight" {
-                vec![
-                    v.hidden_size,
-                    v.in_channels,
-                    v.temporal_patch_size,
-                    v.patch_size,
-                    v.patch_size,
-                ]
+            let shape = if p.name == PATCH_EMBED {
+                self.patch_embed_shape()
             } else {
                 p.shape
             };
@@ -147,18 +143,21 @@ impl Qwen25Vl {
             return self.clone().merged().weight_views();
         }
         let mut views = param_views(self);
-        let v = &self.config.vision;
-        views.reshape(
-            "visual.patch_embed.proj.weight",
-            vec![
-                v.hidden_size,
-                v.in_channels,
-                v.temporal_patch_size,
-                v.patch_size,
-                v.patch_size,
-            ],
-        );
+        views.reshape(PATCH_EMBED, self.patch_embed_shape());
         views
+    }
+
+    /// The patch embedding's shape as transformers stores it: the 5-D Conv3d kernel (this crate
+    /// holds it as the equivalent `[hidden, patch_dim]` matrix).
+    fn patch_embed_shape(&self) -> Vec<usize> {
+        let v = &self.config.vision;
+        vec![
+            v.hidden_size,
+            v.in_channels,
+            v.temporal_patch_size,
+            v.patch_size,
+            v.patch_size,
+        ]
     }
 
     /// Writes every parameter, with Hugging Face names and shapes, to one safetensors file.

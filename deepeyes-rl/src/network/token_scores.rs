@@ -256,15 +256,13 @@ impl<B: Backend + ChunkedTokenScores, C: CheckpointStrategy> ChunkedTokenScores 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::network::layers::test_values;
     use crate::network::{ComputeDevice, to_host};
     use burn::tensor::Int;
     use burn::tensor::activation::log_softmax;
 
     fn random(shape: [usize; 2], seed: usize, device: &burn::tensor::Device) -> Tensor<2> {
-        let n: usize = shape.iter().product();
-        let values = (0..n)
-            .map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5) * 3.0)
-            .collect();
+        let values = test_values(shape.iter().product(), seed, 3.0);
         Tensor::<2>::from_data(TensorData::new(values, shape), device).require_grad()
     }
 
