@@ -7,6 +7,7 @@
 //! runs, is then all a weight update takes: no graph is parsed, no session initialised, nothing
 //! read from disk. On a GPU the sessions hold device copies, so there the sessions are rebuilt.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use super::model::{
     InPlaceWeights, InitializerBuffer, NO_VERSION, OnnxModel, build_sessions, lock,
 };
 use super::provider::Placement;
-use super::weights::{MapEntry, fill_initializer, mapped_param};
+use super::weights::{MapEntry, fill_initializer_rows, mapped_param, row_len};
 
 impl WeightReceiver for OnnxModel {
     fn receive_weights(&self, update: &WeightUpdate<'_>) -> crate::Result<()> {
@@ -32,30 +33,68 @@ impl WeightReceiver for OnnxModel {
     }
 }
 
-/// Lets `write` overwrite the elements of an initializer's buffer. Only called while every
-/// session of the model is locked.
+/// Values one piece of a weight write holds at most (16 Mi, 64 MiB): large initializers (the
+/// output head is 311 M values at the 3B widths) are cut into pieces of whole rows, so that the
+/// writers share them instead of one thread writing the largest alone.
+const PIECE: usize = 1 << 24;
+
+/// Rows `rows` of one initializer, written by one thread.
+struct Piece<'a> {
+    entry: &'a MapEntry,
+    buffer: &'a InitializerBuffer,
+    rows: Range<usize>,
+}
+
+/// Lets `write` overwrite rows `rows` (of `width` values each) of an initializer's buffer. Only
+/// called while every session of the model is locked.
 #[allow(unsafe_code)]
 fn overwrite(
     buffer: &InitializerBuffer,
+    rows: &Range<usize>,
+    width: usize,
     write: impl FnOnce(&mut [f32]) -> OnnxResult<()>,
 ) -> OnnxResult<()> {
+    let (start, len) = (rows.start * width, rows.len() * width);
+    assert!(
+        start + len <= buffer.len,
+        "rows {rows:?} of {width} outside the buffer"
+    );
     let data = std::ptr::with_exposed_provenance_mut::<f32>(buffer.address);
     // SAFETY: `address` is the data of a CPU tensor of exactly `len` `f32`s that `load_session`
     // created from an owned vector; the tensor (kept alive by the buffer's `Arc`) owns it, and no
     // Rust reference to its elements exists anywhere else. ONNX Runtime reads it only while a
-    // session runs, and the caller holds every session's lock; each buffer is written by one
-    // thread only (`write_all`); so nothing else reads or writes it while `write` runs.
-    write(unsafe { std::slice::from_raw_parts_mut(data, buffer.len) })
+    // session runs, and the caller holds every session's lock; the range is inside the buffer
+    // (checked above) and each range is written by one thread only (`write_all` cuts disjoint
+    // pieces); so nothing else reads or writes these elements while `write` runs.
+    write(unsafe { std::slice::from_raw_parts_mut(data.add(start), len) })
 }
 
-/// Writes every mapped parameter of `update` into its buffer, on a few threads (each buffer on
-/// one; the largest dealt out first, round robin, so the threads copy about as much each).
-/// Only called while every session of the model is locked.
+/// The pieces of every initializer: whole rows, at most [`PIECE`] values each (one row at
+/// least).
+fn pieces(in_place: &InPlaceWeights) -> Vec<Piece<'_>> {
+    let mut out = Vec::new();
+    for (entry, buffer) in in_place.buffers.iter().flatten() {
+        let total = entry.shape.first().copied().unwrap_or(1);
+        let per_piece = (PIECE / row_len(entry).max(1)).max(1);
+        for start in (0..total).step_by(per_piece) {
+            out.push(Piece {
+                entry,
+                buffer,
+                rows: start..(start + per_piece).min(total),
+            });
+        }
+    }
+    out
+}
+
+/// Writes every mapped parameter of `update` into its buffer, on a few threads: the pieces
+/// ([`pieces`]), the largest dealt out first, round robin, so the threads copy about as much
+/// each. Only called while every session of the model is locked.
 fn write_all(in_place: &InPlaceWeights, update: &WeightUpdate<'_>) -> OnnxResult<()> {
     let writers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-    let mut jobs: Vec<&(MapEntry, InitializerBuffer)> = in_place.buffers.iter().flatten().collect();
-    jobs.sort_by_key(|(_, b)| std::cmp::Reverse(b.len));
-    let mut shares: Vec<Vec<&(MapEntry, InitializerBuffer)>> = vec![Vec::new(); writers];
+    let mut jobs = pieces(in_place);
+    jobs.sort_by_key(|p| std::cmp::Reverse(p.rows.len() * row_len(p.entry)));
+    let mut shares: Vec<Vec<Piece<'_>>> = (0..writers).map(|_| Vec::new()).collect();
     for (i, job) in jobs.into_iter().enumerate() {
         shares[i % writers].push(job);
     }
@@ -64,9 +103,16 @@ fn write_all(in_place: &InPlaceWeights, update: &WeightUpdate<'_>) -> OnnxResult
             .into_iter()
             .map(|share| {
                 scope.spawn(move || {
-                    share.into_iter().try_for_each(|(entry, buffer)| {
-                        overwrite(buffer, |out| {
-                            fill_initializer(entry, update.tensors, &in_place.map_path, out)
+                    share.into_iter().try_for_each(|p| {
+                        let width = row_len(p.entry);
+                        overwrite(p.buffer, &p.rows, width, |out| {
+                            fill_initializer_rows(
+                                p.entry,
+                                update.tensors,
+                                &in_place.map_path,
+                                p.rows.clone(),
+                                out,
+                            )
                         })
                     })
                 })

@@ -9,6 +9,7 @@
 //! refreshing its rollout model after an update, without touching the disk).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -238,38 +239,58 @@ pub(crate) fn fill_initializer(
     map_path: &Path,
     out: &mut [f32],
 ) -> OnnxResult<()> {
+    let rows = entry.shape.first().copied().unwrap_or(1);
+    fill_initializer_rows(entry, weights, map_path, 0..rows, out)
+}
+
+/// Values per row of an initializer (its first dimension): the product of the others.
+pub(crate) fn row_len(entry: &MapEntry) -> usize {
+    entry.shape.iter().skip(1).product()
+}
+
+/// Writes rows `rows` (of the initializer's first dimension, the graph's layout) into `out`,
+/// which holds exactly those rows, so that several threads can each write a part of one large
+/// initializer.
+pub(crate) fn fill_initializer_rows(
+    entry: &MapEntry,
+    weights: &dyn WeightSource,
+    map_path: &Path,
+    rows: Range<usize>,
+    out: &mut [f32],
+) -> OnnxResult<()> {
     let param = mapped_param(entry, weights, map_path)?;
-    if out.len() != param.data.len() {
+    let width = row_len(entry);
+    let total = entry.shape.first().copied().unwrap_or(1);
+    if out.len() != rows.len() * width || rows.end > total {
         return Err(bad(
             map_path,
             format!(
-                "initializer {} holds {} values, parameter {} has {}",
+                "rows {rows:?} of initializer {} ({total} rows of {width}) do not fit {} values",
                 entry.initializer,
                 out.len(),
-                entry.param,
-                param.data.len()
             ),
         ));
     }
     if !entry.transpose {
-        out.copy_from_slice(param.data);
+        out.copy_from_slice(&param.data[rows.start * width..rows.end * width]);
         return Ok(());
     }
-    transpose_into(param.data, param.shape[0], param.shape[1], out);
+    // The graph's row c is the parameter's column c.
+    transpose_into(param.data, param.shape[0], param.shape[1], rows, out);
     Ok(())
 }
 
-/// Writes the `[rows, cols]` row-major `src` transposed into `out` (`[cols, rows]`), in tiles
-/// that stay in cache: a 151936 × 2048 output head transposed row by row writes one value per
-/// cache line and takes seconds.
-fn transpose_into(src: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+/// Writes columns `columns` of the `[rows, cols]` row-major `src`, transposed, into `out`
+/// (`[columns.len(), rows]`), in tiles that stay in cache: a 151936 × 2048 output head
+/// transposed row by row writes one value per cache line and takes seconds.
+fn transpose_into(src: &[f32], rows: usize, cols: usize, columns: Range<usize>, out: &mut [f32]) {
     const TILE: usize = 64;
     for r0 in (0..rows).step_by(TILE) {
-        for c0 in (0..cols).step_by(TILE) {
+        for c0 in columns.clone().step_by(TILE) {
             for r in r0..(r0 + TILE).min(rows) {
                 let row = &src[r * cols..(r + 1) * cols];
-                for c in c0..(c0 + TILE).min(cols) {
-                    out[c * rows + r] = row[c];
+                for c in c0..(c0 + TILE).min(columns.end) {
+                    out[(c - columns.start) * rows + r] = row[c];
                 }
             }
         }
@@ -295,7 +316,7 @@ mod tests {
         for (rows, cols) in [(1, 1), (3, 130), (130, 67), (64, 64), (65, 129)] {
             let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
             let mut out = vec![-1.0; rows * cols];
-            transpose_into(&src, rows, cols, &mut out);
+            transpose_into(&src, rows, cols, 0..cols, &mut out);
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(
@@ -305,6 +326,41 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn initializers_written_in_row_pieces_equal_the_whole() {
+        let (r, c) = (70, 130);
+        let mut w = Weights::new();
+        let data = (0..r * c).map(|i| i as f32).collect();
+        w.insert(
+            "p".into(),
+            HostTensor {
+                shape: vec![r, c],
+                data,
+            },
+        );
+        let map = Path::new("weights.json");
+        for transpose in [false, true] {
+            let shape = if transpose { vec![c, r] } else { vec![r, c] };
+            let entry = MapEntry {
+                initializer: "i".into(),
+                param: "p".into(),
+                transpose,
+                shape: shape.clone(),
+            };
+            let whole = initializer_value(&entry, &w, map).unwrap().data;
+            let width = row_len(&entry);
+            let mut pieces = vec![0.0; whole.len()];
+            for start in (0..shape[0]).step_by(17) {
+                let rows = start..(start + 17).min(shape[0]);
+                let out = &mut pieces[rows.start * width..rows.end * width];
+                fill_initializer_rows(&entry, &w, map, rows, out).unwrap();
+            }
+            assert_eq!(pieces, whole, "transpose {transpose}");
+            let e = fill_initializer_rows(&entry, &w, map, 0..2, &mut [0.0; 3]).unwrap_err();
+            assert!(e.to_string().contains("do not fit 3 values"), "{e}");
         }
     }
 
