@@ -93,9 +93,13 @@ impl KeyMask {
             }
             Self::Segments { bounds } => {
                 for (r, i) in queries.enumerate() {
+                    // The block holding `i`; none (empty or short bounds) leaves it masked.
                     let s = bounds.partition_point(|&e| e <= i);
-                    let (start, end) = (bounds[s.saturating_sub(1)], bounds.get(s).copied());
-                    let end = end.unwrap_or(keys).min(keys);
+                    let start = s.checked_sub(1).and_then(|j| bounds.get(j)).copied();
+                    let (Some(start), Some(&end)) = (start, bounds.get(s)) else {
+                        continue;
+                    };
+                    let end = end.min(keys);
                     out[r * keys..][start.min(end)..end].fill(0.0);
                 }
             }
@@ -526,5 +530,8 @@ mod tests {
         let dense = deepeyes_core::vision::segment_mask(&cu, 5, MASKED).unwrap();
         assert_eq!(m.bias(0..5, 5), dense);
         assert_eq!(m.bias(3..4, 5), dense[15..20].to_vec());
+        // Boundaries that cover nothing leave everything masked instead of panicking.
+        let empty = KeyMask::Segments { bounds: vec![] };
+        assert!(empty.bias(0..2, 2).iter().all(|&b| b == MASKED));
     }
 }
