@@ -43,6 +43,8 @@ pub(crate) enum Command {
     Tools(commands::tools::ToolsArgs),
     /// Answer a question about an image with a model bundle and the tools; print the episode.
     Run(commands::run::RunArgs),
+    /// Serve a model bundle's agent over HTTP: OpenAI-compatible /v1/chat/completions with the tools run in the request.
+    Serve(commands::serve::ServeArgs),
     /// Show which ONNX Runtime library is loaded, its providers, and whether a GPU is used.
     Doctor(commands::doctor::DoctorArgs),
     /// Score JSONL rows (id, data_source, question, ground_truth, response) with a reward pipeline.

@@ -197,13 +197,19 @@ impl std::fmt::Debug for Agent<'_> {
     }
 }
 
-/// The state of one running episode.
-struct Episode {
+/// One running episode: a task being answered, stepped a round at a time by [`Agent::advance`]
+/// (started by [`Agent::begin`]).
+#[derive(Debug, Clone)]
+pub struct Episode {
     traj: Trajectory,
     originals: Vec<Image>,
     expanded_len: usize,
     seed: u64,
     done: bool,
+    sampling: SamplingParams,
+    /// Tokens the model may still generate over all its turns (`usize::MAX`: no limit beyond
+    /// the agent's).
+    completion_left: usize,
 }
 
 impl<'m> Agent<'m> {
@@ -334,85 +340,119 @@ impl<'m> Agent<'m> {
         for (p, task) in tasks.iter().enumerate() {
             let prompt = self.start(task)?;
             for s in 0..n {
-                let mut ep = prompt.clone_for(episode_seed(p, s));
-                ep.done = false;
-                episodes.push(ep);
+                episodes.push(prompt.clone_for(episode_seed(p, s)));
             }
         }
-        for turn in 0..self.config.max_turns {
-            let active: Vec<usize> = (0..episodes.len()).filter(|&i| !episodes[i].done).collect();
+        loop {
+            let mut active: Vec<&mut Episode> = episodes.iter_mut().filter(|e| !e.done).collect();
             if active.is_empty() {
                 break;
             }
-            let mut requesting = Vec::with_capacity(active.len());
-            let mut budgets = Vec::with_capacity(active.len());
-            for &i in &active {
-                let ep = &mut episodes[i];
-                let left = self.config.max_total_tokens.saturating_sub(ep.expanded_len);
-                if left == 0 {
-                    ep.stop(StopReason::TokenBudget);
-                    continue;
-                }
-                requesting.push(i);
-                budgets.push(left.min(self.config.max_new_tokens));
-            }
-            let banned = [self.image_pad];
-            let seeds: Vec<u64> = requesting
-                .iter()
-                .map(|&i| Rng::derive_seed(episodes[i].seed, &[turn as u64]))
-                .collect();
-            // Images are collected up front so the requests can borrow them.
-            let image_lists: Vec<Vec<Image>> = requesting
-                .iter()
-                .map(|&i| {
-                    episodes[i]
-                        .traj
-                        .images
-                        .iter()
-                        .map(|im| im.image.clone())
-                        .collect()
-                })
-                .collect();
-            let results = {
-                let requests: Vec<GenerateRequest<'_>> = requesting
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &i)| GenerateRequest {
-                        tokens: &episodes[i].traj.tokens,
-                        images: &image_lists[k],
-                        sampling: self.config.sampling,
-                        seed: seeds[k],
-                        max_new_tokens: budgets[k],
-                        stop_sequences: &self.stop_sequences,
-                        banned_tokens: &banned,
-                    })
-                    .collect();
-                self.model.generate_batch(&requests)
-            };
-            if results.len() != requesting.len() {
-                return Err(Error::Invariant(format!(
-                    "the backend answered {} of {} requests",
-                    results.len(),
-                    requesting.len()
-                )));
-            }
-            for ((&i, result), (&budget, &turn_seed)) in requesting
-                .iter()
-                .zip(results)
-                .zip(budgets.iter().zip(&seeds))
-            {
-                let generation = result?;
-                self.step(&mut episodes[i], turn, generation, budget, turn_seed)?;
-            }
+            self.advance(&mut active)
+                .into_iter()
+                .collect::<Result<()>>()?;
         }
         let mut groups: Vec<Vec<Trajectory>> =
             (0..tasks.len()).map(|_| Vec::with_capacity(n)).collect();
         for (k, ep) in episodes.into_iter().enumerate() {
-            let traj = ep.finish();
+            let traj = ep.into_trajectory();
             traj.check_invariants(self.image_pad)?;
             groups[k / n.max(1)].push(traj);
         }
         Ok(groups)
+    }
+
+    /// Starts an episode of `task` whose turns are seeded from `seed` as [`Agent::run`] seeds
+    /// them; it samples with the agent's parameters unless [`Episode::with_sampling`] says
+    /// otherwise. Step it with [`Agent::advance`].
+    pub fn begin(&self, task: &Task, seed: u64) -> Result<Episode> {
+        Ok(self.start(task)?.clone_for(seed))
+    }
+
+    /// Runs one round: every episode in `episodes` that is not done generates its next turn, all
+    /// in one [`VisionLanguageModel::generate_batch`] call, and acts on it (a tool call's
+    /// observation is appended). Episodes may be at different turns and come from different
+    /// tasks, so a server can let new episodes join between rounds. Returns one result per
+    /// episode, in order; an episode whose round failed is done and must be dropped.
+    pub fn advance(&self, episodes: &mut [&mut Episode]) -> Vec<Result<()>> {
+        let mut outcomes: Vec<Result<()>> = (0..episodes.len()).map(|_| Ok(())).collect();
+        let mut requesting = Vec::with_capacity(episodes.len());
+        let mut budgets = Vec::with_capacity(episodes.len());
+        for (i, ep) in episodes.iter_mut().enumerate() {
+            if ep.done {
+                continue;
+            }
+            if ep.traj.turns.len() >= self.config.max_turns {
+                ep.stop(StopReason::MaxTurns);
+                continue;
+            }
+            let left = self
+                .config
+                .max_total_tokens
+                .saturating_sub(ep.expanded_len)
+                .min(ep.completion_left);
+            if left == 0 {
+                ep.stop(StopReason::TokenBudget);
+                continue;
+            }
+            requesting.push(i);
+            budgets.push(left.min(self.config.max_new_tokens));
+        }
+        if requesting.is_empty() {
+            return outcomes;
+        }
+        let banned = [self.image_pad];
+        let seeds: Vec<u64> = requesting
+            .iter()
+            .map(|&i| Rng::derive_seed(episodes[i].seed, &[episodes[i].traj.turns.len() as u64]))
+            .collect();
+        // Images are collected up front so the requests can borrow them.
+        let image_lists: Vec<Vec<Image>> = requesting
+            .iter()
+            .map(|&i| {
+                episodes[i]
+                    .traj
+                    .images
+                    .iter()
+                    .map(|im| im.image.clone())
+                    .collect()
+            })
+            .collect();
+        let results = {
+            let requests: Vec<GenerateRequest<'_>> = requesting
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| GenerateRequest {
+                    tokens: &episodes[i].traj.tokens,
+                    images: &image_lists[k],
+                    sampling: episodes[i].sampling,
+                    seed: seeds[k],
+                    max_new_tokens: budgets[k],
+                    stop_sequences: &self.stop_sequences,
+                    banned_tokens: &banned,
+                })
+                .collect();
+            self.model.generate_batch(&requests)
+        };
+        let answered = results.len();
+        let mut results = results.into_iter();
+        for (k, &i) in requesting.iter().enumerate() {
+            let ep = &mut *episodes[i];
+            let turn = ep.traj.turns.len();
+            let outcome = match results.next() {
+                Some(result) => result
+                    .and_then(|generation| self.step(ep, turn, generation, budgets[k], seeds[k])),
+                None => Err(Error::Invariant(format!(
+                    "the backend answered {answered} of {} requests",
+                    requesting.len()
+                ))),
+            };
+            if outcome.is_err() {
+                ep.done = true;
+            }
+            outcomes[i] = outcome;
+        }
+        outcomes
     }
 
     /// Builds the prompt episode of `task`.
@@ -473,6 +513,8 @@ impl<'m> Agent<'m> {
             expanded_len,
             seed: 0,
             done: false,
+            sampling: self.config.sampling,
+            completion_left: usize::MAX,
         })
     }
 
@@ -520,6 +562,7 @@ impl<'m> Agent<'m> {
             seed,
         });
         ep.expanded_len += tokens.len();
+        ep.completion_left = ep.completion_left.saturating_sub(tokens.len());
         ep.traj.mask.extend(std::iter::repeat_n(1, tokens.len()));
         ep.traj.tokens.extend(tokens);
         ep.traj.logprobs.extend(logprobs);
@@ -691,13 +734,40 @@ impl<'m> Agent<'m> {
 
 impl Episode {
     fn clone_for(&self, seed: u64) -> Self {
-        Self {
-            traj: self.traj.clone(),
-            originals: self.originals.clone(),
-            expanded_len: self.expanded_len,
-            seed,
-            done: self.done,
-        }
+        self.clone().with_seed(seed)
+    }
+
+    /// This episode with its turns seeded from `seed` (turn `t` samples with
+    /// `Rng::derive_seed(seed, &[t])`).
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// This episode sampling with `sampling` instead of the agent's parameters.
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: SamplingParams) -> Self {
+        self.sampling = sampling;
+        self
+    }
+
+    /// This episode generating at most `tokens` over all its turns (as well as within the
+    /// agent's limits); when they are spent it stops with [`StopReason::TokenBudget`].
+    #[must_use]
+    pub fn with_completion_limit(mut self, tokens: usize) -> Self {
+        self.completion_left = tokens;
+        self
+    }
+
+    /// Whether the episode has ended (answered, stopped by a limit, or failed).
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The trajectory so far.
+    pub fn trajectory(&self) -> &Trajectory {
+        &self.traj
     }
 
     fn stop(&mut self, reason: StopReason) {
@@ -705,7 +775,8 @@ impl Episode {
         self.done = true;
     }
 
-    fn finish(mut self) -> Trajectory {
+    /// The trajectory, its stop reason final.
+    pub fn into_trajectory(mut self) -> Trajectory {
         if !self.done {
             // Every round either stops an episode or appends an observation; one still running
             // after the last round has used all its turns.

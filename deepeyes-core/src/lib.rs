@@ -29,13 +29,15 @@ pub mod protocol;
 pub mod reward;
 pub mod rng;
 pub mod sampling;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod testing;
 pub mod tool;
 pub mod trajectory;
 pub mod vision;
 pub mod weights;
 
-pub use agent::{Agent, AgentConfig, Task};
+pub use agent::{Agent, AgentConfig, Episode, Task};
 pub use error::{Error, Result};
 pub use image::{CropRect, Image, ImageLimits, read_image_file};
 pub use message::{ContentPart, Conversation, Message, Role};

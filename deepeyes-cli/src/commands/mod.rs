@@ -25,6 +25,7 @@ pub(crate) mod prompt;
 pub(crate) mod reward;
 pub(crate) mod run;
 pub(crate) mod select;
+pub(crate) mod serve;
 pub(crate) mod synthv;
 pub(crate) mod tools;
 pub(crate) mod train;
@@ -39,6 +40,7 @@ pub(crate) fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Preprocess(args) => preprocess::run(args),
         Command::Tools(args) => tools::run(args),
         Command::Run(args) => run::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Reward(args) => reward::run(args),
         Command::Eval(args) => eval::run(args),
