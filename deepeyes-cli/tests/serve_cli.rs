@@ -680,3 +680,188 @@ fn the_official_openai_sdk_talks_to_the_server() {
         "{summary}"
     );
 }
+
+/// The first turn of `deepeyes run` on `item` (temperature 1, seed 5): its input ids, seed,
+/// generated ids and log-probs, from the trace.
+fn traced_first_turn(item: &Item) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("episode.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args(["run", "--model", bundle().to_str().unwrap(), "--image"])
+        .arg(&item.image)
+        .args([
+            "--question",
+            &item.question,
+            "--temperature",
+            "1",
+            "--seed",
+            "5",
+        ])
+        .args(["--threads", "1", "--trace", trace.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    trace["turns"][0].clone()
+}
+
+/// SGLang's `/generate` body continuing `turn`'s context as the agent did: its seed, the
+/// bundle's per-turn limit and the agent's stop tokens.
+fn generate_body(item: &Item, turn: &Value) -> Value {
+    let tokenizer = deepeyes_core::HfTokenizer::from_file(bundle().join("tokenizer.json")).unwrap();
+    let stop: Vec<u32> = ["<|im_end|>", "</tool_call>"]
+        .iter()
+        .map(|t| tokenizer.token_id(t).unwrap())
+        .collect();
+    json!({
+        "input_ids": turn["input_token_ids"],
+        "image_data": [data_url(&item.image)],
+        "sampling_params": {"temperature": 1.0, "max_new_tokens": 24, "stop_token_ids": stop,
+                            "sampling_seed": turn["seed"]},
+        "return_logprob": true,
+    })
+}
+
+fn generate(served: &Served, body: &Value) -> Value {
+    let (status, text) = served.post("/generate", &body.to_string(), None);
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The ids and log-probs of a `/generate` answer.
+fn ids_and_logprobs(answer: &Value) -> (Value, Vec<Value>) {
+    let logprobs = answer["meta_info"]["output_token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|entry| entry[0].clone())
+        .collect();
+    (answer["output_ids"].clone(), logprobs)
+}
+
+#[test]
+fn sglang_generate_reproduces_an_agent_turn_and_weights_load_in_place() {
+    let item = item();
+    let turn = traced_first_turn(&item);
+    // A fixed model, loaded as `deepeyes run` loads it.
+    let fixed = Served::start(&[]);
+    let body = generate_body(&item, &turn);
+    let answer = generate(&fixed, &body);
+    let (ids, logprobs) = ids_and_logprobs(&answer);
+    assert_eq!(ids, turn["generated_ids"]);
+    assert_eq!(
+        Value::Array(logprobs.clone()),
+        turn["logprobs"],
+        "bit-equal log-probs"
+    );
+    assert_eq!(answer["meta_info"]["weight_version"], "default");
+    let finish = &answer["meta_info"]["finish_reason"];
+    assert!(
+        finish["type"] == "stop" || finish["type"] == "length",
+        "{finish}"
+    );
+
+    // A batch is a list in, a list out; a context already expanded to the image's visual
+    // tokens is taken as one pad.
+    let visual = turn["images"][0]["image_tokens"].as_u64().unwrap() as usize;
+    let pad = deepeyes_core::HfTokenizer::from_file(bundle().join("tokenizer.json"))
+        .unwrap()
+        .token_id("<|image_pad|>")
+        .unwrap();
+    let expanded: Vec<u32> = turn["input_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|id| {
+            let id = id.as_u64().unwrap() as u32;
+            std::iter::repeat_n(id, if id == pad { visual } else { 1 })
+        })
+        .collect();
+    let mut batch = body.clone();
+    batch["input_ids"] = json!([expanded, turn["input_token_ids"]]);
+    batch["image_data"] = json!([data_url(&item.image), [data_url(&item.image)]]);
+    let answers = generate(&fixed, &batch);
+    assert_eq!(answers[0]["output_ids"], answers[1]["output_ids"]);
+    assert_eq!(
+        answers[0]["meta_info"]["prompt_tokens"],
+        answer["meta_info"]["prompt_tokens"]
+    );
+
+    // New weights from disk: another version, other outputs; the bundle's again: the first
+    // outputs exactly. (A model that takes weights owns its initializers, which ONNX Runtime
+    // then does not pre-pack: its log-probs differ from the fixed model's in the 6th digit.)
+    let served = Served::start(&["--allow-weight-updates"]);
+    let (ids, logprobs) = ids_and_logprobs(&generate(&served, &body));
+    let dir = tempfile::tempdir().unwrap();
+    let halved = dir.path().join("halved.safetensors");
+    let weights =
+        deepeyes_core::onnx::weights::read_safetensors(&bundle().join("model.safetensors"))
+            .unwrap();
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = weights
+        .iter()
+        .map(|(name, t)| {
+            let data = t
+                .data
+                .iter()
+                .flat_map(|v| (v * 0.5).to_le_bytes())
+                .collect();
+            (name.clone(), data, t.shape.clone())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(name, data, shape)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &halved).unwrap();
+    let update = |path: &Path, version: &str| {
+        let body = json!({"model_path": path, "weight_version": version});
+        served.post("/update_weights_from_disk", &body.to_string(), None)
+    };
+    let (status, text) = update(&halved, "step-1");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["success"],
+        true
+    );
+    assert_eq!(
+        served.get("/get_weight_version").1,
+        r#"{"weight_version":"step-1"}"#
+    );
+    let changed = generate(&served, &body);
+    assert_eq!(changed["meta_info"]["weight_version"], "step-1");
+    assert_ne!(
+        ids_and_logprobs(&changed).1,
+        logprobs,
+        "new weights, new log-probs"
+    );
+    assert_eq!(update(&bundle(), "step-2").0, 200);
+    assert_eq!(ids_and_logprobs(&generate(&served, &body)), (ids, logprobs));
+
+    let (status, text) = update(&dir.path().join("missing.safetensors"), "step-3");
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("missing.safetensors"), "{text}");
+    assert_eq!(
+        served.get("/get_weight_version").1,
+        r#"{"weight_version":"step-2"}"#
+    );
+    let info: Value = serde_json::from_str(&served.get("/get_model_info").1).unwrap();
+    assert_eq!(info["weight_version"], "step-2");
+
+    // Without a key or --allow-weight-updates, weights stay as they are.
+    let body = json!({"model_path": halved});
+    let (status, text) = fixed.post("/update_weights_from_disk", &body.to_string(), None);
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["success"],
+        false
+    );
+}

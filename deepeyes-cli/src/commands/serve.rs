@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
-use deepeyes_core::serve::{ServeConfig, Server};
+use deepeyes_core::serve::{ServeConfig, ServedModel, Server};
 
 /// Arguments of `deepeyes serve`.
 #[derive(Debug, Args)]
@@ -38,6 +38,9 @@ pub(crate) struct ServeArgs {
     /// Largest request body in MiB.
     #[arg(long, default_value_t = ServeConfig::default().max_body_bytes >> 20, value_name = "MIB")]
     max_body_mib: usize,
+    /// Take SGLang's /update_weights_from_disk without an API key (with one, the key allows it).
+    #[arg(long)]
+    allow_weight_updates: bool,
     /// Most images in one request.
     #[arg(long, default_value_t = ServeConfig::default().max_images, value_name = "N")]
     max_images: usize,
@@ -79,6 +82,7 @@ impl ServeArgs {
             max_body_bytes: self.max_body_mib << 20,
             max_images: self.max_images,
             api_key,
+            allow_weight_updates: self.allow_weight_updates,
             ..ServeConfig::default()
         };
         config.validate()?;
@@ -98,10 +102,26 @@ pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         require_gpu: args.require_gpu,
         ..OnnxOptions::default()
     };
-    let model = OnnxModel::load(&args.model, &options)
-        .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
+    // A model that may take new weights keeps its initializers in buffers it owns, written in
+    // place on each update (a fixed one lets ONNX Runtime own them).
+    let updatable = config.allow_weight_updates || config.api_key.is_some();
+    let model = if updatable {
+        let weights =
+            deepeyes_core::onnx::weights::read_safetensors(&args.model.join("model.safetensors"))
+                .with_context(|| format!("reading the weights of {}", args.model.display()))?;
+        OnnxModel::load_with_weights(&args.model, &options, &weights)
+    } else {
+        OnnxModel::load(&args.model, &options)
+    }
+    .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
     let name = config.model_name.clone();
-    let server = Server::new(Arc::new(model), registry.tools(), templates, agent, config)
+    let model = Arc::new(model);
+    let served = if updatable {
+        ServedModel::updatable(model)
+    } else {
+        ServedModel::fixed(model)
+    };
+    let server = Server::new(served, registry.tools(), templates, agent, config)
         .context("starting the agent server")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,6 +6,10 @@
 //!   turns, tool calls with their arguments and outcomes, and the crops as PNG data URLs.
 //!   `stream: true` sends one chunk per turn as it ends, then the answer, then `data: [DONE]`.
 //! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//! - SGLang's native API for remote rollouts: `POST /generate` (token ids and images in, ids and
+//!   log-probs out, each call's batch run as sent), `POST /update_weights_from_disk` (new weights
+//!   without a restart; needs the API key, or `allow-weight-updates` when none is set),
+//!   `GET /get_model_info`, `GET /get_weight_version`.
 //!
 //! Requests in flight are stepped together: one batched generate call per round, new requests
 //! joining at round (turn) boundaries. More than
@@ -14,6 +18,7 @@
 
 mod api_error;
 mod chat;
+mod generate;
 mod metrics;
 mod scheduler;
 
@@ -43,11 +48,12 @@ use crate::preprocess::PreprocessConfig;
 use crate::protocol::PromptTemplates;
 use crate::tool::Tool;
 use crate::trajectory::Trajectory;
+use crate::weights::WeightReceiver;
 
 use api_error::ApiError;
 use chat::{ChatJob, RequestLimits, Usage};
 use metrics::{Metrics, Ticket};
-use scheduler::{EpisodeRequest, Event, SchedulerHandle, SchedulerParts};
+use scheduler::{EpisodeRequest, Event, Job, SchedulerHandle, SchedulerParts};
 
 /// How the server runs and what it accepts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,9 +74,13 @@ pub struct ServeConfig {
     pub max_choices: usize,
     /// Decode limits of every image a request sends.
     pub image_limits: ImageLimits,
-    /// The key clients must send as `Authorization: Bearer <key>` on `/v1/…`; none when unset.
+    /// The key clients must send as `Authorization: Bearer <key>` on `/v1/…` and SGLang's
+    /// routes; none when unset.
     #[serde(skip_serializing)]
     pub api_key: Option<String>,
+    /// Take `/update_weights_from_disk` without an API key (false). With a key set, the key is
+    /// what allows it.
+    pub allow_weight_updates: bool,
 }
 
 impl Default for ServeConfig {
@@ -88,6 +98,43 @@ impl Default for ServeConfig {
                 ..ImageLimits::default()
             },
             api_key: None,
+            allow_weight_updates: false,
+        }
+    }
+}
+
+/// The model a server runs: any backend, and, when it takes new weights, the same model as a
+/// [`WeightReceiver`].
+#[derive(Clone)]
+pub struct ServedModel {
+    model: Arc<dyn VisionLanguageModel>,
+    receiver: Option<Arc<dyn WeightReceiver + Send + Sync>>,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("takes_weights", &self.receiver.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServedModel {
+    /// A model whose weights never change.
+    pub fn fixed(model: Arc<dyn VisionLanguageModel>) -> Self {
+        Self {
+            model,
+            receiver: None,
+        }
+    }
+
+    /// A model that takes new weights (`/update_weights_from_disk`).
+    pub fn updatable<M: VisionLanguageModel + WeightReceiver + Send + Sync + 'static>(
+        model: Arc<M>,
+    ) -> Self {
+        Self {
+            model: model.clone(),
+            receiver: Some(model),
         }
     }
 }
@@ -123,9 +170,12 @@ pub struct Server {
     state: Arc<ServerState>,
 }
 
-#[derive(Debug)]
 struct ServerState {
     config: ServeConfig,
+    model: Arc<dyn VisionLanguageModel>,
+    image_pad: u32,
+    /// The version SGLang's routes report (`default` until weights are loaded).
+    weight_version: std::sync::Mutex<String>,
     limits: RequestLimits,
     preprocess: PreprocessConfig,
     scheduler: SchedulerHandle,
@@ -138,24 +188,35 @@ impl Server {
     /// A server of `model` with `tools`, prompting with `templates` and stepping episodes under
     /// `agent` (the limits the model was trained with). Starts the batching thread.
     pub fn new(
-        model: Arc<dyn VisionLanguageModel>,
+        served: ServedModel,
         tools: Vec<Arc<dyn Tool>>,
         templates: PromptTemplates,
         agent: AgentConfig,
         config: ServeConfig,
     ) -> Result<Self> {
         config.validate()?;
+        let model = served.model;
         let preprocess = model.preprocess_config();
         let metrics = Arc::new(Metrics::default());
         let max_images = config.max_images.min(agent.max_images);
         let scheduler = scheduler::spawn(SchedulerParts {
-            model,
+            model: model.clone(),
             tools,
             templates,
             agent,
             max_batch: config.max_batch,
             metrics: metrics.clone(),
+            receiver: served.receiver,
         })?;
+        let image_pad = match model.codec().encode(crate::protocol::IMAGE_PAD)?.as_slice() {
+            [id] => *id,
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "{} must be one token, but encodes to {other:?}",
+                    crate::protocol::IMAGE_PAD
+                )));
+            }
+        };
         let limits = RequestLimits {
             model_name: config.model_name.clone(),
             max_images,
@@ -165,6 +226,9 @@ impl Server {
         };
         Ok(Self {
             state: Arc::new(ServerState {
+                model,
+                image_pad,
+                weight_version: std::sync::Mutex::new("default".into()),
                 limits,
                 preprocess,
                 scheduler,
@@ -183,6 +247,10 @@ impl Server {
             .route("/v1/models", get(models))
             .route("/health", get(health))
             .route("/metrics", get(metrics_text))
+            .route("/generate", post(sglang_generate))
+            .route("/update_weights_from_disk", post(update_weights_from_disk))
+            .route("/get_model_info", get(model_info))
+            .route("/get_weight_version", get(weight_version))
             .fallback(not_found)
             .with_state(self.state.clone())
     }
@@ -206,6 +274,14 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ServerState {
     /// Refuses a `/v1/…` request without the configured key.
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -225,6 +301,26 @@ impl ServerState {
             )
             .with_code("invalid_api_key"))
         }
+    }
+
+    /// A place among the requests in flight, or 429.
+    fn admit(&self) -> Result<Ticket, ApiError> {
+        self.metrics.admit(self.config.max_requests).ok_or_else(|| {
+            ApiError::status(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "{} requests are in flight, the most this server takes; retry later",
+                    self.config.max_requests
+                ),
+            )
+        })
+    }
+
+    fn weight_version(&self) -> String {
+        self.weight_version
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     fn next_id(&self) -> String {
@@ -310,12 +406,12 @@ fn is_stream(response: &Response) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
-/// Checks the key, the body and the request, and takes a place among those in flight.
-async fn admit_chat(
+/// Reads a request body within the size limit, then checks the API key.
+async fn read_body(
     state: &ServerState,
     headers: &HeaderMap,
     body: Body,
-) -> Result<(ChatJob, Ticket), ApiError> {
+) -> Result<axum::body::Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
     let too_large = |size: &str| {
         ApiError::status(
@@ -342,20 +438,18 @@ async fn admit_chat(
     // The key is checked once the body is read: a client told 401 while still sending would
     // see a broken pipe instead of the answer.
     state.authorize(headers)?;
+    Ok(body)
+}
+
+/// Checks the key, the body and the request, and takes a place among those in flight.
+async fn admit_chat(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(ChatJob, Ticket), ApiError> {
+    let body = read_body(state, headers, body).await?;
     let job = chat::parse_request(&body, &state.limits)?;
-    let ticket = state
-        .metrics
-        .admit(state.config.max_requests)
-        .ok_or_else(|| {
-            ApiError::status(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!(
-                    "{} requests are in flight, the most this server takes; retry later",
-                    state.config.max_requests
-                ),
-            )
-        })?;
-    Ok((job, ticket))
+    Ok((job, state.admit()?))
 }
 
 /// Hands the job to the batching loop and answers from its events.
@@ -367,7 +461,7 @@ async fn answer_chat(
 ) -> Response {
     let (tx, rx) = unbounded_channel();
     let seed = job.seed.unwrap_or_else(|| state.fresh_seed());
-    let submitted = state.scheduler.submit(EpisodeRequest {
+    let submitted = state.scheduler.submit(Job::Episodes(EpisodeRequest {
         task: job.task,
         choices: job.choices,
         seed,
@@ -375,7 +469,7 @@ async fn answer_chat(
         completion_limit: job.completion_limit,
         report_turns: job.stream,
         events: tx,
-    });
+    }));
     if let Err(e) = submitted {
         return ApiError::from(e).into_response();
     }
@@ -600,4 +694,186 @@ impl StreamState {
         self.ticket = None;
         self.closed = true;
     }
+}
+
+/// Counts a request of `route` as answered with `response`'s status.
+fn counted(
+    state: &ServerState,
+    route: &'static str,
+    started: Instant,
+    response: Response,
+) -> Response {
+    state.metrics.request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+/// SGLang's `POST /generate`: the call's requests run as one batch between agent rounds.
+async fn sglang_generate(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let response = match run_generate(&state, &headers, body).await {
+        Ok(value) => axum::Json(value).into_response(),
+        Err(e) => e.into_response(),
+    };
+    counted(&state, "generate", started, response)
+}
+
+async fn run_generate(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    let body = read_body(state, headers, body).await?;
+    let call = generate::parse(
+        &body,
+        &generate::GenerateLimits {
+            codec: state.model.codec(),
+            image_pad: state.image_pad,
+            preprocess: state.preprocess,
+            image: state.config.image_limits,
+            max_images: state.config.max_images,
+            max_batch: state.config.max_batch.max(state.config.max_choices),
+        },
+    )?;
+    let _ticket = state.admit()?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    state
+        .scheduler
+        .submit(Job::Generate {
+            requests: call.requests,
+            reply,
+        })
+        .map_err(ApiError::from)?;
+    let generations = answer
+        .await
+        .map_err(|_| ApiError::from(Error::Model("the batching loop stopped".into())))?;
+    let version = state.weight_version();
+    let mut answers = Vec::with_capacity(generations.len());
+    let mut completion = 0;
+    for (i, generation) in generations.into_iter().enumerate() {
+        let generation = generation.map_err(ApiError::from)?;
+        completion += generation.tokens.len();
+        let id = call.rids[i].clone().unwrap_or_else(|| state.next_id());
+        answers.push(generate::answer(
+            &generation,
+            state.model.codec(),
+            id,
+            call.prompt_tokens[i],
+            call.return_logprob[i],
+            &version,
+        ));
+    }
+    state
+        .metrics
+        .tokens(call.prompt_tokens.iter().sum(), completion);
+    Ok(if call.batched {
+        Value::Array(answers)
+    } else {
+        answers.remove(0)
+    })
+}
+
+/// SGLang's `POST /update_weights_from_disk`: the weights of a bundle, checkpoint or
+/// `.safetensors` file, taken between rounds; `weight_version` is reported from then on.
+async fn update_weights_from_disk(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let response = match load_weights(&state, &headers, body).await {
+        Ok(message) => {
+            axum::Json(json!({"success": true, "message": message, "num_paused_requests": 0}))
+                .into_response()
+        }
+        Err(e) => {
+            let status = e.status;
+            (
+                status,
+                axum::Json(
+                    json!({"success": false, "message": e.message, "num_paused_requests": 0}),
+                ),
+            )
+                .into_response()
+        }
+    };
+    counted(&state, "update_weights", started, response)
+}
+
+async fn load_weights(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<String, ApiError> {
+    let body = read_body(state, headers, body).await?;
+    if state.config.api_key.is_none() && !state.config.allow_weight_updates {
+        return Err(ApiError::status(
+            StatusCode::FORBIDDEN,
+            "weight updates need an API key (--api-key-env) or --allow-weight-updates",
+        ));
+    }
+    let request: generate::UpdateWeightsIn = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid(
+            "body",
+            format!("not an update_weights_from_disk request: {e}"),
+        )
+    })?;
+    let path = std::path::PathBuf::from(&request.model_path);
+    let file = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path
+    };
+    let read = file.clone();
+    let weights =
+        tokio::task::spawn_blocking(move || crate::onnx::weights::read_safetensors(&read))
+            .await
+            .map_err(|e| ApiError::from(Error::Model(format!("the weight reader failed: {e}"))))?
+            .map_err(|e| ApiError::invalid("model_path", format!("{}: {e}", file.display())))?;
+    let (reply, done) = tokio::sync::oneshot::channel();
+    state
+        .scheduler
+        .submit(Job::Weights {
+            weights: Box::new(weights),
+            reply,
+        })
+        .map_err(ApiError::from)?;
+    done.await
+        .map_err(|_| ApiError::from(Error::Model("the batching loop stopped".into())))?
+        .map_err(|e| ApiError::invalid("model_path", format!("{}: {e}", file.display())))?;
+    let version = request
+        .weight_version
+        .unwrap_or_else(|| request.model_path.clone());
+    *state
+        .weight_version
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = version.clone();
+    tracing::info!(path = %file.display(), %version, "took new weights");
+    Ok(format!(
+        "loaded {} as weight version {version}",
+        file.display()
+    ))
+}
+
+/// SGLang's `GET /get_model_info`.
+async fn model_info(State(state): State<Arc<ServerState>>) -> Response {
+    axum::Json(json!({
+        "model_path": state.config.model_name,
+        "tokenizer_path": state.config.model_name,
+        "is_generation": true,
+        "weight_version": state.weight_version(),
+    }))
+    .into_response()
+}
+
+/// SGLang's `GET /get_weight_version`.
+async fn weight_version(State(state): State<Arc<ServerState>>) -> Response {
+    axum::Json(json!({"weight_version": state.weight_version()})).into_response()
 }

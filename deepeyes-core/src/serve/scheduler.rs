@@ -10,13 +10,17 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use tokio::sync::oneshot;
+
 use crate::agent::{Agent, AgentConfig, Episode, Task};
 use crate::error::{Error, Result};
-use crate::model::{SamplingParams, VisionLanguageModel};
+use crate::image::Image;
+use crate::model::{GenerateRequest, Generation, SamplingParams, VisionLanguageModel};
 use crate::protocol::PromptTemplates;
 use crate::rng::Rng;
 use crate::tool::Tool;
 use crate::trajectory::Trajectory;
+use crate::weights::{WeightReceiver, WeightUpdate, Weights};
 
 use super::metrics::Metrics;
 
@@ -61,17 +65,48 @@ pub(crate) enum Event {
     Failed(Error),
 }
 
+/// One token-level generation (SGLang's `/generate`), owning what it continues.
+#[derive(Debug)]
+pub(crate) struct OwnedGenerate {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) images: Vec<Image>,
+    pub(crate) sampling: SamplingParams,
+    pub(crate) seed: u64,
+    pub(crate) max_new_tokens: usize,
+    pub(crate) stop_sequences: Vec<Vec<u32>>,
+    pub(crate) banned_tokens: Vec<u32>,
+}
+
+/// What the loop is asked to do.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// Agent episodes, stepped with everyone else's.
+    Episodes(EpisodeRequest),
+    /// One batch of token-level generations, run as one batched call between rounds (its batch
+    /// is exactly the one the client sent, so a deterministic client sees the results an
+    /// in-process call on the same batch gives).
+    Generate {
+        requests: Vec<OwnedGenerate>,
+        reply: oneshot::Sender<Vec<Result<Generation>>>,
+    },
+    /// New weights, taken between rounds.
+    Weights {
+        weights: Box<Weights>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
 /// The handle requests are submitted through; the loop ends when every handle is dropped.
 #[derive(Debug, Clone)]
 pub(crate) struct SchedulerHandle {
-    jobs: Sender<EpisodeRequest>,
+    jobs: Sender<Job>,
 }
 
 impl SchedulerHandle {
-    /// Queues `request`; its events arrive on its own channel.
-    pub(crate) fn submit(&self, request: EpisodeRequest) -> Result<()> {
+    /// Queues `job`.
+    pub(crate) fn submit(&self, job: Job) -> Result<()> {
         self.jobs
-            .send(request)
+            .send(job)
             .map_err(|_| Error::Model("the batching loop has stopped".into()))
     }
 }
@@ -85,6 +120,8 @@ pub(crate) struct SchedulerParts {
     /// Most episodes stepped in one round (a request larger than this runs alone).
     pub(crate) max_batch: usize,
     pub(crate) metrics: Arc<Metrics>,
+    /// The same model as a weight receiver, when it takes new weights.
+    pub(crate) receiver: Option<Arc<dyn WeightReceiver + Send + Sync>>,
 }
 
 /// Starts the loop on its own thread. Fails, before any request is taken, when the agent cannot
@@ -102,6 +139,7 @@ pub(crate) fn spawn(parts: SchedulerParts) -> Result<SchedulerHandle> {
                 agent,
                 max_batch,
                 metrics,
+                receiver,
             } = parts;
             let agent = match Agent::new(&*model, tools, templates, agent) {
                 Ok(agent) => {
@@ -115,6 +153,9 @@ pub(crate) fn spawn(parts: SchedulerParts) -> Result<SchedulerHandle> {
             };
             Batcher {
                 agent: &agent,
+                model: &*model,
+                receiver,
+                weight_updates: 0,
                 max_batch: max_batch.max(1),
                 metrics,
                 running: Vec::new(),
@@ -141,6 +182,9 @@ struct Running {
 
 struct Batcher<'a> {
     agent: &'a Agent<'a>,
+    model: &'a dyn VisionLanguageModel,
+    receiver: Option<Arc<dyn WeightReceiver + Send + Sync>>,
+    weight_updates: u64,
     max_batch: usize,
     metrics: Arc<Metrics>,
     running: Vec<Running>,
@@ -148,24 +192,18 @@ struct Batcher<'a> {
 }
 
 impl Batcher<'_> {
-    fn run(mut self, rx: &Receiver<EpisodeRequest>) {
+    fn run(mut self, rx: &Receiver<Job>) {
         let mut next_job = 0u64;
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
-                    Ok(request) => {
-                        self.waiting.push_back((next_job, request));
-                        next_job += 1;
-                    }
+                    Ok(job) => self.take(job, &mut next_job),
                     Err(_) => return,
                 }
             }
             loop {
                 match rx.try_recv() {
-                    Ok(request) => {
-                        self.waiting.push_back((next_job, request));
-                        next_job += 1;
-                    }
+                    Ok(job) => self.take(job, &mut next_job),
                     Err(TryRecvError::Empty) => break,
                     // Handles are gone; finish what runs, then the outer recv ends the loop.
                     Err(TryRecvError::Disconnected) => break,
@@ -175,6 +213,45 @@ impl Batcher<'_> {
             self.metrics.set_waiting(self.waiting.len());
             if !self.running.is_empty() {
                 self.round();
+            }
+        }
+    }
+
+    /// Queues episodes; runs a generation batch or a weight update at once (between rounds).
+    fn take(&mut self, job: Job, next_job: &mut u64) {
+        match job {
+            Job::Episodes(request) => {
+                self.waiting.push_back((*next_job, request));
+                *next_job += 1;
+            }
+            Job::Generate { requests, reply } => {
+                let borrowed: Vec<GenerateRequest<'_>> = requests
+                    .iter()
+                    .map(|r| GenerateRequest {
+                        tokens: &r.tokens,
+                        images: &r.images,
+                        sampling: r.sampling,
+                        seed: r.seed,
+                        max_new_tokens: r.max_new_tokens,
+                        stop_sequences: &r.stop_sequences,
+                        banned_tokens: &r.banned_tokens,
+                    })
+                    .collect();
+                self.metrics.observe_batch(borrowed.len());
+                let _ = reply.send(self.model.generate_batch(&borrowed));
+            }
+            Job::Weights { weights, reply } => {
+                let result = match &self.receiver {
+                    None => Err(Error::Model("this model does not take new weights".into())),
+                    Some(receiver) => {
+                        self.weight_updates += 1;
+                        receiver.receive_weights(&WeightUpdate {
+                            version: self.weight_updates,
+                            tensors: weights.as_ref(),
+                        })
+                    }
+                };
+                let _ = reply.send(result);
             }
         }
     }
