@@ -865,3 +865,169 @@ fn sglang_generate_reproduces_an_agent_turn_and_weights_load_in_place() {
         false
     );
 }
+
+/// SynthV* test items as agent tasks (question with options, image).
+fn tasks(count: usize) -> (tempfile::TempDir, Vec<deepeyes_core::Task>) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args([
+            "synthv",
+            "--train",
+            "0",
+            "--test",
+            &count.to_string(),
+            "-q",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index = std::fs::read_to_string(dir.path().join("test.jsonl")).unwrap();
+    let tasks = index
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let mut question = format!("Question: {}\nOptions:", row["question"].as_str().unwrap());
+            for (letter, option) in ["A", "B", "C", "D"]
+                .iter()
+                .zip(row["options"].as_array().unwrap())
+            {
+                question.push_str(&format!("\n{letter}. {}", option.as_str().unwrap()));
+            }
+            let image = deepeyes_core::Image::open(
+                dir.path().join(row["image"].as_str().unwrap()),
+                &deepeyes_core::ImageLimits::default(),
+            )
+            .unwrap();
+            deepeyes_core::Task {
+                question,
+                images: vec![image],
+            }
+        })
+        .collect();
+    (dir, tasks)
+}
+
+#[test]
+fn remote_rollouts_on_two_servers_reproduce_in_process_rollouts_exactly() {
+    use deepeyes_core::remote::{RemoteModel, RemoteOptions};
+    use deepeyes_core::{Agent, AgentConfig, PromptTemplates, WeightReceiver, WeightUpdate};
+
+    let (_data, tasks) = tasks(2);
+    let first = Served::start(&["--allow-weight-updates"]);
+    let second = Served::start(&["--allow-weight-updates"]);
+    let weights =
+        deepeyes_core::onnx::weights::read_safetensors(&bundle().join("model.safetensors"))
+            .unwrap();
+    let options = deepeyes_core::onnx::OnnxOptions {
+        threads: 1,
+        ..Default::default()
+    };
+    let local =
+        deepeyes_core::onnx::OnnxModel::load_with_weights(bundle(), &options, &weights).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let remote_options = |servers: Vec<String>, deterministic: bool| RemoteOptions {
+        servers,
+        deterministic,
+        api_key: None,
+        timeout: std::time::Duration::from_secs(120),
+        weights_dir: scratch.path().join("weights"),
+    };
+    let remote = RemoteModel::new(
+        &bundle(),
+        remote_options(vec![first.base.clone(), second.base.clone()], true),
+    )
+    .unwrap();
+    let tools = deepeyes_tools::ToolRegistry::from_config(&Default::default())
+        .unwrap()
+        .tools();
+    let config = deepeyes_core::agent::BundleAgentDefaults::for_bundle(bundle())
+        .unwrap()
+        .apply(AgentConfig::default());
+    let templates = PromptTemplates::for_bundle(bundle()).unwrap();
+    let run = |model: &dyn deepeyes_core::VisionLanguageModel| {
+        Agent::new(model, tools.clone(), templates.clone(), config.clone())
+            .unwrap()
+            .run_batch(&tasks, 4, 3)
+            .unwrap()
+    };
+    let same = |a: &[Vec<deepeyes_core::Trajectory>], b: &[Vec<deepeyes_core::Trajectory>]| {
+        assert_eq!(a.len(), b.len());
+        for (ga, gb) in a.iter().zip(b) {
+            assert_eq!(ga.len(), gb.len());
+            for (ta, tb) in ga.iter().zip(gb) {
+                assert_eq!(ta.tokens, tb.tokens);
+                assert_eq!(ta.logprobs, tb.logprobs, "bit-equal log-probs");
+                assert_eq!(ta.answer, tb.answer);
+                assert_eq!(ta.tool_calls.len(), tb.tool_calls.len());
+            }
+        }
+    };
+    // Two rollout calls: the first goes to one server, the second to the other.
+    let before = run(&local);
+    same(&run(&remote), &before);
+    same(&run(&remote), &before);
+
+    for served in [&first, &second] {
+        let metrics = served.get("/metrics").1;
+        assert!(
+            metrics.contains("deepeyes_requests_total{route=\"generate\",status=\"200\"}"),
+            "each server took rollout calls:\n{metrics}"
+        );
+    }
+
+    // A published version reaches every server; rollouts then follow the new weights.
+    let halved: deepeyes_core::Weights = weights
+        .iter()
+        .map(|(name, t)| {
+            let data = t.data.iter().map(|v| v * 0.5).collect();
+            (
+                name.clone(),
+                deepeyes_core::HostTensor {
+                    shape: t.shape.clone(),
+                    data,
+                },
+            )
+        })
+        .collect();
+    let update = WeightUpdate {
+        version: 1,
+        tensors: &halved,
+    };
+    local.receive_weights(&update).unwrap();
+    remote.receive_weights(&update).unwrap();
+    assert_eq!(remote.weights_version(), Some(1));
+    for served in [&first, &second] {
+        assert_eq!(
+            served.get("/get_weight_version").1,
+            r#"{"weight_version":"1"}"#
+        );
+    }
+    let after = run(&local);
+    assert_ne!(after[0][0].logprobs, before[0][0].logprobs);
+    same(&run(&remote), &after);
+    same(&run(&remote), &after);
+
+    // A dead server: its part of a split batch is retried on the live one; nothing is lost.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let spread = RemoteModel::new(
+        &bundle(),
+        remote_options(vec![first.base.clone(), dead], false),
+    )
+    .unwrap();
+    let groups = run(&spread);
+    assert_eq!(groups.len(), 2);
+    assert!(
+        groups
+            .iter()
+            .all(|g| g.len() == 4 && g.iter().all(|t| !t.turns.is_empty()))
+    );
+}

@@ -26,6 +26,8 @@ pub mod model;
 pub mod onnx;
 pub mod preprocess;
 pub mod protocol;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod reward;
 pub mod rng;
 pub mod sampling;
