@@ -6,26 +6,27 @@
 //! They need the ONNX Runtime library (`scripts/setup_ort.sh`); the SDK test also needs
 //! `scripts/setup_openai_sdk.sh` (both run by `scripts/test.sh`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+#[allow(dead_code)] // each test binary uses some of the shared fixtures
+mod support;
+
+use support::repo;
 
 fn bundle() -> PathBuf {
     repo().join("assets/tinyeyes")
 }
 
-/// A `deepeyes serve` process on a free loopback port, killed when dropped.
+/// A `deepeyes serve` process of the embedded TinyEyes, served as `tinyeyes`.
 struct Served {
-    child: Child,
+    _process: support::ServeProcess,
     base: String,
 }
 
@@ -35,43 +36,12 @@ impl Served {
     }
 
     fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
-            .args(["serve", "--model", bundle().to_str().unwrap()])
-            .args([
-                "--port",
-                "0",
-                "--threads",
-                "1",
-                "--served-model-name",
-                "tinyeyes",
-            ])
-            .args(extra)
-            .envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the deepeyes binary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(address) = line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split("/v1").next())
-        else {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("the server did not start: {line}{err}");
-        };
+        let mut args = vec!["--served-model-name", "tinyeyes"];
+        args.extend_from_slice(extra);
+        let process = support::ServeProcess::start(&bundle(), &args, env);
         Self {
-            base: format!("http://{address}"),
-            child,
+            base: process.base.clone(),
+            _process: process,
         }
     }
 
@@ -111,13 +81,6 @@ impl Served {
             response.status().as_u16(),
             response.body_mut().read_to_string().unwrap(),
         )
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -394,3 +394,102 @@ fn questions_that_spell_special_tokens_train_like_any_other() {
     let diff = m["rollout_logprob_diff"].as_f64().unwrap();
     assert!(diff < 1e-2, "rollout and update disagree by {diff}: {m}");
 }
+
+/// [`write_config`] with rollouts on `servers` (`rollout-engine = "remote"`).
+fn remote_config(dir: &Path, servers: &[&str], deterministic: bool, steps: u64) -> PathBuf {
+    let path = write_config(dir, "", steps, 100);
+    let urls: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "[model]\n",
+        &format!(
+            "[model]\nrollout-engine = \"remote\"\nrollout-servers = [{}]\nrollout-deterministic = {deterministic}\n",
+            urls.join(", ")
+        ),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn final_weights(run: &Path) -> Vec<u8> {
+    std::fs::read(run.join("final/model.safetensors")).unwrap()
+}
+
+#[test]
+fn remote_rollouts_on_two_servers_train_exactly_as_in_process_ones() {
+    let bundle = repo().join("tests/data/tiny-qwen2_5_vl/bundle");
+    let steps = 3;
+    let local = tempfile::tempdir().unwrap();
+    let out = train(&write_config(local.path(), "", steps, 100), &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let first = support::ServeProcess::start(&bundle, &["--allow-weight-updates"], &[]);
+    let second = support::ServeProcess::start(&bundle, &["--allow-weight-updates"], &[]);
+    let remote = tempfile::tempdir().unwrap();
+    let config = remote_config(remote.path(), &[&first.base, &second.base], true, steps);
+    let out = train(&config, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let local_run = local.path().join("run");
+    let remote_run = remote.path().join("run");
+    let metrics = metrics_without_times(&remote_run);
+    assert_eq!(metrics.len(), steps as usize);
+    assert_eq!(metrics, metrics_without_times(&local_run));
+    assert!(
+        final_weights(&remote_run) == final_weights(&local_run),
+        "the final weights differ"
+    );
+    // Each server was told every step's weights.
+    for server in [&first, &second] {
+        let version: serde_json::Value = ureq::get(format!("{}/get_weight_version", server.base))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_json()
+            .unwrap();
+        assert_eq!(version["weight_version"], (steps - 1).to_string());
+    }
+}
+
+#[test]
+fn a_rollout_server_killed_mid_run_loses_no_step() {
+    let bundle = repo().join("tests/data/tiny-qwen2_5_vl/bundle");
+    let steps = 4;
+    let first = support::ServeProcess::start(&bundle, &["--allow-weight-updates"], &[]);
+    let mut second = support::ServeProcess::start(&bundle, &["--allow-weight-updates"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = remote_config(dir.path(), &[&first.base, &second.base], false, steps);
+    let run = dir.path().join("run");
+    let child = train_command(&config, &[])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kill the second server once the first step is logged.
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(run.join("metrics.jsonl")).map_or(0, |t| t.lines().count()) < 1 {
+        assert!(
+            started.elapsed().as_secs() < 300,
+            "no step within 5 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    second.kill();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metrics = metrics_without_times(&run);
+    assert_eq!(metrics.len(), steps as usize, "every step was logged");
+    for (k, m) in metrics.iter().enumerate() {
+        assert_eq!(m["step"], k as u64, "{m}");
+    }
+}

@@ -55,4 +55,6 @@ pub use reward::{
 pub use rng::Rng;
 pub use tool::{FnTool, Tool, ToolCall, ToolContext, ToolError, ToolOutput, ToolSpec};
 pub use trajectory::{ImageSource, StopReason, ToolCallRecord, ToolOutcome, Trajectory};
-pub use weights::{HostTensor, TensorView, WeightReceiver, WeightSource, WeightUpdate, Weights};
+pub use weights::{
+    HostTensor, RolloutEngine, TensorView, WeightReceiver, WeightSource, WeightUpdate, Weights,
+};

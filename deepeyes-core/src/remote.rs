@@ -7,7 +7,8 @@
 //! exactly what an in-process engine samples for the same batch. In deterministic mode each
 //! generate call goes whole to one server (the batch a server sees is the batch the agent built);
 //! otherwise the batch is split over the servers and the parts run in parallel. A server that
-//! fails has its part retried on the others.
+//! fails has its part retried on the others; one that fails to take a weight version is no
+//! longer used.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +55,9 @@ pub struct RemoteModel {
     http: ureq::Agent,
     next_server: AtomicUsize,
     version: Mutex<Option<u64>>,
+    /// Servers still in use: one that failed to take a weight version is dropped, so a step
+    /// never mixes versions.
+    live: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for RemoteModel {
@@ -91,13 +95,14 @@ impl RemoteModel {
             .into();
         Ok(Self {
             preprocess: config.preprocess,
-            options,
             codec,
             image_pad,
             parameters,
             http,
             next_server: AtomicUsize::new(0),
             version: Mutex::new(None),
+            live: Mutex::new(options.servers.clone()),
+            options,
         })
     }
 
@@ -121,6 +126,14 @@ impl RemoteModel {
             return Err(Error::Model(format!("{url}: {status}: {text}")));
         }
         serde_json::from_str(&text).map_err(|e| Error::Model(format!("{url}: not JSON ({e})")))
+    }
+
+    /// The servers still in use.
+    pub fn live_servers(&self) -> Vec<String> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The `/generate` body of `requests`; images already encoded are shared.
@@ -181,10 +194,11 @@ impl RemoteModel {
         encoded: &mut HashMap<usize, String>,
     ) -> Result<Vec<Generation>> {
         let body = self.generate_body(requests, encoded)?;
-        let servers = &self.options.servers;
+        let servers = self.live_servers();
         let mut failures = Vec::new();
         for k in 0..servers.len() {
             let server = &servers[(first + k) % servers.len()];
+
             match self
                 .post(server, "/generate", &body)
                 .and_then(|v| parse_answers(&v, requests.len()))
@@ -267,7 +281,7 @@ impl VisionLanguageModel for RemoteModel {
         if requests.is_empty() {
             return Vec::new();
         }
-        let servers = self.options.servers.len();
+        let servers = self.live_servers().len().max(1);
         let first = self.next_server.fetch_add(1, Ordering::Relaxed);
         let parts = if self.options.deterministic {
             1
@@ -325,15 +339,33 @@ impl WeightReceiver for RemoteModel {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         let body = json!({"model_path": path, "weight_version": update.version.to_string()});
-        for server in &self.options.servers {
-            let answer = self.post(server, "/update_weights_from_disk", &body)?;
-            if answer["success"] != true {
-                return Err(Error::Model(format!(
-                    "{server} did not load {}: {answer}",
-                    path.display()
-                )));
+        let mut kept = Vec::new();
+        let mut failures = Vec::new();
+        for server in self.live_servers() {
+            match self.post(&server, "/update_weights_from_disk", &body) {
+                Ok(answer) if answer["success"] == true => kept.push(server),
+                Ok(answer) => failures.push(format!("{server}: {answer}")),
+                Err(e) => failures.push(e.to_string()),
             }
         }
+        if !failures.is_empty() {
+            tracing::warn!(
+                failures = %failures.join("; "),
+                "rollout servers that did not take weight version {} are no longer used",
+                update.version
+            );
+        }
+        if kept.is_empty() {
+            return Err(Error::Model(format!(
+                "no rollout server took {}: {}",
+                path.display(),
+                failures.join("; ")
+            )));
+        }
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = kept;
         // Earlier versions are no longer needed by any server.
         if let Ok(entries) = std::fs::read_dir(&self.options.weights_dir) {
             for entry in entries.flatten() {

@@ -77,3 +77,9 @@ pub trait WeightReceiver {
     /// The version it runs now; `None` while it runs the weights it was loaded with.
     fn weights_version(&self) -> Option<u64>;
 }
+
+/// What a trainer rolls out with: a model that generates and takes new weights between
+/// rollouts (ONNX Runtime in process, remote servers, …).
+pub trait RolloutEngine: crate::model::VisionLanguageModel + WeightReceiver {}
+
+impl<T: crate::model::VisionLanguageModel + WeightReceiver + ?Sized> RolloutEngine for T {}

@@ -71,6 +71,10 @@ pub enum RolloutEngine {
     Ort,
     /// The training engine itself (not implemented yet: the trainer refuses it).
     Burn,
+    /// Inference servers speaking SGLang's native API (`deepeyes serve`, or SGLang itself),
+    /// listed in `rollout-servers`; each step's weights are handed over as a file they load
+    /// (docs/SERVE.md).
+    Remote,
 }
 
 /// Where the training engine runs.
@@ -97,6 +101,17 @@ pub struct ModelConfig {
     /// Which engine samples rollouts (`ort`).
     #[serde(default)]
     pub rollout_engine: RolloutEngine,
+    /// Base URLs of the rollout servers, with `rollout-engine = "remote"`. They must run this
+    /// bundle and read the run's `output-dir` (weight versions are written there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollout_servers: Vec<String>,
+    /// Remote rollouts send each generate call whole to one server, so they equal in-process
+    /// rollouts exactly (false: each call is split over the servers and runs in parallel).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rollout_deterministic: bool,
+    /// The environment variable holding the rollout servers' API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout_api_key_env: Option<String>,
     /// Where the training engine runs (`cpu`).
     #[serde(default)]
     pub device: DeviceKind,
@@ -420,6 +435,27 @@ impl TrainConfig {
         }
         if self.data.limit == Some(0) {
             errs.push("data.limit", "must be at least 1 (omit it to use all rows)");
+        }
+        match self.model.rollout_engine {
+            RolloutEngine::Remote if self.model.rollout_servers.is_empty() => errs.push(
+                "model.rollout-servers",
+                "rollout-engine = \"remote\" needs at least one server URL",
+            ),
+            RolloutEngine::Remote => {
+                for (i, url) in self.model.rollout_servers.iter().enumerate() {
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        errs.push(
+                            format!("model.rollout-servers[{i}]"),
+                            format!("'{url}' is not an http(s) URL"),
+                        );
+                    }
+                }
+            }
+            _ if !self.model.rollout_servers.is_empty() => errs.push(
+                "model.rollout-servers",
+                "only taken with rollout-engine = \"remote\"",
+            ),
+            _ => {}
         }
         if self.model.attention_chunk == 0 {
             errs.push("model.attention-chunk", "must be at least 1 query row");

@@ -107,3 +107,62 @@ pub(crate) fn read_request(stream: &std::net::TcpStream) -> Option<Request> {
         body,
     })
 }
+
+/// A `deepeyes serve` process of `bundle` on a free loopback port, killed when dropped.
+pub(crate) struct ServeProcess {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub(crate) base: String,
+}
+
+impl ServeProcess {
+    /// Starts `deepeyes serve --model bundle --port 0 --threads 1` with `extra` arguments and
+    /// `env`, and waits until it listens.
+    pub(crate) fn start(bundle: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead, Read};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+            .args(["serve", "--model"])
+            .arg(bundle)
+            .args(["--port", "0", "--threads", "1"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the deepeyes binary starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(address) = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split("/v1").next())
+        else {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("the server did not start: {line}{err}");
+        };
+        Self {
+            base: format!("http://{address}"),
+            child,
+        }
+    }
+
+    /// Kills the server now.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

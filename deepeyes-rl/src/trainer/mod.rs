@@ -223,6 +223,8 @@ pub struct Trainer<N: PolicyNetwork = Qwen25Vl> {
     /// The rollout engine, built at the first rollout and kept: each step hands it the new
     /// weights in place (`rollout.rs`).
     engine: Option<Arc<OnnxModel>>,
+    /// The remote rollout servers' client, with `rollout-engine = "remote"`.
+    remote: Option<Arc<deepeyes_core::remote::RemoteModel>>,
     data_rng: Rng,
     order: Vec<usize>,
     cursor: usize,
@@ -280,10 +282,10 @@ impl<N: PolicyNetwork> Trainer<N> {
         checkpoint: Option<&Checkpoint>,
     ) -> TrainResult<Self> {
         config.validate("train config")?;
-        if config.model.rollout_engine != crate::config::RolloutEngine::Ort {
+        if config.model.rollout_engine == crate::config::RolloutEngine::Burn {
             return Err(TrainError::Rl(crate::Error::invalid(
                 "model.rollout-engine",
-                "only \"ort\" is implemented (rollouts through ONNX Runtime with the current weights)",
+                "\"burn\" is not implemented: use \"ort\" (ONNX Runtime in process) or \"remote\"",
             )));
         }
         if checkpoint.is_none() {
@@ -328,6 +330,7 @@ impl<N: PolicyNetwork> Trainer<N> {
             optim,
             onnx: OnnxOptions::default(),
             engine: None,
+            remote: None,
             data_rng: state.data_rng,
             order: state.order,
             cursor: state.cursor,

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use deepeyes_core::onnx::OnnxModel;
+use deepeyes_core::remote::{RemoteModel, RemoteOptions};
 use deepeyes_core::{
-    Agent, Image, RewardInput, Rng, Task, TokenCodec, Trajectory, VisionLanguageModel,
-    WeightReceiver, WeightUpdate,
+    Agent, Image, RewardInput, Rng, RolloutEngine, Task, TokenCodec, Trajectory,
+    VisionLanguageModel, WeightReceiver, WeightUpdate,
 };
 
 use super::{RolledGroup, TrainResult, Trainer};
@@ -23,12 +24,49 @@ impl<N: PolicyNetwork> Trainer<N> {
     /// sync, rollout and reward times filled in.
     pub(super) fn rollout(&mut self) -> TrainResult<(Vec<RolledGroup>, TimeSplit)> {
         let t = Instant::now();
-        let engine = self.rollout_engine()?;
+        let engine: Arc<dyn RolloutEngine> = match self.config.model.rollout_engine {
+            crate::config::RolloutEngine::Remote => self.remote_engine()?,
+            _ => self.rollout_engine()?,
+        };
         let time = TimeSplit {
             time_weight_sync_s: t.elapsed().as_secs_f64(),
             ..TimeSplit::default()
         };
-        self.sample_and_score(&engine, time)
+        self.sample_and_score(engine.as_ref(), time)
+    }
+
+    /// The client of the remote rollout servers (`rollout-engine = "remote"`), built at the
+    /// first call; each call has every server load the current step's weights unless they all
+    /// report that version already. Weight versions are written under
+    /// `output-dir/rollout-weights`.
+    pub fn remote_engine(&mut self) -> TrainResult<Arc<RemoteModel>> {
+        let engine = match &self.remote {
+            Some(engine) => Arc::clone(engine),
+            None => {
+                let api_key = match &self.config.model.rollout_api_key_env {
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        crate::Error::invalid(
+                            "model.rollout-api-key-env",
+                            format!("the environment variable {var} is not set"),
+                        )
+                    })?),
+                    None => None,
+                };
+                let built = RemoteModel::new(
+                    &self.config.model.bundle,
+                    RemoteOptions {
+                        servers: self.config.model.rollout_servers.clone(),
+                        deterministic: self.config.model.rollout_deterministic,
+                        api_key,
+                        timeout: std::time::Duration::from_secs(600),
+                        weights_dir: self.config.output_dir.join("rollout-weights"),
+                    },
+                )?;
+                Arc::clone(self.remote.insert(Arc::new(built)))
+            }
+        };
+        self.publish_weights(engine.as_ref())?;
+        Ok(engine)
     }
 
     /// The rollout engine, running the policy's current weights: built at the first call, then
@@ -67,7 +105,7 @@ impl<N: PolicyNetwork> Trainer<N> {
     /// The rollout and score phases, on an engine that runs the current weights.
     fn sample_and_score(
         &mut self,
-        rollout_model: &OnnxModel,
+        rollout_model: &dyn VisionLanguageModel,
         mut time: TimeSplit,
     ) -> TrainResult<(Vec<RolledGroup>, TimeSplit)> {
         let agent = Agent::new(
@@ -109,7 +147,7 @@ impl<N: PolicyNetwork> Trainer<N> {
     fn roll_round(
         &mut self,
         agent: &Agent<'_>,
-        rollout_model: &OnnxModel,
+        rollout_model: &dyn VisionLanguageModel,
         round: u64,
         time: &mut TimeSplit,
     ) -> TrainResult<Vec<RolledGroup>> {

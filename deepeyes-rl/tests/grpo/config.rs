@@ -190,6 +190,32 @@ fn attention_chunk_is_at_least_one_row() {
 }
 
 #[test]
+fn remote_rollouts_need_http_servers_and_only_they_take_them() {
+    let text = |model: &str| MINIMAL.replace("bundle = \"m\"", &format!("bundle = \"m\"\n{model}"));
+    let ok = parse(&text(
+        "rollout-engine = \"remote\"\nrollout-servers = [\"http://a:8000\", \"https://b\"]\nrollout-deterministic = true",
+    ))
+    .unwrap();
+    assert_eq!(ok.model.rollout_engine, RolloutEngine::Remote);
+    assert_eq!(ok.model.rollout_servers.len(), 2);
+    assert!(ok.model.rollout_deterministic);
+    for (model, key) in [
+        ("rollout-engine = \"remote\"", "model.rollout-servers"),
+        (
+            "rollout-engine = \"remote\"\nrollout-servers = [\"a:8000\"]",
+            "model.rollout-servers[0]",
+        ),
+        (
+            "rollout-servers = [\"http://a:8000\"]",
+            "model.rollout-servers",
+        ),
+    ] {
+        let err = parse(&text(model)).unwrap_err();
+        assert_eq!(problems(&err), [key], "{model}");
+    }
+}
+
+#[test]
 fn micro_batch_must_divide_the_mini_batch() {
     let err = with("[batch]\nprompts-per-step = 4\nmini-batch-prompts = 2\nmicro-batch = 5\n[grpo]\ngroup-size = 4")
         .unwrap_err();
