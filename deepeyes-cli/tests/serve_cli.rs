@@ -91,18 +91,25 @@ fn http() -> ureq::Agent {
         .into()
 }
 
-/// One SynthV* test item written by `deepeyes synthv`: its image and its question with options,
-/// as evaluation shows it.
-struct Item {
+/// SynthV* test items written by `deepeyes synthv`: their images and questions with options,
+/// as evaluation shows them.
+struct Items {
     _dir: tempfile::TempDir,
-    image: PathBuf,
-    question: String,
+    items: Vec<(PathBuf, String)>,
 }
 
-fn item() -> Item {
+fn items(count: usize) -> Items {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
-        .args(["synthv", "--train", "0", "--test", "1", "-q", "--out"])
+        .args([
+            "synthv",
+            "--train",
+            "0",
+            "--test",
+            &count.to_string(),
+            "-q",
+            "--out",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
@@ -112,18 +119,37 @@ fn item() -> Item {
         String::from_utf8_lossy(&out.stderr)
     );
     let index = std::fs::read_to_string(dir.path().join("test.jsonl")).unwrap();
-    let row: Value = serde_json::from_str(index.lines().next().unwrap()).unwrap();
-    let mut question = format!("Question: {}\nOptions:", row["question"].as_str().unwrap());
-    for (letter, option) in ["A", "B", "C", "D"]
-        .iter()
-        .zip(row["options"].as_array().unwrap())
-    {
-        question.push_str(&format!("\n{letter}. {}", option.as_str().unwrap()));
-    }
+    let items = index
+        .lines()
+        .map(|line| {
+            let row: Value = serde_json::from_str(line).unwrap();
+            let mut question = format!("Question: {}\nOptions:", row["question"].as_str().unwrap());
+            for (letter, option) in ["A", "B", "C", "D"]
+                .iter()
+                .zip(row["options"].as_array().unwrap())
+            {
+                question.push_str(&format!("\n{letter}. {}", option.as_str().unwrap()));
+            }
+            (dir.path().join(row["image"].as_str().unwrap()), question)
+        })
+        .collect();
+    Items { _dir: dir, items }
+}
+
+/// One SynthV* test item.
+struct Item {
+    _items: Items,
+    image: PathBuf,
+    question: String,
+}
+
+fn item() -> Item {
+    let items = items(1);
+    let (image, question) = items.items[0].clone();
     Item {
-        image: dir.path().join(row["image"].as_str().unwrap()),
+        _items: items,
+        image,
         question,
-        _dir: dir,
     }
 }
 
@@ -227,28 +253,7 @@ fn a_chat_completion_runs_the_agent_and_reports_the_episode() {
 
     // One choice with a seed is the episode `deepeyes run --seed` samples.
     let (_, one) = served.chat(&request(&item, json!({"temperature": 1, "seed": 5})));
-    let dir = tempfile::tempdir().unwrap();
-    let trace = dir.path().join("episode.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
-        .args(["run", "--model", bundle().to_str().unwrap(), "--image"])
-        .arg(&item.image)
-        .args([
-            "--question",
-            &item.question,
-            "--temperature",
-            "1",
-            "--seed",
-            "5",
-        ])
-        .args(["--threads", "1", "--trace", trace.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let trace = traced_run(&item);
     let run_texts: Vec<&Value> = trace["turns"]
         .as_array()
         .unwrap()
@@ -644,9 +649,9 @@ fn the_official_openai_sdk_talks_to_the_server() {
     );
 }
 
-/// The first turn of `deepeyes run` on `item` (temperature 1, seed 5): its input ids, seed,
-/// generated ids and log-probs, from the trace.
-fn traced_first_turn(item: &Item) -> Value {
+/// The trace of `deepeyes run` on `item` (temperature 1, seed 5, one thread): every turn's
+/// input ids, seed, generated ids and log-probs.
+fn traced_run(item: &Item) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("episode.json");
     let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
@@ -668,8 +673,7 @@ fn traced_first_turn(item: &Item) -> Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
-    trace["turns"][0].clone()
+    serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap()
 }
 
 /// SGLang's `/generate` body continuing `turn`'s context as the agent did: its seed, the
@@ -709,7 +713,7 @@ fn ids_and_logprobs(answer: &Value) -> (Value, Vec<Value>) {
 #[test]
 fn sglang_generate_reproduces_an_agent_turn_and_weights_load_in_place() {
     let item = item();
-    let turn = traced_first_turn(&item);
+    let turn = traced_run(&item)["turns"][0].clone();
     // A fixed model, loaded as `deepeyes run` loads it.
     let fixed = Served::start(&[]);
     let body = generate_body(&item, &turn);
@@ -829,51 +833,20 @@ fn sglang_generate_reproduces_an_agent_turn_and_weights_load_in_place() {
     );
 }
 
-/// SynthV* test items as agent tasks (question with options, image).
-fn tasks(count: usize) -> (tempfile::TempDir, Vec<deepeyes_core::Task>) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
-        .args([
-            "synthv",
-            "--train",
-            "0",
-            "--test",
-            &count.to_string(),
-            "-q",
-            "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let index = std::fs::read_to_string(dir.path().join("test.jsonl")).unwrap();
-    let tasks = index
-        .lines()
-        .map(|line| {
-            let row: Value = serde_json::from_str(line).unwrap();
-            let mut question = format!("Question: {}\nOptions:", row["question"].as_str().unwrap());
-            for (letter, option) in ["A", "B", "C", "D"]
-                .iter()
-                .zip(row["options"].as_array().unwrap())
-            {
-                question.push_str(&format!("\n{letter}. {}", option.as_str().unwrap()));
-            }
-            let image = deepeyes_core::Image::open(
-                dir.path().join(row["image"].as_str().unwrap()),
-                &deepeyes_core::ImageLimits::default(),
-            )
-            .unwrap();
-            deepeyes_core::Task {
-                question,
-                images: vec![image],
-            }
+/// SynthV* test items as agent tasks.
+fn tasks(count: usize) -> (Items, Vec<deepeyes_core::Task>) {
+    let items = items(count);
+    let tasks = items
+        .items
+        .iter()
+        .map(|(image, question)| deepeyes_core::Task {
+            question: question.clone(),
+            images: vec![
+                deepeyes_core::Image::open(image, &deepeyes_core::ImageLimits::default()).unwrap(),
+            ],
         })
         .collect();
-    (dir, tasks)
+    (items, tasks)
 }
 
 #[test]
@@ -993,4 +966,52 @@ fn remote_rollouts_on_two_servers_reproduce_in_process_rollouts_exactly() {
             .iter()
             .all(|g| g.len() == 4 && g.iter().all(|t| !t.turns.is_empty()))
     );
+}
+
+/// Serves `body` as `image/png` to every connection on a loopback port; returns its URL.
+fn one_file_http_server(body: Vec<u8>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/image.png", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    url
+}
+
+#[test]
+fn image_urls_are_fetched_only_when_allowed() {
+    let item = item();
+    let url = one_file_http_server(std::fs::read(&item.image).unwrap());
+    let mut body = request(&item, json!({"temperature": 0}));
+    body["messages"][0]["content"][1]["image_url"]["url"] = json!(url);
+
+    let strict = Served::start(&[]);
+    let (status, reply) = strict.chat(&body);
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-image-urls")
+    );
+
+    let fetching = Served::start(&["--allow-image-urls"]);
+    let (status, reply) = fetching.chat(&body);
+    assert_eq!(status, 200, "{reply}");
+    let (_, inline) = fetching.chat(&request(&item, json!({"temperature": 0})));
+    assert_eq!(
+        reply["choices"][0]["message"],
+        inline["choices"][0]["message"]
+    );
+    assert_eq!(reply["usage"], inline["usage"]);
 }

@@ -41,6 +41,9 @@ pub(crate) struct ServeArgs {
     /// Take SGLang's /update_weights_from_disk without an API key (with one, the key allows it).
     #[arg(long)]
     allow_weight_updates: bool,
+    /// Fetch http(s) image URLs in chat requests (otherwise only data URLs are taken).
+    #[arg(long)]
+    allow_image_urls: bool,
     /// Most images in one request.
     #[arg(long, default_value_t = ServeConfig::default().max_images, value_name = "N")]
     max_images: usize,
@@ -83,6 +86,7 @@ impl ServeArgs {
             max_images: self.max_images,
             api_key,
             allow_weight_updates: self.allow_weight_updates,
+            allow_image_urls: self.allow_image_urls,
             ..ServeConfig::default()
         };
         config.validate()?;

@@ -118,6 +118,8 @@ pub(crate) struct RequestLimits {
     pub(crate) max_choices: usize,
     pub(crate) image: ImageLimits,
     pub(crate) preprocess: PreprocessConfig,
+    /// Fetch `http(s)` image URLs (otherwise only data URLs are taken).
+    pub(crate) fetch_urls: bool,
 }
 
 /// A checked request: what the agent runs and how to answer.
@@ -312,11 +314,14 @@ fn task(messages: &[ChatMessage], limits: &RequestLimits) -> Result<Task, ApiErr
 /// Decodes one `data:image/…;base64,…` URL into an image the model can take.
 fn image(url: &str, param: &str, limits: &RequestLimits) -> Result<Image, ApiError> {
     let Some(rest) = url.strip_prefix("data:") else {
+        if limits.fetch_urls && (url.starts_with("http://") || url.starts_with("https://")) {
+            return decoded(&fetch(url, param, limits)?, param, limits);
+        }
         let shown: String = url.chars().take(40).collect();
         return Err(ApiError::invalid(
             param,
             format!(
-                "only data URLs are taken (data:image/png;base64,…), not '{shown}': this server fetches nothing"
+                "only data URLs are taken (data:image/png;base64,…), not '{shown}': this server fetches nothing unless started with --allow-image-urls"
             ),
         ));
     };
@@ -353,7 +358,30 @@ fn image(url: &str, param: &str, limits: &RequestLimits) -> Result<Image, ApiErr
             ),
         ));
     }
-    let image = Image::decode(&bytes, param, &limits.image)
+    decoded(&bytes, param, limits)
+}
+
+/// Downloads an image URL, refusing a body over the image size limit.
+fn fetch(url: &str, param: &str, limits: &RequestLimits) -> Result<Vec<u8>, ApiError> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut response = agent
+        .get(url)
+        .call()
+        .map_err(|e| ApiError::invalid(param, format!("fetching {url}: {e}")))?;
+    response
+        .body_mut()
+        .with_config()
+        .limit(limits.image.max_file_bytes)
+        .read_to_vec()
+        .map_err(|e| ApiError::invalid(param, format!("reading {url}: {e}")))
+}
+
+/// Decodes image bytes under the limits and checks the model can take the image.
+fn decoded(bytes: &[u8], param: &str, limits: &RequestLimits) -> Result<Image, ApiError> {
+    let image = Image::decode(bytes, param, &limits.image)
         .map_err(|e| ApiError::invalid(param, e.to_string()))?;
     limits
         .preprocess
@@ -482,6 +510,7 @@ mod tests {
             max_choices: 4,
             image: ImageLimits::default(),
             preprocess: PreprocessConfig::default(),
+            fetch_urls: false,
         }
     }
 

@@ -81,6 +81,9 @@ pub struct ServeConfig {
     /// Take `/update_weights_from_disk` without an API key (false). With a key set, the key is
     /// what allows it.
     pub allow_weight_updates: bool,
+    /// Fetch `http(s)` image URLs in requests (false: only data URLs are taken; a server that
+    /// fetches can be made to reach any address it can reach).
+    pub allow_image_urls: bool,
 }
 
 impl Default for ServeConfig {
@@ -99,6 +102,7 @@ impl Default for ServeConfig {
             },
             api_key: None,
             allow_weight_updates: false,
+            allow_image_urls: false,
         }
     }
 }
@@ -223,6 +227,7 @@ impl Server {
             max_choices: config.max_choices,
             image: config.image_limits,
             preprocess,
+            fetch_urls: config.allow_image_urls,
         };
         Ok(Self {
             state: Arc::new(ServerState {
@@ -448,7 +453,11 @@ async fn admit_chat(
     body: Body,
 ) -> Result<(ChatJob, Ticket), ApiError> {
     let body = read_body(state, headers, body).await?;
-    let job = chat::parse_request(&body, &state.limits)?;
+    // Decoding images (and fetching them, when allowed) blocks: off the async workers.
+    let limits = state.limits.clone();
+    let job = tokio::task::spawn_blocking(move || chat::parse_request(&body, &limits))
+        .await
+        .map_err(|e| ApiError::from(Error::Model(format!("the request reader failed: {e}"))))??;
     Ok((job, state.admit()?))
 }
 
