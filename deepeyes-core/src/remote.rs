@@ -445,3 +445,31 @@ fn write_weights(
         .map_err(|e| Error::Model(format!("{}: {e}", partial.display())))?;
     std::fs::rename(&partial, path).map_err(|e| Error::io(path, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sglangs_batch_answer_is_read_newer_keys_and_all() {
+        let path = format!(
+            "{}/../tests/data/sglang/generate_response.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let answer: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let generations = parse_answers(&answer, 2).unwrap();
+        assert_eq!(generations[0].finish, FinishReason::Stop);
+        assert_eq!(generations[0].tokens.len(), 8);
+        assert_eq!(generations[0].tokens[7], 151645);
+        assert_eq!(generations[0].logprobs[3], -0.69_f32);
+        assert_eq!(generations[1].finish, FinishReason::Length);
+        assert_eq!(
+            generations[1].logprobs,
+            vec![-0.5, -0.25, -0.125, -1.5, -0.75]
+        );
+        let err = parse_answers(&answer, 3).unwrap_err().to_string();
+        assert!(err.contains("2 of 3"), "{err}");
+        let single = parse_answers(&answer[0], 1).unwrap_err().to_string();
+        assert!(single.contains("must be a list"), "{single}");
+    }
+}

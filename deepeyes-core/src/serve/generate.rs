@@ -429,6 +429,19 @@ pub(crate) struct UpdateWeightsIn {
     _flush_cache: Option<IgnoredAny>,
     #[serde(default, rename = "abort_all_requests")]
     _abort_all_requests: Option<IgnoredAny>,
+    // Options of SGLang's GPU engine with no meaning here.
+    #[serde(default, rename = "is_async")]
+    _is_async: Option<IgnoredAny>,
+    #[serde(default, rename = "torch_empty_cache")]
+    _torch_empty_cache: Option<IgnoredAny>,
+    #[serde(default, rename = "keep_pause")]
+    _keep_pause: Option<IgnoredAny>,
+    #[serde(default, rename = "recapture_cuda_graph")]
+    _recapture_cuda_graph: Option<IgnoredAny>,
+    #[serde(default, rename = "token_step")]
+    _token_step: Option<IgnoredAny>,
+    #[serde(default, rename = "manifest")]
+    _manifest: Option<IgnoredAny>,
 }
 
 #[cfg(test)]
@@ -500,6 +513,40 @@ mod tests {
         let one = parse(json!({"input_ids": [4, 5]}).to_string().as_bytes(), &limits).unwrap();
         assert!(!one.batched);
         assert_eq!(one.requests[0].max_new_tokens, 128, "SGLang's default");
+    }
+
+    /// A contract fixture in SGLang's documented shape (`tests/data/sglang`).
+    fn fixture(name: &str) -> String {
+        let path = format!("{}/../tests/data/sglang/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn sglangs_documented_generate_request_is_taken() {
+        let text = fixture("generate_request.json").replace("IMAGE", &b64_png(56, 56));
+        let limits = GenerateLimits {
+            image_pad: 151655,
+            ..limits()
+        };
+        let call = parse(text.as_bytes(), &limits).unwrap();
+        assert!(call.batched);
+        assert_eq!(call.requests.len(), 2);
+        assert_eq!(call.requests[0].images.len(), 1);
+        assert_eq!(call.requests[1].images.len(), 2);
+        assert_eq!(call.requests[0].seed, 11);
+        assert_eq!(call.requests[0].stop_sequences, vec![vec![151645]]);
+        assert_eq!(call.requests[1].sampling.temperature, 0.0);
+        assert_eq!(call.requests[1].max_new_tokens, 32);
+        assert_eq!(call.return_logprob, vec![true, true]);
+        assert_eq!(call.rids[1].as_deref(), Some("group-0-sample-1"));
+    }
+
+    #[test]
+    fn sglangs_update_request_with_every_option_is_taken() {
+        let request: UpdateWeightsIn =
+            serde_json::from_str(&fixture("update_weights_request.json")).unwrap();
+        assert_eq!(request.weight_version.as_deref(), Some("7"));
+        assert!(request.model_path.ends_with("version-7.safetensors"));
     }
 
     #[test]
