@@ -1,10 +1,11 @@
 //! `POST /v1/chat/completions`: OpenAI's chat request, read strictly, turned into an agent task;
 //! the agent's episode turned back into a chat completion (or a stream of chunks).
 //!
-//! The types are written here rather than taken from a protocol crate: the request must refuse
-//! unknown fields except a documented list of ignored ones (async-openai's request types accept
-//! and drop anything), and the response carries `reasoning_content` and the `deepeyes` episode,
-//! which no typed OpenAI crate models.
+//! The types are written here rather than taken from a protocol crate (async-openai was the
+//! candidate): the request must refuse unknown fields except a documented list of ignored ones,
+//! a policy of this server rather than of the protocol, and the response carries
+//! `reasoning_content` and the `deepeyes` episode, which the typed OpenAI crates do not model
+//! (async-openai's own maintainers of its wasm fork note its types drop such extra fields).
 
 use base64::Engine as _;
 use serde::de::IgnoredAny;
