@@ -161,6 +161,11 @@ pub struct BatchConfig {
     /// as one micro-batch, so the update is the same): on a CPU, passes whose activations stay in
     /// cache are faster.
     pub engine_micro_batch: usize,
+    /// Micro-batches whose gradients are computed at the same time, each on its own thread
+    /// (1). On a CPU a small model's passes keep about one core busy; 2 keeps two busy, for
+    /// twice the activations in memory. Gradients are added in micro-batch order, so the
+    /// update is the same bit for bit.
+    pub concurrent_micro_batches: usize,
     /// Passes over the step's trajectories (1).
     pub epochs: usize,
     /// Shuffle trajectories before cutting mini-batches (false, as verl).
@@ -178,6 +183,7 @@ impl Default for BatchConfig {
             micro_batch: 4,
             logprob_micro_batch: 8,
             engine_micro_batch: 16,
+            concurrent_micro_batches: 1,
             epochs: 1,
             shuffle: false,
             share_prefixes: true,
@@ -484,6 +490,7 @@ impl TrainConfig {
             ("batch.micro-batch", b.micro_batch),
             ("batch.logprob-micro-batch", b.logprob_micro_batch),
             ("batch.engine-micro-batch", b.engine_micro_batch),
+            ("batch.concurrent-micro-batches", b.concurrent_micro_batches),
             ("batch.epochs", b.epochs),
         ] {
             if v == 0 {

@@ -160,6 +160,31 @@ fn a_small_data_window_trains_exactly_as_holding_all_the_data() {
     assert_eq!(windowed, whole);
 }
 
+/// Two micro-batches whose gradients are computed at the same time, each on its own thread,
+/// train exactly as one after the other: the same metrics and the same weights, bit for bit.
+#[test]
+fn concurrent_micro_batches_train_bit_for_bit_as_one_after_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let rewards = low_share_rewards();
+    let run = |at_once: usize| {
+        let mut config = config(&dir.path().join(format!("at-once-{at_once}")), 2, "");
+        config.batch.concurrent_micro_batches = at_once;
+        let mut trainer = trainer(config, &rewards);
+        let metrics = run_steps(&mut trainer, 2);
+        (metrics, trainer.model().hf_tensors())
+    };
+    let (one_by_one, weights_one_by_one) = run(1);
+    let (together, weights_together) = run(2);
+    assert_eq!(one_by_one.len(), 2);
+    assert!(
+        one_by_one
+            .iter()
+            .all(|m| m["grad_norm"].as_f64().unwrap() > 0.0)
+    );
+    assert_eq!(together, one_by_one);
+    assert_eq!(weights_together, weights_one_by_one);
+}
+
 // The reward curve and the parity figure are printed for whoever reads the test log.
 #[allow(clippy::print_stderr)]
 #[test]

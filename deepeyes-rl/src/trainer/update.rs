@@ -221,16 +221,28 @@ impl<N: PolicyNetwork> Trainer<N> {
             .lr(self.config.optimizer.lr, self.step, self.config.steps);
         let mut stats: Option<LossStats> = None;
         let (mut grad_norm, mut skipped, mut optimizer_steps) = (0.0, 0, 0);
+        let at_once = self.config.batch.concurrent_micro_batches.max(1);
         for mini in plan.epochs.iter().flatten() {
+            let job = GradientJob {
+                grpo: &self.config.grpo,
+                options: self.score_options(),
+                engine_micro_batch: self.config.batch.engine_micro_batch.max(1),
+                sequences,
+                batch,
+                mini,
+                fixed,
+            };
             let mut accumulator = GradientsAccumulator::<N>::new();
-            for rows in &mini.micro_batches {
-                let (micro_stats, grads) =
-                    self.micro_batch_gradients(sequences, batch, mini, rows, fixed)?;
-                match &mut stats {
-                    Some(s) => s.merge(&micro_stats),
-                    None => stats = Some(micro_stats),
+            for group in mini.micro_batches.chunks(at_once) {
+                // In micro-batch order, whichever finished first: the sum is the same bit for
+                // bit as one micro-batch after the other.
+                for (micro_stats, grads) in job.gradients(self.model(), group)? {
+                    match &mut stats {
+                        Some(s) => s.merge(&micro_stats),
+                        None => stats = Some(micro_stats),
+                    }
+                    accumulator.accumulate(self.model(), grads);
                 }
-                accumulator.accumulate(self.model(), grads);
             }
             let mut grads = accumulator.grads();
             grad_norm = grad_norm_and_scale(self.model(), &mut grads, None);
@@ -256,66 +268,12 @@ impl<N: PolicyNetwork> Trainer<N> {
         ))
     }
 
-    /// The loss statistics and parameter gradients of one micro-batch (`rows` of the step):
-    /// `∂loss/∂logprob` from [`policy_loss`], back-propagated through the engine's log-probs.
-    fn micro_batch_gradients(
-        &self,
-        sequences: &[Sequence],
-        batch: &PreparedBatch,
-        mini: &MiniBatch,
-        rows: &[usize],
-        fixed: &FixedLogprobs,
-    ) -> TrainResult<(LossStats, GradientsParams)> {
-        let grpo = &self.config.grpo;
-        let targets = batch.targets.select(rows)?;
-        let scale = batch.targets.loss_scale(grpo.loss_normalization, mini)?;
-        let passes = self.engine_passes(sequences, rows)?;
-        let width = targets.mask.ncols();
-        let logp = host_scores(&passes, width, |s| Some(&s.logprobs)).expect("always computed");
-        let entropy = host_scores(&passes, width, |s| s.entropy.as_ref());
-        let old = match &fixed.old {
-            Some(old) => rows_of(old, rows, width),
-            None => logp.clone(),
-        };
-        let reference = fixed.reference.as_ref().map(|r| rows_of(r, rows, width));
-        let out = policy_loss(
-            grpo,
-            &PolicyLossInput {
-                logprobs: logp.view(),
-                old_logprobs: old.view(),
-                advantages: targets.advantages.view(),
-                mask: targets.mask.view(),
-                ref_logprobs: reference.as_ref().map(|a| a.view()),
-                entropy: entropy.as_ref().map(|a| a.view()),
-                rollout_logprobs: Some(targets.rollout_logprobs.view()),
-            },
-            scale,
-        )?;
-        let surrogate = surrogate(passes, &out.grad_logprobs, out.grad_entropy.as_ref())?;
-        let grads = GradientsParams::from_grads(surrogate.backward(), self.model());
-        Ok((out.stats, grads))
-    }
-
-    /// The engine's scores of a micro-batch's `rows`, in passes of at most
-    /// `batch.engine-micro-batch` rows (their autodiff graphs kept for one backward pass).
-    fn engine_passes(&self, sequences: &[Sequence], rows: &[usize]) -> TrainResult<Vec<Pass>> {
-        let options = ScoreOptions {
+    /// How the engine scores the step's trajectories.
+    fn score_options(&self) -> ScoreOptions {
+        ScoreOptions {
             entropy: self.config.grpo.needs_entropy(),
             share_prefixes: self.config.batch.share_prefixes,
-        };
-        let mut passes = Vec::new();
-        let mut start = 0;
-        for chunk in rows.chunks(self.config.batch.engine_micro_batch.max(1)) {
-            let seqs: Vec<Sequence> = chunk.iter().map(|&r| sequences[r].clone()).collect();
-            let scores = self.model().score_sequences(&seqs, options)?;
-            passes.push(Pass {
-                start,
-                rows: chunk.len(),
-                scores,
-            });
-            start += chunk.len();
         }
-        Ok(passes)
     }
 
     /// The training engine's view of a trajectory: its tokens (one pad per image) and images,
@@ -414,6 +372,113 @@ impl<N: PolicyNetwork> Trainer<N> {
                 .schedule
                 .lr(self.config.optimizer.lr, self.step, self.config.steps),
         })
+    }
+}
+
+/// What every micro-batch of a mini-batch needs to compute its gradient, shared by the threads
+/// that compute several at once (`batch.concurrent-micro-batches`).
+struct GradientJob<'a> {
+    grpo: &'a GrpoConfig,
+    options: ScoreOptions,
+    engine_micro_batch: usize,
+    sequences: &'a [Sequence],
+    batch: &'a PreparedBatch,
+    mini: &'a MiniBatch,
+    fixed: &'a FixedLogprobs,
+}
+
+impl GradientJob<'_> {
+    /// The loss statistics and gradients of the micro-batches `group`, in order: the first on
+    /// this thread with `model`, each other one on its own thread with a fork of it (the same
+    /// weights as new leaves of their own autodiff graph, so the backward passes, which hold
+    /// their graph's lock throughout, run side by side). Each micro-batch computes exactly what
+    /// it computes alone.
+    fn gradients<N: PolicyNetwork>(
+        &self,
+        model: &N,
+        group: &[Vec<usize>],
+    ) -> TrainResult<Vec<(LossStats, GradientsParams)>> {
+        let Some((first, rest)) = group.split_first() else {
+            return Ok(Vec::new());
+        };
+        if rest.is_empty() {
+            return Ok(vec![self.micro_batch(model, first)?]);
+        }
+        let device = model.device();
+        std::thread::scope(|scope| {
+            let others: Vec<_> = rest
+                .iter()
+                .map(|rows| {
+                    let fork = model.clone().fork(&device);
+                    scope.spawn(move || self.micro_batch(&fork, rows))
+                })
+                .collect();
+            let mut out = vec![self.micro_batch(model, first)];
+            out.extend(others.into_iter().map(|t| {
+                t.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }));
+            out.into_iter().collect()
+        })
+    }
+
+    /// The loss statistics and parameter gradients of one micro-batch (`rows` of the step):
+    /// `∂loss/∂logprob` from [`policy_loss`], back-propagated through the engine's log-probs.
+    fn micro_batch<N: PolicyNetwork>(
+        &self,
+        model: &N,
+        rows: &[usize],
+    ) -> TrainResult<(LossStats, GradientsParams)> {
+        let (grpo, batch, mini) = (self.grpo, self.batch, self.mini);
+        let targets = batch.targets.select(rows)?;
+        let scale = batch.targets.loss_scale(grpo.loss_normalization, mini)?;
+        let passes = self.engine_passes(model, rows)?;
+        let width = targets.mask.ncols();
+        let logp = host_scores(&passes, width, |s| Some(&s.logprobs)).expect("always computed");
+        let entropy = host_scores(&passes, width, |s| s.entropy.as_ref());
+        let old = match &self.fixed.old {
+            Some(old) => rows_of(old, rows, width),
+            None => logp.clone(),
+        };
+        let reference = self
+            .fixed
+            .reference
+            .as_ref()
+            .map(|r| rows_of(r, rows, width));
+        let out = policy_loss(
+            grpo,
+            &PolicyLossInput {
+                logprobs: logp.view(),
+                old_logprobs: old.view(),
+                advantages: targets.advantages.view(),
+                mask: targets.mask.view(),
+                ref_logprobs: reference.as_ref().map(|a| a.view()),
+                entropy: entropy.as_ref().map(|a| a.view()),
+                rollout_logprobs: Some(targets.rollout_logprobs.view()),
+            },
+            scale,
+        )?;
+        let surrogate = surrogate(passes, &out.grad_logprobs, out.grad_entropy.as_ref())?;
+        let grads = GradientsParams::from_grads(surrogate.backward(), model);
+        Ok((out.stats, grads))
+    }
+
+    /// The engine's scores of a micro-batch's `rows`, in passes of at most
+    /// `batch.engine-micro-batch` rows (their autodiff graphs kept for one backward pass).
+    fn engine_passes<N: PolicyNetwork>(&self, model: &N, rows: &[usize]) -> TrainResult<Vec<Pass>> {
+        let mut passes = Vec::new();
+        let mut start = 0;
+        for chunk in rows.chunks(self.engine_micro_batch) {
+            let seqs: Vec<Sequence> = chunk.iter().map(|&r| self.sequences[r].clone()).collect();
+            let scores = model.score_sequences(&seqs, self.options)?;
+            passes.push(Pass {
+                start,
+                rows: chunk.len(),
+                scores,
+            });
+            start += chunk.len();
+        }
+        Ok(passes)
     }
 }
 
