@@ -62,6 +62,64 @@ fn synthv_writes_splits_the_loaders_read() {
     }
 }
 
+/// `--config` draws other canvases (here 2:1, and the search variant's decoys, listed in the
+/// index); a misspelt key is refused with the file and the key named.
+#[test]
+fn synthv_config_draws_other_canvases_and_refuses_unknown_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("wide");
+    let wide = "configs/synthv/wide-1536x768.toml";
+    deepeyes(&[
+        "synthv",
+        "--out",
+        path(&out),
+        "--train",
+        "0",
+        "--test",
+        "2",
+        "--config",
+        wide,
+    ]);
+    let text = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).unwrap();
+        let img = image::open(out.join(row["image"].as_str().unwrap())).unwrap();
+        assert_eq!((img.width(), img.height()), (1536, 768));
+        assert!(row.get("decoys").is_none(), "{row}");
+    }
+    let out = dir.path().join("search");
+    let search = "configs/synthv/search.toml";
+    deepeyes(&[
+        "synthv",
+        "--out",
+        path(&out),
+        "--train",
+        "0",
+        "--test",
+        "2",
+        "--config",
+        search,
+    ]);
+    let text = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
+    for line in text.lines() {
+        let row: Value = serde_json::from_str(line).unwrap();
+        let decoys = row["decoys"].as_array().unwrap();
+        assert!((3..=5).contains(&decoys.len()), "{row}");
+    }
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "canvas-min = 640\ncanvas-mx = 640\n").unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_deepeyes"))
+        .args(["synthv", "--out", path(&out), "--config", path(&bad)])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        err.contains("bad.toml") && err.contains("canvas-mx"),
+        "{err}"
+    );
+}
+
 #[test]
 fn pretrain_then_demo_run_end_to_end() {
     let dir = tempfile::tempdir().unwrap();

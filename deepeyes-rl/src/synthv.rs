@@ -60,6 +60,22 @@ pub struct SynthVConfig {
     pub noise: u8,
     /// The answer colours.
     pub colours: Vec<DotColour>,
+    /// Canvas widths `[min, max]` in pixels, where they differ from `canvas-min`–`canvas-max`.
+    pub width: Option<[u32; 2]>,
+    /// Canvas heights `[min, max]` in pixels, where they differ from `canvas-min`–`canvas-max`.
+    pub height: Option<[u32; 2]>,
+    /// The longest side at most this many times the shortest (none: whatever the ranges give).
+    pub max_aspect: Option<f64>,
+    /// Draws every length (card, dot, checkerboard cell, clutter, distractors, margins) times
+    /// `√(width · height) / 1024`, so that any canvas, resized to the model's view of a fixed
+    /// number of pixels, looks as a 1024 × 1024 one does (false: lengths in pixels as given).
+    pub scale_with_canvas: bool,
+    /// Fewest decoys: white cards like the answer's whose mark is flat grey, the average of
+    /// every dot's checkerboard, so that only a close look tells the coloured dot from the
+    /// decoys' marks (0; with decoys the question says there are several cards).
+    pub decoys_min: u32,
+    /// Most decoys (0).
+    pub decoys_max: u32,
 }
 
 impl Default for SynthVConfig {
@@ -92,6 +108,12 @@ impl Default for SynthVConfig {
                 // red/cyan, green/magenta, blue/yellow, black/white.
                 colour("black", [10, 10, 10]),
             ],
+            width: None,
+            height: None,
+            max_aspect: None,
+            scale_with_canvas: false,
+            decoys_min: 0,
+            decoys_max: 0,
         }
     }
 }
@@ -112,11 +134,77 @@ impl SynthVConfig {
         if self.colours.len() < 2 || self.colours.len() > 26 {
             return bad("between 2 and 26 colours are needed");
         }
-        if self.clutter_min > self.clutter_max || self.distractors_min > self.distractors_max {
+        if self.clutter_min > self.clutter_max
+            || self.distractors_min > self.distractors_max
+            || self.decoys_min > self.decoys_max
+        {
             return bad("each minimum must be ≤ its maximum");
+        }
+        for (key, [lo, hi]) in [("width", self.widths()), ("height", self.heights())] {
+            if lo < 128 || lo > hi {
+                return Err(Error::config(
+                    format!("synthv.{key}"),
+                    "the minimum must be ≥ 128 and ≤ the maximum",
+                ));
+            }
+        }
+        if let Some(aspect) = self.max_aspect {
+            if aspect.is_nan() || aspect < 1.0 {
+                return bad("max-aspect must be ≥ 1");
+            }
+            let [w_lo, w_hi] = self.widths();
+            if let Some(w) = (w_lo..=w_hi).find(|&w| self.heights_for(w).is_none()) {
+                return Err(Error::config(
+                    "synthv.max-aspect",
+                    format!("no height in range keeps a {w} px wide canvas within {aspect}:1"),
+                ));
+            }
+        }
+        let smallest = self.scale(self.widths()[0], self.heights()[0]);
+        let at = |v: u32| scaled(v, smallest);
+        if at(self.card_min) < at(self.dot) + 4 || at(self.dot) < 2 * at(self.cell) {
+            return bad(
+                "scale-with-canvas: on the smallest canvas the card must still exceed the dot by \
+                 4 px and the dot hold 2 checkerboard cells; raise the smallest canvas",
+            );
         }
         Ok(())
     }
+
+    /// The range of canvas widths.
+    fn widths(&self) -> [u32; 2] {
+        self.width.unwrap_or([self.canvas_min, self.canvas_max])
+    }
+
+    /// The range of canvas heights.
+    fn heights(&self) -> [u32; 2] {
+        self.height.unwrap_or([self.canvas_min, self.canvas_max])
+    }
+
+    /// The heights a canvas `w` px wide may have (`None`: no height in range keeps the aspect).
+    fn heights_for(&self, w: u32) -> Option<[u32; 2]> {
+        let [lo, hi] = self.heights();
+        let Some(aspect) = self.max_aspect else {
+            return Some([lo, hi]);
+        };
+        let lo = lo.max((f64::from(w) / aspect).ceil() as u32);
+        let hi = hi.min((f64::from(w) * aspect).floor() as u32);
+        (lo <= hi).then_some([lo, hi])
+    }
+
+    /// The factor every length is drawn at on a `w × h` canvas (1 unless `scale-with-canvas`).
+    fn scale(&self, w: u32, h: u32) -> f64 {
+        if self.scale_with_canvas {
+            (f64::from(w) * f64::from(h)).sqrt() / 1024.0
+        } else {
+            1.0
+        }
+    }
+}
+
+/// `v` pixels at scale `s`, at least one.
+fn scaled(v: u32, s: f64) -> u32 {
+    ((f64::from(v) * s).round() as u32).max(1)
 }
 
 /// One generated item.
@@ -136,12 +224,20 @@ pub struct SynthVItem {
     pub card_box: [u32; 4],
     /// The dot's box.
     pub dot_box: [u32; 4],
+    /// The decoy cards' boxes (none unless `decoys-max` > 0).
+    pub decoy_boxes: Vec<[u32; 4]>,
 }
 
 pub(crate) const QUESTIONS: [&str; 3] = [
     "What colour is the dot on the small white card?",
     "The image contains one small white card with a dot in its middle. Which colour is that dot?",
     "Find the little white card. What is the colour of the mark at its centre?",
+];
+
+/// The questions of canvases with decoys.
+pub(crate) const SEARCH_QUESTIONS: [&str; 2] = [
+    "Several small white cards carry a mark; only one mark is coloured. What colour is it?",
+    "One of the small white cards has a coloured dot, the others a grey one. Which colour is the dot?",
 ];
 
 struct Canvas {
@@ -157,6 +253,32 @@ impl Canvas {
         for y in y0..y1 {
             for x in x0..x1 {
                 let i = ((y * self.w + x) * 3) as usize;
+                self.px[i..i + 3].copy_from_slice(&rgb);
+            }
+        }
+    }
+
+    fn fill_box(&mut self, [x0, y0, x1, y1]: [u32; 4], rgb: [u8; 3]) {
+        self.fill_rect(
+            i64::from(x0),
+            i64::from(y0),
+            i64::from(x1),
+            i64::from(y1),
+            rgb,
+        );
+    }
+
+    /// A checkerboard of `cell`-pixel squares over `[x0, y0, x1, y1]`, `a` where the box's
+    /// top-left square is.
+    fn checkerboard(&mut self, [x0, y0, x1, y1]: [u32; 4], cell: u32, a: [u8; 3], b: [u8; 3]) {
+        for y in 0..y1 - y0 {
+            for x in 0..x1 - x0 {
+                let rgb = if ((x / cell) + (y / cell)).is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                };
+                let i = (((y0 + y) * self.w + x0 + x) * 3) as usize;
                 self.px[i..i + 3].copy_from_slice(&rgb);
             }
         }
@@ -196,29 +318,133 @@ fn random_colour(rng: &mut Rng, lo: i64, hi: i64) -> [u8; 3] {
 pub fn generate(config: &SynthVConfig, seed: u64, index: u64, split: &str) -> Result<SynthVItem> {
     config.validate()?;
     let mut rng = Rng::new(Rng::derive_seed(seed, &[index]));
-    let side = |rng: &mut Rng| {
-        rng.range_inclusive(i64::from(config.canvas_min), i64::from(config.canvas_max)) as u32
+    let draw = |rng: &mut Rng, [lo, hi]: [u32; 2]| {
+        rng.range_inclusive(i64::from(lo), i64::from(hi)) as u32
     };
-    let (w, h) = (side(&mut rng), side(&mut rng));
+    let w = draw(&mut rng, config.widths());
+    let h = draw(&mut rng, config.heights_for(w).expect("validated"));
+    let s = config.scale(w, h);
+    let background = random_colour(&mut rng, 20, 140);
     let mut canvas = Canvas {
         w,
         h,
-        px: Vec::new(),
+        px: background.repeat((w * h) as usize),
     };
-    let background = random_colour(&mut rng, 20, 140);
-    canvas.px = background.repeat((w * h) as usize);
+    draw_clutter(&mut canvas, config, s, &mut rng);
 
-    // Clutter: rectangles, ellipses and lines, a quarter of them in answer colours.
+    let card = scaled(draw(&mut rng, [config.card_min, config.card_max]), s);
+    let margin = scaled(40, s).min((w.min(h) - card) / 2);
+    let place = |rng: &mut Rng, extent: u32, size: u32| {
+        rng.range_inclusive(i64::from(margin), i64::from(extent - size - margin)) as u32
+    };
+    let (cx, cy) = (place(&mut rng, w, card), place(&mut rng, h, card));
+    let card_box = [cx, cy, cx + card, cy + card];
+    let gap = scaled(8, s);
+
+    // Distractors: card-sized squares, never overlapping the card.
+    let n_distractors = draw(&mut rng, [config.distractors_min, config.distractors_max]);
+    for _ in 0..n_distractors {
+        let side = draw(
+            &mut rng,
+            [config.card_min.saturating_sub(4), config.card_max + 4],
+        );
+        let side = scaled(side, s);
+        let (x, y) = (
+            place(&mut rng, w, side.min(card)),
+            place(&mut rng, h, side.min(card)),
+        );
+        if overlaps([x, y, x + side, y + side], card_box, gap) {
+            continue;
+        }
+        let rgb = if rng.below(2) == 0 {
+            let g = rng.range_inclusive(110, 175) as u8;
+            [g, g, g]
+        } else {
+            config.colours[rng.below(config.colours.len() as u64) as usize].rgb
+        };
+        canvas.fill_box([x, y, x + side, y + side], rgb);
+    }
+
+    let dot = scaled(config.dot, s);
+    let cell = scaled(config.cell, s);
+    let decoy_boxes = if config.decoys_max > 0 {
+        let n = draw(&mut rng, [config.decoys_min, config.decoys_max]);
+        let boxes = place_decoys(n, card_box, config, s, place, (w, h), &mut rng);
+        for &b in &boxes {
+            canvas.fill_box(b, [250, 250, 250]);
+            let (mx, my) = (
+                b[0] + (b[2] - b[0] - dot) / 2,
+                b[1] + (b[3] - b[1] - dot) / 2,
+            );
+            canvas.fill_box([mx, my, mx + dot, my + dot], [128, 128, 128]);
+        }
+        boxes
+    } else {
+        Vec::new()
+    };
+
+    // The card and its checkerboard dot.
+    canvas.fill_box(card_box, [250, 250, 250]);
+    let colour_index = rng.below(config.colours.len() as u64) as usize;
+    let colour = &config.colours[colour_index];
+    let (dx, dy) = (cx + (card - dot) / 2, cy + (card - dot) / 2);
+    let dot_box = [dx, dy, dx + dot, dy + dot];
+    canvas.checkerboard(dot_box, cell, colour.rgb, colour.partner());
+
+    // Sensor noise everywhere.
+    let noise = i64::from(config.noise);
+    for v in &mut canvas.px {
+        *v = (i64::from(*v) + rng.range_inclusive(-noise, noise)).clamp(0, 255) as u8;
+    }
+
+    let mut order: Vec<usize> = (0..config.colours.len()).collect();
+    rng.shuffle(&mut order);
+    let options: Vec<String> = order
+        .iter()
+        .map(|&i| config.colours[i].name.clone())
+        .collect();
+    let answer_index = order
+        .iter()
+        .position(|&i| i == colour_index)
+        .expect("colour is an option");
+    let questions: &[&str] = if config.decoys_max > 0 {
+        &SEARCH_QUESTIONS
+    } else {
+        &QUESTIONS
+    };
+    let template = questions[rng.below(questions.len() as u64) as usize];
+    let listed: Vec<String> = options
+        .iter()
+        .enumerate()
+        .map(|(i, o)| format!("{}. {o}", (b'A' + i as u8) as char))
+        .collect();
+    let question = format!("{template}\nOptions:\n{}", listed.join("\n"));
+    let image = Image::from_raw(w, h, canvas.px)?;
+    Ok(SynthVItem {
+        id: format!("{split}-{index:05}"),
+        image,
+        question,
+        options,
+        answer_index,
+        card_box,
+        dot_box,
+        decoy_boxes,
+    })
+}
+
+/// Clutter: rectangles, ellipses and lines, a quarter of them in answer colours.
+fn draw_clutter(canvas: &mut Canvas, config: &SynthVConfig, s: f64, rng: &mut Rng) {
+    let (w, h) = (f64::from(canvas.w), f64::from(canvas.h));
     let n_clutter =
         rng.range_inclusive(i64::from(config.clutter_min), i64::from(config.clutter_max));
     for _ in 0..n_clutter {
         let rgb = if rng.below(4) == 0 {
             config.colours[rng.below(config.colours.len() as u64) as usize].rgb
         } else {
-            random_colour(&mut rng, 0, 200)
+            random_colour(rng, 0, 200)
         };
-        let size = rng.range_inclusive(8, 170) as f64;
-        let (x, y) = (rng.next_f64() * f64::from(w), rng.next_f64() * f64::from(h));
+        let size = rng.range_inclusive(8, 170) as f64 * s;
+        let (x, y) = (rng.next_f64() * w, rng.next_f64() * h);
         match rng.below(3) {
             0 => {
                 let aspect = 0.3 + rng.next_f64() * 1.4;
@@ -240,113 +466,46 @@ pub fn generate(config: &SynthVConfig, seed: u64, index: u64, split: &str) -> Re
             _ => {
                 let angle = rng.next_f64() * std::f64::consts::TAU;
                 let end = (x + size * angle.cos(), y + size * angle.sin());
-                canvas.line((x, y), end, 2.0 + rng.next_f64() * 4.0, rgb);
+                canvas.line((x, y), end, (2.0 + rng.next_f64() * 4.0) * s, rgb);
             }
         }
     }
+}
 
-    let card = rng.range_inclusive(i64::from(config.card_min), i64::from(config.card_max)) as u32;
-    let margin = 40.min((w.min(h) - card) / 2);
-    let place = |rng: &mut Rng, extent: u32, size: u32| {
-        rng.range_inclusive(i64::from(margin), i64::from(extent - size - margin)) as u32
-    };
-    let (cx, cy) = (place(&mut rng, w, card), place(&mut rng, h, card));
-    let card_box = [cx, cy, cx + card, cy + card];
+/// Whether boxes `a` and `b` come closer than `gap` pixels.
+fn overlaps(a: [u32; 4], b: [u32; 4], gap: u32) -> bool {
+    a[0] < b[2] + gap && a[2] + gap > b[0] && a[1] < b[3] + gap && a[3] + gap > b[1]
+}
 
-    // Distractors: card-sized squares, never overlapping the card.
-    let n_distractors = rng.range_inclusive(
-        i64::from(config.distractors_min),
-        i64::from(config.distractors_max),
-    );
-    for _ in 0..n_distractors {
-        let s = rng.range_inclusive(
-            i64::from(config.card_min.saturating_sub(4)),
-            i64::from(config.card_max + 4),
-        ) as u32;
-        let (x, y) = (
-            place(&mut rng, w, s.min(card)),
-            place(&mut rng, h, s.min(card)),
+/// Up to `n` decoy boxes (card-sized), each at least a card's side away from the card and from
+/// each other, so that each is a look of its own; a decoy that finds no room in 100 tries is
+/// left out.
+fn place_decoys(
+    n: u32,
+    card_box: [u32; 4],
+    config: &SynthVConfig,
+    s: f64,
+    place: impl Fn(&mut Rng, u32, u32) -> u32,
+    (w, h): (u32, u32),
+    rng: &mut Rng,
+) -> Vec<[u32; 4]> {
+    let mut boxes: Vec<[u32; 4]> = Vec::new();
+    for _ in 0..n {
+        let side = scaled(
+            rng.range_inclusive(i64::from(config.card_min), i64::from(config.card_max)) as u32,
+            s,
         );
-        let overlaps = x < card_box[2] + 8
-            && x + s + 8 > card_box[0]
-            && y < card_box[3] + 8
-            && y + s + 8 > card_box[1];
-        if overlaps {
-            continue;
-        }
-        let rgb = if rng.below(2) == 0 {
-            let g = rng.range_inclusive(110, 175) as u8;
-            [g, g, g]
-        } else {
-            config.colours[rng.below(config.colours.len() as u64) as usize].rgb
-        };
-        canvas.fill_rect(
-            i64::from(x),
-            i64::from(y),
-            i64::from(x + s),
-            i64::from(y + s),
-            rgb,
-        );
-    }
-
-    // The card and its checkerboard dot.
-    canvas.fill_rect(
-        i64::from(cx),
-        i64::from(cy),
-        i64::from(cx + card),
-        i64::from(cy + card),
-        [250, 250, 250],
-    );
-    let colour_index = rng.below(config.colours.len() as u64) as usize;
-    let colour = &config.colours[colour_index];
-    let (a, b) = (colour.rgb, colour.partner());
-    let (dx, dy) = (cx + (card - config.dot) / 2, cy + (card - config.dot) / 2);
-    for y in 0..config.dot {
-        for x in 0..config.dot {
-            let rgb = if ((x / config.cell) + (y / config.cell)).is_multiple_of(2) {
-                a
-            } else {
-                b
-            };
-            let i = (((dy + y) * w + dx + x) * 3) as usize;
-            canvas.px[i..i + 3].copy_from_slice(&rgb);
+        for _ in 0..100 {
+            let (x, y) = (place(rng, w, side), place(rng, h, side));
+            let b = [x, y, x + side, y + side];
+            let apart = |o: &[u32; 4]| !overlaps(b, *o, side.max(o[2] - o[0]));
+            if apart(&card_box) && boxes.iter().all(apart) {
+                boxes.push(b);
+                break;
+            }
         }
     }
-    let dot_box = [dx, dy, dx + config.dot, dy + config.dot];
-
-    // Sensor noise everywhere.
-    let noise = i64::from(config.noise);
-    for v in &mut canvas.px {
-        *v = (i64::from(*v) + rng.range_inclusive(-noise, noise)).clamp(0, 255) as u8;
-    }
-
-    let mut order: Vec<usize> = (0..config.colours.len()).collect();
-    rng.shuffle(&mut order);
-    let options: Vec<String> = order
-        .iter()
-        .map(|&i| config.colours[i].name.clone())
-        .collect();
-    let answer_index = order
-        .iter()
-        .position(|&i| i == colour_index)
-        .expect("colour is an option");
-    let template = QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize];
-    let listed: Vec<String> = options
-        .iter()
-        .enumerate()
-        .map(|(i, o)| format!("{}. {o}", (b'A' + i as u8) as char))
-        .collect();
-    let question = format!("{template}\nOptions:\n{}", listed.join("\n"));
-    let image = Image::from_raw(w, h, canvas.px)?;
-    Ok(SynthVItem {
-        id: format!("{split}-{index:05}"),
-        image,
-        question,
-        options,
-        answer_index,
-        card_box,
-        dot_box,
-    })
+    boxes
 }
 
 /// The seed of a named split: `train` and `test` draw from disjoint streams of `seed`.
@@ -369,6 +528,9 @@ struct IndexRow<'a> {
     bbox: [u32; 4],
     category: &'static str,
     data_source: &'static str,
+    /// The decoy cards' boxes, on canvases with decoys.
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    decoys: &'a [[u32; 4]],
 }
 
 /// Writes `count` items of `split` into `dir` (PNG files under `dir/images/` and
@@ -401,6 +563,7 @@ pub fn write_split(
             bbox: item.card_box,
             category: "colour",
             data_source: "synthv",
+            decoys: &item.decoy_boxes,
         };
         let line = serde_json::to_string(&row).map_err(|e| Error::config("synthv index", e))?;
         writeln!(out, "{line}").map_err(|e| Error::io(&index, e))?;
@@ -547,6 +710,153 @@ mod tests {
         assert!(dir.path().join(row["image"].as_str().unwrap()).exists());
     }
 
+    /// FNV-1a over an item's pixels, boxes and question.
+    fn fingerprint(item: &SynthVItem) -> u64 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let boxes = item.card_box.iter().chain(&item.dot_box);
+        let bytes = item.image.rgb().as_raw().iter().copied();
+        let bytes = bytes
+            .chain(boxes.flat_map(|v| v.to_le_bytes()))
+            .chain(item.question.bytes());
+        for b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        h
+    }
+
+    /// The default canvases are the ones every committed result was measured on: these
+    /// fingerprints were taken from items checked pixel for pixel against the demo data that
+    /// the generator wrote before lengths could scale, canvases take shapes, and decoys exist.
+    #[test]
+    fn default_canvases_are_byte_for_byte_as_before() {
+        let cfg = SynthVConfig::default();
+        let want = [
+            0x1614_8dd7_ff6a_98bc,
+            0x2bb7_18c5_d453_703f,
+            0x335d_40b6_8738_4025,
+        ];
+        for (i, want) in want.into_iter().enumerate() {
+            let item = generate(&cfg, split_seed(0, "test"), i as u64, "test").unwrap();
+            assert_eq!(fingerprint(&item), want, "test item {i}");
+            assert!(item.decoy_boxes.is_empty());
+        }
+    }
+
+    fn inside(b: [u32; 4], outer: [u32; 4]) -> bool {
+        b[0] >= outer[0] && b[1] >= outer[1] && b[2] <= outer[2] && b[3] <= outer[3]
+    }
+
+    fn any_canvas() -> SynthVConfig {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../configs/synthv/any-canvas.toml"),
+        )
+        .unwrap();
+        SynthVConfig {
+            clutter_min: 5,
+            clutter_max: 10,
+            ..toml::from_str(&text).unwrap()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Any canvas of the range and shape, with the card, its dot and the decoys inside it,
+        /// the decoys clear of the card and of each other, every length to the canvas's scale.
+        #[test]
+        fn canvases_take_every_size_and_shape_in_range(seed in 0u64..1_000_000, decoys in 0u32..4) {
+            let cfg = SynthVConfig { decoys_min: decoys, decoys_max: decoys, ..any_canvas() };
+            let item = generate(&cfg, seed, 0, "p").unwrap();
+            let (w, h) = (item.image.width(), item.image.height());
+            proptest::prop_assert!((512..=2048).contains(&w) && (512..=2048).contains(&h));
+            proptest::prop_assert!(f64::from(w.max(h)) <= 2.0 * f64::from(w.min(h)));
+            let canvas = [0, 0, w, h];
+            proptest::prop_assert!(inside(item.card_box, canvas));
+            proptest::prop_assert!(inside(item.dot_box, item.card_box));
+            let s = (f64::from(w) * f64::from(h)).sqrt() / 1024.0;
+            let card = f64::from(item.card_box[2] - item.card_box[0]);
+            proptest::prop_assert!(card >= (40.0 * s).round() && card <= (48.0 * s).round());
+            proptest::prop_assert!(item.decoy_boxes.len() <= decoys as usize);
+            for (k, d) in item.decoy_boxes.iter().enumerate() {
+                proptest::prop_assert!(inside(*d, canvas));
+                proptest::prop_assert!(!overlaps(*d, item.card_box, 1));
+                for e in &item.decoy_boxes[k + 1..] {
+                    proptest::prop_assert!(!overlaps(*d, *e, 1));
+                }
+            }
+        }
+    }
+
+    /// Canvases of any shape come out as asked: exact sizes, and aspect ranges that hold.
+    #[test]
+    fn exact_shapes_and_aspect_limits() {
+        let wide = SynthVConfig {
+            width: Some([1536, 1536]),
+            height: Some([768, 768]),
+            scale_with_canvas: true,
+            ..small()
+        };
+        let item = generate(&wide, 3, 0, "x").unwrap();
+        assert_eq!((item.image.width(), item.image.height()), (1536, 768));
+        let unreachable = SynthVConfig {
+            width: Some([2048, 2048]),
+            height: Some([512, 900]),
+            max_aspect: Some(2.0),
+            ..small()
+        };
+        let err = generate(&unreachable, 0, 0, "x").unwrap_err().to_string();
+        assert!(err.contains("max-aspect") && err.contains("2048"), "{err}");
+    }
+
+    /// With decoys, the coloured dot and the decoys' grey marks look alike in the model's
+    /// global view and apart in a close look: the mean of the dot's pixels is the marks' grey,
+    /// while only the dot varies from pixel to pixel.
+    #[test]
+    fn decoys_look_like_the_card_until_a_close_look() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/synthv/search.toml"),
+        )
+        .unwrap();
+        let cfg = SynthVConfig {
+            noise: 0,
+            ..toml::from_str(&text).unwrap()
+        };
+        let stats = |img: &image::RgbImage, [x0, y0, x1, y1]: [u32; 4]| {
+            let px: Vec<f64> = (y0..y1)
+                .flat_map(|y| (x0..x1).map(move |x| (x, y)))
+                .flat_map(|(x, y)| img.get_pixel(x, y).0.map(f64::from))
+                .collect();
+            let mean = px.iter().sum::<f64>() / px.len() as f64;
+            let var = px.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / px.len() as f64;
+            (mean, var.sqrt())
+        };
+        let mut decoys = 0;
+        for i in 0..10 {
+            let item = generate(&cfg, 21, i, "search").unwrap();
+            assert!(item.question.contains("cards"), "{}", item.question);
+            let (dot_mean, dot_spread) = stats(item.image.rgb(), item.dot_box);
+            assert!(
+                (dot_mean - 128.0).abs() < 12.0 && dot_spread > 40.0,
+                "{dot_mean} {dot_spread}"
+            );
+            for d in &item.decoy_boxes {
+                let side = item.dot_box[2] - item.dot_box[0];
+                let (mx, my) = (
+                    d[0] + (d[2] - d[0] - side) / 2,
+                    d[1] + (d[3] - d[1] - side) / 2,
+                );
+                let (mean, spread) = stats(item.image.rgb(), [mx, my, mx + side, my + side]);
+                assert!(
+                    (mean - 128.0).abs() < 1.0 && spread < 1.0,
+                    "{mean} {spread}"
+                );
+                decoys += 1;
+            }
+        }
+        assert!(decoys >= 30, "{decoys} decoys in 10 canvases of 3–5");
+    }
+
     #[test]
     fn bad_configs_are_rejected() {
         let cfg = SynthVConfig {
@@ -556,5 +866,18 @@ mod tests {
         assert!(generate(&cfg, 0, 0, "x").is_err());
         let err = toml::from_str::<SynthVConfig>("canvas-mim = 3").unwrap_err();
         assert!(err.to_string().contains("canvas-mim"));
+        for (bad, names) in [
+            ("max-aspect = 0.5", "max-aspect"),
+            ("decoys-min = 3\ndecoys-max = 2", "minimum"),
+            ("height = [100, 900]", "synthv.height"),
+            (
+                "canvas-min = 128\ncanvas-max = 256\nscale-with-canvas = true",
+                "scale-with-canvas",
+            ),
+        ] {
+            let cfg: SynthVConfig = toml::from_str(bad).unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(names), "{bad}: {err}");
+        }
     }
 }

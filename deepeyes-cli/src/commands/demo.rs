@@ -278,6 +278,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             train: args.train_items,
             test: args.eval_items,
             seed: args.seed,
+            config: None,
         })?;
         // Evaluations of earlier data would be resumed as if they were of this data.
         for dir in ["eval-base", "eval-trained"] {

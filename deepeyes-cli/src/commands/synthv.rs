@@ -24,11 +24,30 @@ pub(crate) struct SynthVArgs {
     /// Seed of both splits.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
+    /// The generator's settings, a TOML file of `deepeyes_rl::synthv::SynthVConfig`'s keys
+    /// (`configs/synthv/`: other canvas sizes and shapes, decoys); the defaults without it.
+    #[arg(long, value_name = "TOML")]
+    pub(crate) config: Option<PathBuf>,
+}
+
+/// The generator settings `args` name.
+fn generator_config(args: &SynthVArgs) -> anyhow::Result<SynthVConfig> {
+    let Some(path) = &args.config else {
+        return Ok(SynthVConfig::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the SynthV* settings {}", path.display()))?;
+    let config: SynthVConfig =
+        toml::from_str(&text).with_context(|| format!("in {}", path.display()))?;
+    config
+        .validate()
+        .with_context(|| format!("in {}", path.display()))?;
+    Ok(config)
 }
 
 /// Writes both splits and returns their index paths.
 pub(crate) fn write(args: &SynthVArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let config = SynthVConfig::default();
+    let config = generator_config(args)?;
     let mut paths = Vec::new();
     for (split, count) in [("train", args.train), ("test", args.test)] {
         let path = write_split(&config, &args.out, split, count, args.seed)
