@@ -289,3 +289,112 @@ fn export_merge_writes_a_bundle_that_runs_the_adapted_model() {
         "{err}"
     );
 }
+
+/// A TinyEyes episode on SynthV* test item 0 sampled with `seed` and traced: the zoom region of
+/// its first tool call (`x, y, width, height` in canvas pixels), if it made one.
+fn tinyeyes_zoom_region(
+    bundle: &std::path::Path,
+    image: &std::path::Path,
+    seed: u64,
+) -> Option<[f64; 4]> {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let question = "What colour is the dot on the small white card?\nOptions:\nA. green\nB. blue\nC. red\nD. black";
+    let seed = seed.to_string();
+    ok(&deepeyes(&[
+        "run",
+        "--model",
+        bundle.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        question,
+        "--temperature",
+        "1",
+        "--seed",
+        &seed,
+        "--threads",
+        "1",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
+    let region = &trace["turns"][0]["tool_calls"][0]["outcome"]["region"];
+    let at = |k: &str| region[k].as_f64();
+    Some([at("x")?, at("y")?, at("width")?, at("height")?])
+}
+
+/// A bundle's `tools.toml` is the tools configuration its commands use unless given one: the
+/// same sampled zoom call is read in the `original` frame by TinyEyes' bundle and in the
+/// `relative` (0–1000) frame by a copy that carries `frame = "relative"`.
+#[test]
+fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let data = dir.path().join("synthv");
+    ok(&deepeyes(&[
+        "synthv",
+        "--out",
+        data.to_str().unwrap(),
+        "--train",
+        "0",
+        "--test",
+        "1",
+    ]));
+    let image = data.join("images/test-00000.png");
+    let original = repo.join("assets/tinyeyes");
+    let relative = dir.path().join("relative");
+    std::fs::create_dir_all(&relative).unwrap();
+    for entry in std::fs::read_dir(&original).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), relative.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        relative.join("tools.toml"),
+        "[zoom-in]\nframe = \"relative\"\n",
+    )
+    .unwrap();
+    // The base zooms in about a fifth of its sampled answers.
+    let (seed, region) = (0..40)
+        .find_map(|s| tinyeyes_zoom_region(&original, &image, s).map(|r| (s, r)))
+        .expect("a zoom within 40 sampled episodes");
+    let read_relative = tinyeyes_zoom_region(&relative, &image, seed).expect("the same call");
+    // The canvas is 1024 px a side: the relative frame reads every coordinate 1.024 times
+    // further out.
+    for (o, r) in region.iter().zip(&read_relative) {
+        assert!(
+            (o * 1.024 - r).abs() <= 1.5,
+            "{region:?} read relative as {read_relative:?}"
+        );
+    }
+    assert_ne!(region, read_relative);
+    // The command line still overrides the bundle.
+    let tools = dir.path().join("tools.toml");
+    std::fs::write(&tools, "[zoom-in]\nframe = \"original\"\n").unwrap();
+    let trace = dir.path().join("t.json");
+    let question = "What colour is the dot on the small white card?\nOptions:\nA. green\nB. blue\nC. red\nD. black";
+    ok(&deepeyes(&[
+        "run",
+        "--model",
+        relative.to_str().unwrap(),
+        "--image",
+        image.to_str().unwrap(),
+        "--question",
+        question,
+        "--temperature",
+        "1",
+        "--seed",
+        &seed.to_string(),
+        "--threads",
+        "1",
+        "--tools-config",
+        tools.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
+    let x = trace["turns"][0]["tool_calls"][0]["outcome"]["region"]["x"].as_f64();
+    assert_eq!(x, Some(region[0]));
+}

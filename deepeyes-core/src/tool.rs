@@ -176,6 +176,12 @@ pub struct ToolContext<'a> {
     pub preprocess: &'a PreprocessConfig,
 }
 
+/// The file in a model bundle that holds the tools configuration it was trained with (the
+/// tools crate's `ToolsConfig` in TOML: the zoom tool's coordinate frame and limits, plugins),
+/// which commands use unless given another: a policy that states its boxes in one frame must
+/// have them read in that frame.
+pub const BUNDLE_TOOLS_FILE: &str = "tools.toml";
+
 /// A tool the model can call.
 ///
 /// Implementations must not panic on any argument value: every problem becomes a [`ToolError`],

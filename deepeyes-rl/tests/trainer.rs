@@ -185,6 +185,41 @@ fn concurrent_micro_batches_train_bit_for_bit_as_one_after_another() {
     assert_eq!(weights_together, weights_one_by_one);
 }
 
+/// The bundles training writes carry the `[tools]` table it ran with as their `tools.toml`
+/// (plugin paths made absolute, since a bundle reads them against its own folder), so that
+/// `run`, `eval` and `serve` read boxes in the frame training used.
+#[test]
+fn exported_bundles_carry_the_tools_config_training_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(&dir.path().join("run"), 1, "");
+    config.tools = toml::from_str(
+        "[zoom-in]\nframe = \"relative\"\nmin-side = 20\n[[plugins]]\npath = \"plugins/x.so\"\n",
+    )
+    .unwrap();
+    let with_plugin = config.tools.clone();
+    config.tools.remove("plugins");
+    let trainer = trainer(config, &low_share_rewards());
+    let out = trainer.export(&dir.path().join("bundle")).unwrap();
+    let tools = deepeyes_tools::ToolsConfig::for_bundle(&out)
+        .unwrap()
+        .expect("tools.toml");
+    assert_eq!(
+        tools.zoom_in.frame,
+        deepeyes_tools::CoordinateFrame::Relative
+    );
+    assert_eq!(tools.zoom_in.min_side, 20.0);
+    // A plugin path relative to where training ran is written absolute.
+    let written = dir.path().join("plugin-bundle");
+    std::fs::create_dir_all(&written).unwrap();
+    deepeyes_rl::trainer::write_tools_table(&with_plugin, &written).unwrap();
+    let text = std::fs::read_to_string(written.join("tools.toml")).unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    assert!(
+        text.contains(&cwd.join("plugins/x.so").display().to_string()),
+        "{text}"
+    );
+}
+
 // The reward curve and the parity figure are printed for whoever reads the test log.
 #[allow(clippy::print_stderr)]
 #[test]

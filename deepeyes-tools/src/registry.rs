@@ -168,6 +168,17 @@ impl ToolsConfig {
             .map_err(|e| Error::config(origin, e))
     }
 
+    /// The tools configuration a model bundle carries in its
+    /// [`BUNDLE_TOOLS_FILE`](deepeyes_core::tool::BUNDLE_TOOLS_FILE), if it has one (relative
+    /// plugin paths resolved against the bundle's folder).
+    pub fn for_bundle(dir: impl AsRef<Path>) -> Result<Option<Self>> {
+        let path = dir.as_ref().join(deepeyes_core::tool::BUNDLE_TOOLS_FILE);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Self::from_toml_file(path).map(Some)
+    }
+
     /// Reads a TOML config file; relative plugin paths are resolved against its directory.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
@@ -574,5 +585,18 @@ mod tests {
             err.contains("libx.so") && err.contains("not found"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_bundle_carries_its_tools_config_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(ToolsConfig::for_bundle(dir.path()).unwrap(), None);
+        let file = dir.path().join(deepeyes_core::tool::BUNDLE_TOOLS_FILE);
+        std::fs::write(&file, "[zoom-in]\nframe = \"relative\"\n").unwrap();
+        let cfg = ToolsConfig::for_bundle(dir.path()).unwrap().unwrap();
+        assert_eq!(cfg.zoom_in.frame, CoordinateFrame::Relative);
+        std::fs::write(&file, "[zoom-in]\nframes = \"relative\"\n").unwrap();
+        let err = ToolsConfig::for_bundle(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("tools.toml") && err.contains("frames"), "{err}");
     }
 }

@@ -176,7 +176,7 @@ fn annotated_trace(
         },
     )
     .with_context(|| format!("loading {}", bundle.display()))?;
-    let (_, registry) = super::load_tools(None)?;
+    let (_, registry) = super::load_tools(None, Some(bundle))?;
     let templates = super::load_templates(None, Some(bundle))?;
     let agent = Agent::new(
         &model,

@@ -86,7 +86,7 @@ pub(crate) fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
 /// Runs the evaluation (with a progress bar) and returns its summary.
 pub(crate) fn evaluate(args: &EvalArgs) -> anyhow::Result<EvalSummary> {
     let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
+    let (_, registry) = super::load_tools(args.tools_config.as_deref(), Some(&args.model))?;
     let judge = match &args.judge {
         Some(path) => {
             let text = std::fs::read_to_string(path)

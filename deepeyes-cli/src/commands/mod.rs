@@ -68,12 +68,19 @@ pub(crate) fn load_templates(
     }
 }
 
-/// The tools config from `path` (or the defaults) and the registry built from it.
-pub(crate) fn load_tools(path: Option<&Path>) -> anyhow::Result<(ToolsConfig, ToolRegistry)> {
-    let config = match path {
-        Some(path) => ToolsConfig::from_toml_file(path)
+/// The tools config from `path`, else the one the bundle `model` carries (the frame and limits
+/// it was trained with), else the defaults; and the registry built from it.
+pub(crate) fn load_tools(
+    path: Option<&Path>,
+    model: Option<&Path>,
+) -> anyhow::Result<(ToolsConfig, ToolRegistry)> {
+    let config = match (path, model) {
+        (Some(path), _) => ToolsConfig::from_toml_file(path)
             .with_context(|| format!("loading the tools config {}", path.display()))?,
-        None => ToolsConfig::default(),
+        (None, Some(dir)) => ToolsConfig::for_bundle(dir)
+            .with_context(|| format!("loading the tools config of {}", dir.display()))?
+            .unwrap_or_default(),
+        (None, None) => ToolsConfig::default(),
     };
     let registry = ToolRegistry::from_config(&config).context("setting up the tools")?;
     Ok((config, registry))

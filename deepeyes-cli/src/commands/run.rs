@@ -321,7 +321,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let image = Image::open(&args.image, &ImageLimits::default())
         .with_context(|| format!("reading the image {}", args.image.display()))?;
     let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
+    let (_, registry) = super::load_tools(args.tools_config.as_deref(), Some(&args.model))?;
     let limits = args.limits.agent_config(&args.model, args.temperature)?;
     let config = AgentConfig {
         sampling: SamplingParams {

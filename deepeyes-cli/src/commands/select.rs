@@ -59,7 +59,7 @@ pub(crate) struct SelectArgs {
 
 /// Runs the selection and prints the counts of each stage.
 pub(crate) fn run(args: SelectArgs) -> anyhow::Result<ExitCode> {
-    let (_, registry) = super::load_tools(None)?;
+    let (_, registry) = super::load_tools(None, Some(&args.model))?;
     let agent = args.limits.agent_config(&args.model, args.temperature)?;
     let config = EvalConfig {
         samples: args.k,

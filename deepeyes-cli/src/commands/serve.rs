@@ -98,7 +98,7 @@ impl ServeArgs {
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.config()?;
     let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (_, registry) = super::load_tools(args.tools_config.as_deref())?;
+    let (_, registry) = super::load_tools(args.tools_config.as_deref(), Some(&args.model))?;
     // Each request sets its own sampling; the limits are the bundle's.
     let agent = args.limits.agent_config(&args.model, 1.0)?;
     let options = OnnxOptions {

@@ -78,9 +78,21 @@ pub(crate) fn reward_config(config: &TrainConfig) -> anyhow::Result<PipelineConf
     })
 }
 
-/// The tools the training config's `[tools]` table enables (empty: the default tools).
+/// The tools the training config's `[tools]` table enables; without one, those of the bundle
+/// it starts from (its `tools.toml`), else the default tools.
 pub(crate) fn config_tools(config: &TrainConfig) -> anyhow::Result<Vec<Arc<dyn Tool>>> {
-    let tools = ToolsConfig::from_table(&config.tools, "[tools]")?;
+    let tools = if config.tools.is_empty() {
+        ToolsConfig::for_bundle(&config.model.bundle)
+            .with_context(|| {
+                format!(
+                    "loading the tools config of {}",
+                    config.model.bundle.display()
+                )
+            })?
+            .unwrap_or_default()
+    } else {
+        ToolsConfig::from_table(&config.tools, "[tools]")?
+    };
     Ok(ToolRegistry::from_config(&tools)
         .context("setting up the tools")?
         .tools())

@@ -30,7 +30,7 @@ impl<N: PolicyNetwork> Trainer<N> {
     pub fn save_checkpoint(&self) -> TrainResult<PathBuf> {
         let root = self.config.checkpoint_dir();
         let mut writer = CheckpointWriter::begin(&root, self.step)?;
-        export_bundle(self.model(), &self.config.model.bundle, writer.dir())?;
+        self.export_into(writer.dir())?;
         self.model().save_adapter(writer.dir())?;
         let mut names: Vec<String> = std::fs::read_dir(writer.dir())
             .map_err(io_err(writer.dir()))?
@@ -153,4 +153,29 @@ pub fn export_bundle<N: PolicyNetwork>(
         map.save(out)?;
     }
     Ok(out.to_path_buf())
+}
+
+/// Writes the training config's `[tools]` table as the bundle's tools configuration
+/// ([`BUNDLE_TOOLS_FILE`](deepeyes_core::tool::BUNDLE_TOOLS_FILE)), so that the bundle's boxes
+/// are read in the frame, and under the limits, they were trained with. A bundle resolves
+/// relative plugin paths against its own folder, so the table's (relative to where training
+/// runs) are written absolute.
+pub fn write_tools_table(table: &toml::Table, out: &Path) -> TrainResult<()> {
+    let mut table = table.clone();
+    if let Some(toml::Value::Array(plugins)) = table.get_mut("plugins") {
+        let cwd = std::env::current_dir().map_err(io_err(Path::new(".")))?;
+        for plugin in plugins.iter_mut().filter_map(toml::Value::as_table_mut) {
+            if let Some(toml::Value::String(path)) = plugin.get_mut("path")
+                && Path::new(path.as_str()).is_relative()
+            {
+                *path = cwd.join(path.as_str()).display().to_string();
+            }
+        }
+    }
+    let path = out.join(deepeyes_core::tool::BUNDLE_TOOLS_FILE);
+    let text = toml::to_string(&table).map_err(|e| TrainError::Data {
+        path: path.clone(),
+        reason: format!("the [tools] table cannot be written: {e}"),
+    })?;
+    std::fs::write(&path, text).map_err(io_err(&path))
 }

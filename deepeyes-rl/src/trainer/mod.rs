@@ -478,9 +478,20 @@ impl<N: PolicyNetwork> Trainer<N> {
     }
 
     /// Writes a bundle that runs the current weights into `out`: the source bundle's graphs,
-    /// tokenizer and maps, with the model's `config.json` and `model.safetensors`.
+    /// tokenizer and maps, with the model's `config.json` and `model.safetensors`, and the tools
+    /// configuration training used (the config's `[tools]`, else the source bundle's).
     pub fn export(&self, out: &Path) -> TrainResult<PathBuf> {
-        export_bundle(self.model(), &self.config.model.bundle, out)
+        self.export_into(out)?;
+        Ok(out.to_path_buf())
+    }
+
+    /// [`Trainer::export`] into `out`.
+    fn export_into(&self, out: &Path) -> TrainResult<()> {
+        export_bundle(self.model(), &self.config.model.bundle, out)?;
+        if !self.config.tools.is_empty() {
+            checkpoint::write_tools_table(&self.config.tools, out)?;
+        }
+        Ok(())
     }
 }
 
@@ -490,7 +501,7 @@ mod rollout;
 mod update;
 
 use checkpoint::RunPosition;
-pub use checkpoint::{OPTIMIZER_FILE, export_bundle};
+pub use checkpoint::{OPTIMIZER_FILE, export_bundle, write_tools_table};
 use data::DataWindow;
 use update::StepBatch;
 pub use update::UpdateRecord;
