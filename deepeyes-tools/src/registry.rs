@@ -597,6 +597,9 @@ mod tests {
         assert_eq!(cfg.zoom_in.frame, CoordinateFrame::Relative);
         std::fs::write(&file, "[zoom-in]\nframes = \"relative\"\n").unwrap();
         let err = ToolsConfig::for_bundle(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("tools.toml") && err.contains("frames"), "{err}");
+        assert!(
+            err.contains("tools.toml") && err.contains("frames"),
+            "{err}"
+        );
     }
 }
