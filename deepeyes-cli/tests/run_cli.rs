@@ -83,9 +83,13 @@ fn run_prints_the_episode_and_writes_a_replayable_trace() {
     assert_eq!(json["turns"], json2["turns"]);
 }
 
-/// `deepeyes run` on the golden image with `bundle`, `question` and `extra`.
-fn run_on_golden_image(bundle: &std::path::Path, question: &str, extra: &[&str]) -> Output {
-    let image = fixture().join("golden/image0.png");
+/// `deepeyes run` with `bundle`, `image`, `question` and `extra`.
+fn run_episode(
+    bundle: &std::path::Path,
+    image: &std::path::Path,
+    question: &str,
+    extra: &[&str],
+) -> Output {
     let mut args = vec![
         "run",
         "--model",
@@ -97,6 +101,16 @@ fn run_on_golden_image(bundle: &std::path::Path, question: &str, extra: &[&str])
     ];
     args.extend_from_slice(extra);
     deepeyes(&args)
+}
+
+/// `deepeyes run` on the golden image with `bundle`, `question` and `extra`.
+fn run_on_golden_image(bundle: &std::path::Path, question: &str, extra: &[&str]) -> Output {
+    run_episode(
+        bundle,
+        &fixture().join("golden/image0.png"),
+        question,
+        extra,
+    )
 }
 
 /// The stderr of [`run_on_golden_image`], which must fail.
@@ -290,34 +304,23 @@ fn export_merge_writes_a_bundle_that_runs_the_adapted_model() {
     );
 }
 
-/// A TinyEyes episode on SynthV* test item 0 sampled with `seed` and traced: the zoom region of
-/// its first tool call (`x, y, width, height` in canvas pixels), if it made one.
+/// A TinyEyes episode on SynthV* test item 0 sampled with `seed` (and `extra` arguments) and
+/// traced: the zoom region of its first tool call (`x, y, width, height` in canvas pixels), if
+/// it made one.
 fn tinyeyes_zoom_region(
     bundle: &std::path::Path,
     image: &std::path::Path,
     seed: u64,
+    extra: &[&str],
 ) -> Option<[f64; 4]> {
     let dir = tempfile::tempdir().unwrap();
     let trace = dir.path().join("trace.json");
     let question = "What colour is the dot on the small white card?\nOptions:\nA. green\nB. blue\nC. red\nD. black";
     let seed = seed.to_string();
-    ok(&deepeyes(&[
-        "run",
-        "--model",
-        bundle.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        question,
-        "--temperature",
-        "1",
-        "--seed",
-        &seed,
-        "--threads",
-        "1",
-        "--trace",
-        trace.to_str().unwrap(),
-    ]));
+    let mut args = vec!["--temperature", "1", "--seed", &seed, "--threads", "1"];
+    args.extend_from_slice(&["--trace", trace.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    ok(&run_episode(bundle, image, question, &args));
     let trace: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
     let region = &trace["turns"][0]["tool_calls"][0]["outcome"]["region"];
@@ -357,9 +360,9 @@ fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
     .unwrap();
     // The base zooms in about a fifth of its sampled answers.
     let (seed, region) = (0..40)
-        .find_map(|s| tinyeyes_zoom_region(&original, &image, s).map(|r| (s, r)))
+        .find_map(|s| tinyeyes_zoom_region(&original, &image, s, &[]).map(|r| (s, r)))
         .expect("a zoom within 40 sampled episodes");
-    let read_relative = tinyeyes_zoom_region(&relative, &image, seed).expect("the same call");
+    let read_relative = tinyeyes_zoom_region(&relative, &image, seed, &[]).expect("the same call");
     // The canvas is 1024 px a side: the relative frame reads every coordinate 1.024 times
     // further out.
     for (o, r) in region.iter().zip(&read_relative) {
@@ -372,29 +375,11 @@ fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
     // The command line still overrides the bundle.
     let tools = dir.path().join("tools.toml");
     std::fs::write(&tools, "[zoom-in]\nframe = \"original\"\n").unwrap();
-    let trace = dir.path().join("t.json");
-    let question = "What colour is the dot on the small white card?\nOptions:\nA. green\nB. blue\nC. red\nD. black";
-    ok(&deepeyes(&[
-        "run",
-        "--model",
-        relative.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--question",
-        question,
-        "--temperature",
-        "1",
-        "--seed",
-        &seed.to_string(),
-        "--threads",
-        "1",
-        "--tools-config",
-        tools.to_str().unwrap(),
-        "--trace",
-        trace.to_str().unwrap(),
-    ]));
-    let trace: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(trace).unwrap()).unwrap();
-    let x = trace["turns"][0]["tool_calls"][0]["outcome"]["region"]["x"].as_f64();
-    assert_eq!(x, Some(region[0]));
+    let overridden = tinyeyes_zoom_region(
+        &relative,
+        &image,
+        seed,
+        &["--tools-config", tools.to_str().unwrap()],
+    );
+    assert_eq!(overridden, Some(region));
 }

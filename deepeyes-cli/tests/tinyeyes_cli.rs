@@ -67,45 +67,39 @@ fn synthv_writes_splits_the_loaders_read() {
 #[test]
 fn synthv_config_draws_other_canvases_and_refuses_unknown_keys() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("wide");
-    let wide = "configs/synthv/wide-1536x768.toml";
-    deepeyes(&[
-        "synthv",
-        "--out",
-        path(&out),
-        "--train",
-        "0",
-        "--test",
-        "2",
-        "--config",
-        wide,
-    ]);
-    let text = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
-    for line in text.lines() {
-        let row: Value = serde_json::from_str(line).unwrap();
-        let img = image::open(out.join(row["image"].as_str().unwrap())).unwrap();
+    // The test split written with `config`: each row and its image.
+    let rows = |name: &str, config: &str| -> Vec<(Value, image::DynamicImage)> {
+        let out = dir.path().join(name);
+        let config = format!("configs/synthv/{config}.toml");
+        deepeyes(&[
+            "synthv",
+            "--out",
+            path(&out),
+            "--train",
+            "0",
+            "--test",
+            "2",
+            "--config",
+            &config,
+        ]);
+        let text = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
+        text.lines()
+            .map(|line| {
+                let row: Value = serde_json::from_str(line).unwrap();
+                let img = image::open(out.join(row["image"].as_str().unwrap())).unwrap();
+                (row, img)
+            })
+            .collect()
+    };
+    for (row, img) in rows("wide", "wide-1536x768") {
         assert_eq!((img.width(), img.height()), (1536, 768));
         assert!(row.get("decoys").is_none(), "{row}");
     }
-    let out = dir.path().join("search");
-    let search = "configs/synthv/search.toml";
-    deepeyes(&[
-        "synthv",
-        "--out",
-        path(&out),
-        "--train",
-        "0",
-        "--test",
-        "2",
-        "--config",
-        search,
-    ]);
-    let text = std::fs::read_to_string(out.join("test.jsonl")).unwrap();
-    for line in text.lines() {
-        let row: Value = serde_json::from_str(line).unwrap();
+    for (row, _) in rows("search", "search") {
         let decoys = row["decoys"].as_array().unwrap();
         assert!((3..=5).contains(&decoys.len()), "{row}");
     }
+    let out = dir.path().join("bad");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "canvas-min = 640\ncanvas-mx = 640\n").unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_deepeyes"))

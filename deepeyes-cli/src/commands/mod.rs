@@ -68,6 +68,46 @@ pub(crate) fn load_templates(
     }
 }
 
+/// How `run` and `serve` load a model bundle: threads, the GPU requirement, and the tools and
+/// prompt templates that override the bundle's.
+#[derive(Debug, clap::Args)]
+pub(crate) struct BundleRunArgs {
+    /// Threads per graph (0: ONNX Runtime's choice).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub(crate) threads: usize,
+    /// Fail unless the model runs on a GPU.
+    #[arg(long)]
+    pub(crate) require_gpu: bool,
+    /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]) [default: the
+    /// bundle's tools.toml, else the built-in tools].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tools_config: Option<std::path::PathBuf>,
+    /// A TOML file overriding the prompt templates.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) templates: Option<std::path::PathBuf>,
+}
+
+impl BundleRunArgs {
+    /// The ONNX Runtime options these arguments ask for.
+    pub(crate) fn onnx_options(&self) -> deepeyes_core::onnx::OnnxOptions {
+        deepeyes_core::onnx::OnnxOptions {
+            threads: self.threads,
+            require_gpu: self.require_gpu,
+            ..deepeyes_core::onnx::OnnxOptions::default()
+        }
+    }
+
+    /// The prompt templates and tools for the bundle `model`.
+    pub(crate) fn templates_and_tools(
+        &self,
+        model: &Path,
+    ) -> anyhow::Result<(PromptTemplates, ToolRegistry)> {
+        let templates = load_templates(self.templates.as_deref(), Some(model))?;
+        let (_, registry) = load_tools(self.tools_config.as_deref(), Some(model))?;
+        Ok((templates, registry))
+    }
+}
+
 /// The tools config from `path`, else the one the bundle `model` carries (the frame and limits
 /// it was trained with), else the defaults; and the registry built from it.
 pub(crate) fn load_tools(

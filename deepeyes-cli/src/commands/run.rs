@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use deepeyes_core::model::FinishReason;
-use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
+use deepeyes_core::onnx::OnnxModel;
 use deepeyes_core::{
     Agent, AgentConfig, Image, ImageLimits, ImageSource, PreprocessConfig, SamplingParams,
     StopReason, Task, ToolCall, ToolOutcome, Trajectory, VisionLanguageModel,
@@ -48,18 +48,8 @@ pub(crate) struct RunArgs {
     /// Write the episode as JSON to this file; crops are saved next to it.
     #[arg(long, value_name = "FILE.json")]
     trace: Option<PathBuf>,
-    /// Threads per graph (0: ONNX Runtime's choice).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    threads: usize,
-    /// Fail unless the model runs on a GPU.
-    #[arg(long)]
-    require_gpu: bool,
-    /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
-    #[arg(long, value_name = "FILE")]
-    tools_config: Option<PathBuf>,
-    /// A TOML file overriding the prompt templates.
-    #[arg(long, value_name = "FILE")]
-    templates: Option<PathBuf>,
+    #[command(flatten)]
+    bundle: super::BundleRunArgs,
 }
 
 /// The JSON trace of one episode.
@@ -320,8 +310,7 @@ fn save_crops(traj: &Trajectory, trace: &Path) -> anyhow::Result<Vec<Option<Stri
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let image = Image::open(&args.image, &ImageLimits::default())
         .with_context(|| format!("reading the image {}", args.image.display()))?;
-    let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (_, registry) = super::load_tools(args.tools_config.as_deref(), Some(&args.model))?;
+    let (templates, registry) = args.bundle.templates_and_tools(&args.model)?;
     let limits = args.limits.agent_config(&args.model, args.temperature)?;
     let config = AgentConfig {
         sampling: SamplingParams {
@@ -331,11 +320,7 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         },
         ..limits
     };
-    let options = OnnxOptions {
-        threads: args.threads,
-        require_gpu: args.require_gpu,
-        ..OnnxOptions::default()
-    };
+    let options = args.bundle.onnx_options();
     let model = OnnxModel::load(&args.model, &options)
         .with_context(|| format!("loading the model bundle {}", args.model.display()))?;
     let agent = Agent::new(&model, registry.tools(), templates, config.clone())

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use deepeyes_core::onnx::{OnnxModel, OnnxOptions};
+use deepeyes_core::onnx::OnnxModel;
 use deepeyes_core::serve::{ServeConfig, ServedModel, Server};
 
 /// Arguments of `deepeyes serve`.
@@ -49,18 +49,8 @@ pub(crate) struct ServeArgs {
     max_images: usize,
     #[command(flatten)]
     limits: super::AgentLimitArgs,
-    /// Threads per graph (0: ONNX Runtime's choice).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    threads: usize,
-    /// Fail unless the model runs on a GPU.
-    #[arg(long)]
-    require_gpu: bool,
-    /// A TOML file configuring the tools ([zoom-in], [rotate], [[plugins]]).
-    #[arg(long, value_name = "FILE")]
-    tools_config: Option<PathBuf>,
-    /// A TOML file overriding the prompt templates.
-    #[arg(long, value_name = "FILE")]
-    templates: Option<PathBuf>,
+    #[command(flatten)]
+    bundle: super::BundleRunArgs,
 }
 
 impl ServeArgs {
@@ -97,15 +87,10 @@ impl ServeArgs {
 /// Loads the bundle and serves it.
 pub(crate) fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let config = args.config()?;
-    let templates = super::load_templates(args.templates.as_deref(), Some(&args.model))?;
-    let (_, registry) = super::load_tools(args.tools_config.as_deref(), Some(&args.model))?;
+    let (templates, registry) = args.bundle.templates_and_tools(&args.model)?;
     // Each request sets its own sampling; the limits are the bundle's.
     let agent = args.limits.agent_config(&args.model, 1.0)?;
-    let options = OnnxOptions {
-        threads: args.threads,
-        require_gpu: args.require_gpu,
-        ..OnnxOptions::default()
-    };
+    let options = args.bundle.onnx_options();
     // A model that may take new weights keeps its initializers in buffers it owns, written in
     // place on each update (a fixed one lets ONNX Runtime own them).
     let updatable = config.allow_weight_updates || config.api_key.is_some();

@@ -121,7 +121,7 @@ impl WeightMap {
     }
 }
 
-/// Reads every tensor of a safetensors file as `f32` (F32, BF16 and F16 are accepted).
+/// Reads every tensor of a safetensors file as `f32` (F32, BF16, F16 and F64 are accepted).
 pub fn read_safetensors(path: &Path) -> OnnxResult<Weights> {
     let bytes = std::fs::read(path).map_err(|e| bad(path, e.to_string()))?;
     parse_safetensors(&bytes).map_err(|reason| bad(path, reason))
@@ -146,6 +146,10 @@ pub fn parse_safetensors(bytes: &[u8]) -> Result<Weights, String> {
             Dtype::F16 => raw
                 .chunks_exact(2)
                 .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            Dtype::F64 => raw
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                 .collect(),
             other => {
                 return Err(format!(

@@ -55,14 +55,6 @@ pub enum ModelError {
         /// The shape in the file.
         got: Vec<usize>,
     },
-    /// A checkpoint tensor has a dtype that is not a float.
-    #[error("tensor `{name}` has dtype {dtype}; expected F32, F16 or BF16")]
-    DType {
-        /// The Hugging Face parameter name.
-        name: String,
-        /// The dtype in the file.
-        dtype: String,
-    },
     /// The checkpoint holds tensors this architecture does not use.
     #[error("checkpoint {path} has tensors the architecture does not use: {names:?}")]
     UnexpectedTensors {

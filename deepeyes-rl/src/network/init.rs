@@ -5,9 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Param, ParamId};
-use burn::tensor::{DType, Device, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use deepeyes_core::Rng;
-use safetensors::SafeTensors;
 
 use super::error::{ModelError, Result};
 
@@ -125,47 +124,20 @@ impl ParamSource for RandomSource {
 }
 
 /// One tensor as read from a checkpoint: its shape and values converted to f32.
-#[derive(Debug, Clone)]
-pub(crate) struct HostTensor {
-    pub(crate) shape: Vec<usize>,
-    pub(crate) data: Vec<f32>,
-}
+pub(crate) use deepeyes_core::HostTensor;
 
-/// Reads every tensor of a safetensors file (F32, F16 and BF16 are converted to f32).
+/// Reads every tensor of a safetensors file (F32, F16, BF16 and F64 are converted to f32).
 pub(crate) fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::SafeTensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let mut out = BTreeMap::new();
-    for (name, view) in st.tensors() {
-        let dtype = match view.dtype() {
-            safetensors::Dtype::F32 => DType::F32,
-            safetensors::Dtype::F16 => DType::F16,
-            safetensors::Dtype::BF16 => DType::BF16,
-            safetensors::Dtype::F64 => DType::F64,
-            other => {
-                return Err(ModelError::DType {
-                    name,
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
-        let shape = view.shape().to_vec();
-        let data = TensorData::from_bytes_vec(view.data().to_vec(), shape.clone(), dtype)
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .map_err(|e| ModelError::SafeTensors {
-                path: path.to_path_buf(),
-                message: format!("tensor `{name}`: {e:?}"),
-            })?;
-        out.insert(name, HostTensor { shape, data });
-    }
-    Ok(out)
+    deepeyes_core::onnx::weights::parse_safetensors(&bytes).map_err(|message| {
+        ModelError::SafeTensors {
+            path: path.to_path_buf(),
+            message,
+        }
+    })
 }
 
 /// The safetensors files of a checkpoint: a file, or a directory with `model.safetensors` or a
