@@ -284,6 +284,18 @@ impl CropRect {
         boxes.iter().map(|&b| iou(self.edges(), b)).reduce(f64::max)
     }
 
+    /// Whether the rectangle holds the centre of any of `boxes` (`[x1, y1, x2, y2]` in the same
+    /// image's pixels): whether a crop of it shows what the box marks. `None` without boxes.
+    pub fn holds_centre_of(&self, boxes: &[[f64; 4]]) -> Option<bool> {
+        let [l, t, r, b] = self.edges();
+        (!boxes.is_empty()).then(|| {
+            boxes.iter().any(|bx| {
+                let (cx, cy) = ((bx[0] + bx[2]) / 2.0, (bx[1] + bx[3]) / 2.0);
+                l <= cx && cx < r && t <= cy && cy < b
+            })
+        })
+    }
+
     /// Whether the rectangle is non-empty and lies inside a `width × height` image.
     pub fn fits(&self, width: u32, height: u32) -> bool {
         self.width > 0

@@ -510,6 +510,14 @@ impl ToolBonus {
         self
     }
 
+    /// Pays for every returned crop whatever the accuracy (the ablation of DeepEyes'
+    /// condition); the accuracy term must still be there.
+    #[must_use]
+    pub fn unconditional(mut self) -> Self {
+        self.min_accuracy = f64::NEG_INFINITY;
+        self
+    }
+
     /// Sets the name of the accuracy term it reads.
     #[must_use]
     pub fn with_accuracy_term(mut self, term: impl Into<String>) -> Self {

@@ -179,6 +179,10 @@ pub struct ToolBonusSpec {
     /// The accuracy the answer must exceed.
     #[serde(default = "ToolBonusSpec::default_min_accuracy")]
     pub min_accuracy: f64,
+    /// Pays for every returned crop, right answer or not (`min-accuracy` is then ignored): the
+    /// ablation of DeepEyes' condition, which a policy can game by zooming anywhere.
+    #[serde(default)]
+    pub unconditional: bool,
     /// The accuracy term it reads (produced by an earlier component).
     #[serde(default = "AccuracySpec::default_name")]
     pub accuracy_term: String,
@@ -372,12 +376,15 @@ impl Builder<'_> {
             RewardSpec::ToolBonus(spec) => {
                 weight_of(spec.weight, "weight")?;
                 check_unit(spec.min_accuracy, &format!("{at}.min-accuracy"))?;
-                Arc::new(
-                    ToolBonus::new(spec.weight)
-                        .with_name(&spec.name)
-                        .with_min_accuracy(spec.min_accuracy)
-                        .with_accuracy_term(&spec.accuracy_term),
-                )
+                let bonus = ToolBonus::new(spec.weight)
+                    .with_name(&spec.name)
+                    .with_min_accuracy(spec.min_accuracy)
+                    .with_accuracy_term(&spec.accuracy_term);
+                Arc::new(if spec.unconditional {
+                    bonus.unconditional()
+                } else {
+                    bonus
+                })
             }
             RewardSpec::Sum(spec) => {
                 weight_of(spec.weight, "weight")?;

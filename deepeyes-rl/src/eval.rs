@@ -143,6 +143,10 @@ pub struct CallRecord {
     pub crop: Option<CropRect>,
     /// IoU of that region with the item's best-matching ground-truth box on that image.
     pub iou: Option<f64>,
+    /// Whether that region holds the centre of a ground-truth box (the look found what the
+    /// question is about), where the item has boxes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hit: Option<bool>,
     /// What happened.
     pub outcome: ToolOutcome,
 }
@@ -340,6 +344,7 @@ impl<'a> Evaluator<'a> {
                     tool: c.call.as_ref().map(|call| call.name.clone()),
                     crop,
                     iou: crop.and_then(|r| r.best_iou(&boxes)),
+                    hit: crop.and_then(|r| r.holds_centre_of(&boxes)),
                     outcome: c.outcome.clone(),
                 }
             })
@@ -427,6 +432,75 @@ pub struct ToolStats {
     pub mean_iou: Option<f64>,
     /// Returned zoom crops that could be compared with a ground-truth box.
     pub crops_with_box: usize,
+    /// Answers and their accuracy by the number of looks (calls that returned an image) they
+    /// took, in order of that number.
+    #[serde(default)]
+    pub by_looks: Vec<LookCount>,
+    /// Of the answers whose first look found the ground-truth box's centre, the share that
+    /// called a tool again (`None` without such answers).
+    #[serde(default)]
+    pub look_again_after_hit: Option<f64>,
+    /// Of the answers whose first look missed it, the share that called a tool again.
+    #[serde(default)]
+    pub look_again_after_miss: Option<f64>,
+}
+
+/// Answers that took a number of looks, and how many of them were right.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LookCount {
+    /// Calls that returned an image.
+    pub looks: usize,
+    /// Answers that took that many.
+    pub answers: usize,
+    /// Their accuracy.
+    pub accuracy: f64,
+}
+
+/// Tallies of [`ToolStats`]' look statistics while summarising.
+#[derive(Debug, Default)]
+struct LookTally {
+    /// `(answers, correct)` by looks.
+    by_looks: BTreeMap<usize, (usize, usize)>,
+    /// `(answers, looked again)` after a first look that hit, and one that missed.
+    after_hit: (usize, usize),
+    after_miss: (usize, usize),
+}
+
+impl LookTally {
+    fn add(&mut self, s: &SampleRecord) {
+        let looks = s
+            .calls
+            .iter()
+            .filter(|c| c.outcome.returned_image())
+            .count();
+        let entry = self.by_looks.entry(looks).or_default();
+        entry.0 += 1;
+        entry.1 += usize::from(s.verdict.correct);
+        let first = s.calls.iter().position(|c| c.outcome.returned_image());
+        if let Some(i) = first
+            && let Some(hit) = s.calls[i].hit
+        {
+            let again = usize::from(s.calls.len() > i + 1);
+            let tally = if hit {
+                &mut self.after_hit
+            } else {
+                &mut self.after_miss
+            };
+            tally.0 += 1;
+            tally.1 += again;
+        }
+    }
+
+    fn by_looks(&self) -> Vec<LookCount> {
+        self.by_looks
+            .iter()
+            .map(|(&looks, &(answers, correct))| LookCount {
+                looks,
+                answers,
+                accuracy: correct as f64 / answers as f64,
+            })
+            .collect()
+    }
 }
 
 /// The result of a whole evaluation: `summary.json`.
@@ -467,6 +541,7 @@ pub fn summarize(bench: &str, all: &[ItemRecord], skipped_rows: u64) -> EvalSumm
     let mut stops = BTreeMap::new();
     let (mut samples, mut calls, mut with_calls, mut returned) = (0usize, 0usize, 0usize, 0usize);
     let (mut iou_sum, mut iou_n) = (0.0, 0usize);
+    let mut looks = LookTally::default();
     for r in &records {
         let name = r.category.clone().unwrap_or_else(|| "all".into());
         let entry = categories.entry(name).or_default();
@@ -482,6 +557,7 @@ pub fn summarize(bench: &str, all: &[ItemRecord], skipped_rows: u64) -> EvalSumm
             *stops.entry(stop).or_insert(0) += 1;
             calls += s.calls.len();
             with_calls += usize::from(!s.calls.is_empty());
+            looks.add(s);
             for c in &s.calls {
                 returned += usize::from(c.outcome.returned_image());
                 if let Some(v) = c.iou {
@@ -530,6 +606,11 @@ pub fn summarize(bench: &str, all: &[ItemRecord], skipped_rows: u64) -> EvalSumm
             valid_crop_rate: (calls > 0).then(|| share(returned, calls)),
             mean_iou: (iou_n > 0).then(|| iou_sum / iou_n as f64),
             crops_with_box: iou_n,
+            by_looks: looks.by_looks(),
+            look_again_after_hit: (looks.after_hit.0 > 0)
+                .then(|| share(looks.after_hit.1, looks.after_hit.0)),
+            look_again_after_miss: (looks.after_miss.0 > 0)
+                .then(|| share(looks.after_miss.1, looks.after_miss.0)),
         },
         stops,
         skipped_rows,

@@ -75,6 +75,9 @@ pub struct RolloutMetrics {
     pub tool_calls_mean: f64,
     /// Most tool calls in one trajectory.
     pub tool_calls_max: usize,
+    /// Mean looks per trajectory: calls that returned an image to the model.
+    #[serde(default)]
+    pub looks_mean: f64,
     /// Share of tool calls that returned an image to the model, when there were calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub valid_crop_rate: Option<f64>,
@@ -287,6 +290,7 @@ pub fn rollout_metrics(batch: &[ScoredTrajectory<'_>]) -> Result<RolloutMetrics>
         format_error_rate,
         tool_calls_mean: total_calls as f64 / n,
         tool_calls_max: calls.iter().copied().max().unwrap_or(0),
+        looks_mean: good_calls as f64 / n,
         valid_crop_rate: (total_calls > 0).then(|| good_calls as f64 / total_calls as f64),
         grounding_iou: mean(ious),
         response_length_mean: generated.iter().sum::<usize>() as f64 / n,

@@ -407,7 +407,8 @@ pub fn generate(config: &SynthVConfig, seed: u64, index: u64, split: &str) -> Re
         .iter()
         .position(|&i| i == colour_index)
         .expect("colour is an option");
-    let questions: &[&str] = if config.decoys_max > 0 {
+    // The question says what the canvas holds: several cards only when decoys were drawn.
+    let questions: &[&str] = if !decoy_boxes.is_empty() {
         &SEARCH_QUESTIONS
     } else {
         &QUESTIONS
@@ -807,6 +808,27 @@ mod tests {
         };
         let err = generate(&unreachable, 0, 0, "x").unwrap_err().to_string();
         assert!(err.contains("max-aspect") && err.contains("2048"), "{err}");
+    }
+
+    /// With a range of decoys, the question says "several cards" exactly when decoys were
+    /// drawn (a canvas may have none).
+    #[test]
+    fn the_question_says_several_cards_only_when_there_are_decoys() {
+        let cfg = SynthVConfig {
+            decoys_min: 0,
+            decoys_max: 2,
+            ..SynthVConfig::default()
+        };
+        let mut counts = [0usize; 3];
+        for i in 0..24 {
+            let item = generate(&cfg, 5, i, "t").unwrap();
+            counts[item.decoy_boxes.len()] += 1;
+            let search = SEARCH_QUESTIONS
+                .iter()
+                .any(|q| item.question.starts_with(q));
+            assert_eq!(search, !item.decoy_boxes.is_empty(), "{}", item.question);
+        }
+        assert!(counts.iter().all(|&n| n > 0), "decoy counts {counts:?}");
     }
 
     /// With decoys, the coloured dot and the decoys' grey marks look alike in the model's

@@ -202,3 +202,47 @@ fn eval_and_training_metrics_report_the_same_iou_in_every_frame() {
         );
     }
 }
+
+/// A look that misses, a second that finds the box, then an answer: the evaluation counts the
+/// answer under two looks with its verdict, marks which look hit, and says that the agent
+/// looked again after a miss; an answer after one look that hit counts under one look.
+#[test]
+fn eval_reports_looks_per_answer_and_looking_again_after_a_miss() {
+    let gt = [100.0, 100.0, 300.0, 300.0];
+    let zoom = |b: [u32; 4]| {
+        format!(
+            r#"<tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": [{}, {}, {}, {}]}}}}</tool_call>"#,
+            b[0], b[1], b[2], b[3]
+        )
+    };
+    let prepared = prepare_item(item(&[], None, "4", gt), 0, false);
+    let two = evaluate(
+        &prepared,
+        &[
+            zoom([400, 300, 600, 460]),
+            zoom([120, 120, 280, 280]),
+            answer("4"),
+        ],
+        CoordinateFrame::Original,
+    );
+    let calls = &two.samples[0].calls;
+    assert_eq!(
+        calls.iter().map(|c| c.hit).collect::<Vec<_>>(),
+        [Some(false), Some(true)]
+    );
+    let one = evaluate(
+        &prepared,
+        &[zoom([150, 150, 250, 250]), answer("5")],
+        CoordinateFrame::Original,
+    );
+    let summary = deepeyes_rl::eval::summarize("vstar", &[two, one], 0);
+    let looks: Vec<(usize, usize, f64)> = summary
+        .tools
+        .by_looks
+        .iter()
+        .map(|l| (l.looks, l.answers, l.accuracy))
+        .collect();
+    assert_eq!(looks, [(1, 1, 0.0), (2, 1, 1.0)]);
+    assert_eq!(summary.tools.look_again_after_miss, Some(1.0));
+    assert_eq!(summary.tools.look_again_after_hit, Some(0.0));
+}

@@ -33,6 +33,9 @@ const DEMO_CONFIG: &str = include_str!("../../../configs/train/tinyeyes-demo.tom
 const DEMO_LORA: &str = include_str!("../../../configs/train/tinyeyes-demo-lora.toml");
 /// The ablation's reward: DeepEyes' without the tool bonus.
 const NO_BONUS_REWARD: &str = include_str!("../../../configs/rewards/deepeyes-no-tool-bonus.toml");
+/// The other ablation's reward: the tool bonus paid for every returned crop, right or wrong.
+const UNCONDITIONAL_BONUS_REWARD: &str =
+    include_str!("../../../configs/rewards/deepeyes-unconditional-tool-bonus.toml");
 
 /// Arguments of `deepeyes demo`.
 #[derive(Debug, Args)]
@@ -55,6 +58,9 @@ pub(crate) struct DemoArgs {
     /// The ablation: DeepEyes' reward without the tool bonus.
     #[arg(long)]
     no_tool_bonus: bool,
+    /// The other ablation: the tool bonus paid for every returned crop, right answer or not.
+    #[arg(long, conflicts_with = "no_tool_bonus")]
+    unconditional_tool_bonus: bool,
     /// Seed of the data and of training.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -81,6 +87,9 @@ fn headline(s: &EvalSummary) -> serde_json::Value {
         "answers_with_calls": s.tools.samples_with_calls,
         "valid_crop_rate": s.tools.valid_crop_rate,
         "zoom_iou": s.tools.mean_iou,
+        "by_looks": s.tools.by_looks,
+        "look_again_after_hit": s.tools.look_again_after_hit,
+        "look_again_after_miss": s.tools.look_again_after_miss,
     })
 }
 
@@ -317,18 +326,27 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             .validate("configs/train/tinyeyes-demo-lora.toml")
             .context("the built-in LoRA demo config")?;
     }
-    let rewards = if args.no_tool_bonus {
-        PipelineConfig::from_toml_str(
+    let (reward_toml, reward_file, reward_name) = if args.no_tool_bonus {
+        (
             NO_BONUS_REWARD,
             "configs/rewards/deepeyes-no-tool-bonus.toml",
+            "DeepEyes without the tool bonus (ablation)",
+        )
+    } else if args.unconditional_tool_bonus {
+        (
+            UNCONDITIONAL_BONUS_REWARD,
+            "configs/rewards/deepeyes-unconditional-tool-bonus.toml",
+            "DeepEyes with the tool bonus paid for any returned crop (ablation)",
         )
     } else {
-        PipelineConfig::from_toml_str(
+        (
             deepeyes_reward::DEEPEYES_TOML,
             "configs/rewards/deepeyes.toml",
+            "DeepEyes (accuracy + format + tool bonus)",
         )
-    }
-    .context("the built-in reward pipeline")?;
+    };
+    let rewards = PipelineConfig::from_toml_str(reward_toml, reward_file)
+        .context("the built-in reward pipeline")?;
     // SynthV* answers are option names or letters: the rules decide every answer, and an
     // answer they cannot match is wrong. No judge server is needed.
     let mut rewards = rewards;
@@ -346,11 +364,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "\nGRPO{}: {} steps of 8 prompts × 16 samples, reward {}",
         if args.lora { " with LoRA adapters" } else { "" },
         args.steps,
-        if args.no_tool_bonus {
-            "DeepEyes without the tool bonus (ablation)"
-        } else {
-            "DeepEyes (accuracy + format + tool bonus)"
-        }
+        reward_name
     )?;
     // The demo owns its output folder: a rerun starts its training over.
     super::train::discard_run(&config)?;
@@ -403,6 +417,7 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let summary = json!({
         "steps": args.steps,
         "tool_bonus": !args.no_tool_bonus,
+        "unconditional_tool_bonus": args.unconditional_tool_bonus,
         "lora": args.lora,
         "base": headline(&before),
         "trained": headline(&after),

@@ -201,6 +201,30 @@ fn render(s: &EvalSummary, out: &str) -> String {
             .map_or("-".into(), |v| format!("{:.1}%", 100.0 * v)),
         s.tools.mean_iou.map_or("-".into(), |v| format!("{v:.3}")),
     );
+    if s.tools.calls_per_sample > 0.0 {
+        let looks: Vec<String> = s
+            .tools
+            .by_looks
+            .iter()
+            .map(|l| {
+                format!(
+                    "{} look{}: {} answers, {:.1}% right",
+                    l.looks,
+                    if l.looks == 1 { "" } else { "s" },
+                    l.answers,
+                    100.0 * l.accuracy
+                )
+            })
+            .collect();
+        let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
+        let _ = writeln!(
+            text,
+            "{}; looked again after a first look that hit {}, that missed {}",
+            looks.join(", "),
+            pct(s.tools.look_again_after_hit),
+            pct(s.tools.look_again_after_miss),
+        );
+    }
     let by: Vec<String> = s
         .scored_by
         .iter()

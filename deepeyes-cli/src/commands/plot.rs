@@ -73,7 +73,11 @@ const PANELS: &[PanelSpec] = &[
     },
     PanelSpec {
         title: "tool calls per trajectory",
-        series: &[("tool_calls_mean", "mean"), ("tool_calls_max", "max")],
+        series: &[
+            ("tool_calls_mean", "mean"),
+            ("looks_mean", "looks (crops returned)"),
+            ("tool_calls_max", "max"),
+        ],
     },
     PanelSpec {
         title: "valid crop rate",

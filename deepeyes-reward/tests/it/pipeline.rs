@@ -154,6 +154,30 @@ fn the_ablation_config_has_no_tool_term() {
 }
 
 #[test]
+fn the_unconditional_ablation_pays_for_a_crop_with_a_wrong_answer() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/rewards/deepeyes-unconditional-tool-bonus.toml"
+    );
+    let mut config = PipelineConfig::from_toml_file(path).unwrap();
+    config.judge = None;
+    let unconditional = config.build(&Registry::new()).unwrap();
+    let mut deepeyes = PipelineConfig::deepeyes().unwrap();
+    deepeyes.judge = None;
+    let conditional = deepeyes.build(&Registry::new()).unwrap();
+    let wrong = format!("{CROP}<answer>blue</answer>");
+    let right = format!("{CROP}<answer>red</answer>");
+    let score = |p: &deepeyes_reward::Pipeline, response: &str| {
+        p.score(&visual("red", response)).unwrap().term("tool")
+    };
+    assert_eq!(score(&unconditional, &wrong), Some(1.0));
+    assert_eq!(score(&conditional, &wrong), Some(0.0));
+    assert_eq!(score(&unconditional, &right), Some(1.0));
+    // Without a crop there is nothing to pay for.
+    assert_eq!(score(&unconditional, "<answer>red</answer>"), Some(0.0));
+}
+
+#[test]
 fn the_shipped_file_and_the_embedded_copy_are_the_same() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
