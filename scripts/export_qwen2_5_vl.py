@@ -975,7 +975,7 @@ def write_bundle(model, src: Path, out: Path, external: bool) -> None:
         shutil.copyfile(tokenizer, out / "tokenizer.json")
         # The prompt templates and agent-loop limits the checkpoint was trained with (deepeyes
         # init-tinyeyes and the base stage write them).
-        for name in ("templates.toml", "agent.toml"):
+        for name in ("templates.toml", "agent.toml", "tools.toml"):
             if (src / name).exists():
                 shutil.copyfile(src / name, out / name)
         cfg = bundle_config(model, src, external)

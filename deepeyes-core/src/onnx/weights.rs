@@ -113,12 +113,76 @@ impl WeightMap {
         dir.join(&self.params)
     }
 
+    /// Checks that the safetensors file `params` holds every parameter the graphs need, in the
+    /// shape they need it (read from the file's header alone, so a 7B costs nothing): a bundle
+    /// whose graphs cannot run some weights is refused when it is written, not when it is loaded.
+    pub fn check_shapes(&self, params: &Path) -> OnnxResult<()> {
+        let shapes = safetensors_shapes(params)?;
+        for e in self.graphs.values().flatten() {
+            let want: Vec<usize> = if e.transpose {
+                e.shape.iter().rev().copied().collect()
+            } else {
+                e.shape.clone()
+            };
+            match shapes.get(&e.param) {
+                None => {
+                    return Err(bad(
+                        params,
+                        format!(
+                            "initializer {} needs parameter {}, which the weights do not hold",
+                            e.initializer, e.param
+                        ),
+                    ));
+                }
+                Some(shape) if *shape != want => {
+                    return Err(bad(
+                        params,
+                        format!(
+                            "parameter {} has shape {shape:?}, but initializer {} needs {want:?}",
+                            e.param, e.initializer
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the map as `weights.json` into `dir`.
     pub fn save(&self, dir: &Path) -> OnnxResult<()> {
         let path = dir.join(WEIGHT_MAP_FILE);
         let text = serde_json::to_string_pretty(self).map_err(|e| bad(&path, e.to_string()))?;
         std::fs::write(&path, text + "\n").map_err(|e| bad(&path, e.to_string()))
     }
+}
+
+/// The shape of every tensor of a safetensors file, read from its header.
+pub fn safetensors_shapes(path: &Path) -> OnnxResult<BTreeMap<String, Vec<usize>>> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|e| bad(path, format!("no safetensors header: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    // The format caps its header at 100 MB.
+    if len > 100_000_000 {
+        return Err(bad(path, format!("a {len}-byte header is not safetensors'")));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(path, format!("a truncated safetensors header: {e}")))?;
+    let entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(path, format!("the safetensors header: {e}")))?;
+    entries
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, entry)| {
+            let shape = serde_json::from_value::<Vec<usize>>(entry["shape"].clone())
+                .map_err(|e| bad(path, format!("tensor {name}: its shape: {e}")))?;
+            Ok((name, shape))
+        })
+        .collect()
 }
 
 /// Reads every tensor of a safetensors file as `f32` (F32, BF16, F16 and F64 are accepted).
@@ -304,6 +368,32 @@ fn transpose_into(src: &[f32], rows: usize, cols: usize, columns: Range<usize>, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The committed TinyEyes bundle's weights fit its graphs; a map whose embedding needs
+    /// another vocabulary, or a parameter the file lacks, is refused, naming the parameter.
+    #[test]
+    fn shapes_are_checked_from_the_safetensors_header() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tinyeyes");
+        let map = WeightMap::load(&dir).unwrap().expect("the bundle has a weight map");
+        let params = map.params_path(&dir);
+        map.check_shapes(&params).unwrap();
+        let shapes = safetensors_shapes(&params).unwrap();
+        let vocab = shapes["model.embed_tokens.weight"][0];
+        let mut other = map.clone();
+        let entry = other
+            .graphs
+            .values_mut()
+            .flatten()
+            .find(|e| e.param == "model.embed_tokens.weight")
+            .unwrap();
+        entry.shape[if entry.transpose { 1 } else { 0 }] = vocab + 12;
+        let err = other.check_shapes(&params).unwrap_err().to_string();
+        assert!(err.contains("model.embed_tokens.weight") && err.contains(&format!("{}", vocab + 12)), "{err}");
+        let mut missing = map.clone();
+        missing.graphs.values_mut().flatten().next().unwrap().param = "model.no_such.weight".into();
+        let err = missing.check_shapes(&params).unwrap_err().to_string();
+        assert!(err.contains("model.no_such.weight"), "{err}");
+    }
 
     #[test]
     fn half_precision_converts_exactly() {

@@ -145,12 +145,20 @@ pub fn export_bundle<N: PolicyNetwork>(
         std::fs::copy(entry.path(), &to).map_err(io_err(&to))?;
     }
     model.save_pretrained(out)?;
-    // The copied graphs hold the source's weights, not these: they must be replaced at load.
-    if let Some(mut map) = deepeyes_core::onnx::WeightMap::load(out)?
-        && map.graphs_current
-    {
-        map.graphs_current = false;
-        map.save(out)?;
+    if let Some(mut map) = deepeyes_core::onnx::WeightMap::load(out)? {
+        map.check_shapes(&map.params_path(out))
+            .map_err(|e| TrainError::Data {
+                path: source.to_path_buf(),
+                reason: format!(
+                    "its graphs cannot run these weights ({e}); export a bundle for this \
+                     checkpoint with scripts/export_qwen2_5_vl.py"
+                ),
+            })?;
+        // The copied graphs hold the source's weights, not these: they must be replaced at load.
+        if map.graphs_current {
+            map.graphs_current = false;
+            map.save(out)?;
+        }
     }
     Ok(out.to_path_buf())
 }
