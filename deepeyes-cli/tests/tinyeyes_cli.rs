@@ -148,10 +148,15 @@ fn pretrain_then_demo_run_end_to_end() {
     ] {
         assert!(bundle.join(file).is_file(), "{file}");
     }
-    // The new weights differ from the template's: the bundle runs what was trained.
+    // The new weights differ from the template's: the bundle runs what was trained, with the
+    // tokenizer it was trained with.
     assert_ne!(
         std::fs::read(bundle.join("model.safetensors")).unwrap(),
         std::fs::read(repo().join("assets/tinyeyes/model.safetensors")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(bundle.join("tokenizer.json")).unwrap(),
+        std::fs::read(base.join("checkpoints/step-00000003/tokenizer.json")).unwrap()
     );
 
     let demo = dir.path().join("demo");

@@ -202,7 +202,11 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         let bundle = args.out.join("bundle");
         deepeyes_rl::trainer::export_bundle(stage.model(), template, &bundle)
             .with_context(|| format!("writing the bundle {}", bundle.display()))?;
-        // The template's bundle config stays; only the weights are new.
+        // The template's graphs and bundle config stay; the weights are new, and so may be the
+        // tokenizer (the init draws it from its seed): the bundle carries the base's own.
+        let tokenizer = source.join("tokenizer.json");
+        std::fs::copy(&tokenizer, bundle.join("tokenizer.json"))
+            .with_context(|| format!("copying {} into the bundle", tokenizer.display()))?;
         writeln!(stdout, "wrote {}", bundle.display())?;
     }
     writeln!(stdout, "wrote {}", source.display())?;

@@ -167,7 +167,10 @@ pub fn safetensors_shapes(path: &Path) -> OnnxResult<BTreeMap<String, Vec<usize>
     let len = u64::from_le_bytes(len);
     // The format caps its header at 100 MB.
     if len > 100_000_000 {
-        return Err(bad(path, format!("a {len}-byte header is not safetensors'")));
+        return Err(bad(
+            path,
+            format!("a {len}-byte header is not safetensors'"),
+        ));
     }
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
@@ -374,7 +377,9 @@ mod tests {
     #[test]
     fn shapes_are_checked_from_the_safetensors_header() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tinyeyes");
-        let map = WeightMap::load(&dir).unwrap().expect("the bundle has a weight map");
+        let map = WeightMap::load(&dir)
+            .unwrap()
+            .expect("the bundle has a weight map");
         let params = map.params_path(&dir);
         map.check_shapes(&params).unwrap();
         let shapes = safetensors_shapes(&params).unwrap();
@@ -388,7 +393,10 @@ mod tests {
             .unwrap();
         entry.shape[if entry.transpose { 1 } else { 0 }] = vocab + 12;
         let err = other.check_shapes(&params).unwrap_err().to_string();
-        assert!(err.contains("model.embed_tokens.weight") && err.contains(&format!("{}", vocab + 12)), "{err}");
+        assert!(
+            err.contains("model.embed_tokens.weight") && err.contains(&format!("{}", vocab + 12)),
+            "{err}"
+        );
         let mut missing = map.clone();
         missing.graphs.values_mut().flatten().next().unwrap().param = "model.no_such.weight".into();
         let err = missing.check_shapes(&params).unwrap_err().to_string();
