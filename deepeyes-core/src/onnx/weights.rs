@@ -38,6 +38,34 @@ pub struct MapEntry {
     pub shape: Vec<usize>,
 }
 
+impl MapEntry {
+    /// The parameter's shape in the checkpoint: the graph's, reversed when stored transposed.
+    fn param_shape(&self) -> Vec<usize> {
+        if self.transpose {
+            self.shape.iter().rev().copied().collect()
+        } else {
+            self.shape.clone()
+        }
+    }
+
+    /// Whether a parameter of `shape` (`None`: the weights lack it) is what this initializer
+    /// needs; the reason when it is not, naming both.
+    fn check_param_shape(&self, shape: Option<&[usize]>) -> Result<(), String> {
+        let want = self.param_shape();
+        match shape {
+            None => Err(format!(
+                "initializer {} needs parameter {}, which the weights do not hold",
+                self.initializer, self.param
+            )),
+            Some(shape) if shape != want => Err(format!(
+                "parameter {} has shape {shape:?}, but initializer {} needs {want:?}",
+                self.param, self.initializer
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
 /// `weights.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,32 +147,8 @@ impl WeightMap {
     pub fn check_shapes(&self, params: &Path) -> OnnxResult<()> {
         let shapes = safetensors_shapes(params)?;
         for e in self.graphs.values().flatten() {
-            let want: Vec<usize> = if e.transpose {
-                e.shape.iter().rev().copied().collect()
-            } else {
-                e.shape.clone()
-            };
-            match shapes.get(&e.param) {
-                None => {
-                    return Err(bad(
-                        params,
-                        format!(
-                            "initializer {} needs parameter {}, which the weights do not hold",
-                            e.initializer, e.param
-                        ),
-                    ));
-                }
-                Some(shape) if *shape != want => {
-                    return Err(bad(
-                        params,
-                        format!(
-                            "parameter {} has shape {shape:?}, but initializer {} needs {want:?}",
-                            e.param, e.initializer
-                        ),
-                    ));
-                }
-                Some(_) => {}
-            }
+            e.check_param_shape(shapes.get(&e.param).map(Vec::as_slice))
+                .map_err(|reason| bad(params, reason))?;
         }
         Ok(())
     }
@@ -276,26 +280,19 @@ pub(crate) fn mapped_param<'w>(
     weights: &'w dyn WeightSource,
     map_path: &Path,
 ) -> OnnxResult<TensorView<'w>> {
-    let Some(param) = weights.tensor(&entry.param) else {
+    let param = weights.tensor(&entry.param);
+    entry
+        .check_param_shape(param.as_ref().map(|p| p.shape))
+        .map_err(|reason| bad(map_path, reason))?;
+    let param = param.expect("checked present");
+    if param.data.len() != entry.shape.iter().product::<usize>() {
         return Err(bad(
             map_path,
             format!(
-                "initializer {} needs parameter {}, which the weights do not hold",
-                entry.initializer, entry.param
-            ),
-        ));
-    };
-    let want: Vec<usize> = if entry.transpose {
-        entry.shape.iter().rev().copied().collect()
-    } else {
-        entry.shape.clone()
-    };
-    if param.shape != want || param.data.len() != want.iter().product::<usize>() {
-        return Err(bad(
-            map_path,
-            format!(
-                "parameter {} has shape {:?}, but initializer {} needs {:?}",
-                entry.param, param.shape, entry.initializer, want
+                "parameter {} holds {} values for shape {:?}",
+                entry.param,
+                param.data.len(),
+                param.shape
             ),
         ));
     }
