@@ -5,7 +5,7 @@
 # draws the demo's data and its sampling), every one a full `deepeyes demo` run, two at a time on
 # the machine's cores. Prints one table row per run: held-out greedy accuracy, calls per
 # answer, zoom IoU, the steps at which the 5-step mean of training tool calls per trajectory
-# passed 0.5 and 0.9, and training accuracy and IoU over steps 141–150 — then each reward's mean
+# passed 0.5 and 0.9, and training accuracy and IoU over the last 10 steps — then each reward's mean
 # and spread over the seeds.
 #
 #   scripts/ablations.sh [OUT] [extra demo arguments]
@@ -39,7 +39,7 @@ done
 python3 - "$out" "${runs[@]}" <<'PY'
 import json, statistics, sys
 out, runs = sys.argv[1], sys.argv[2:]
-print(f"{'run':<22} {'accuracy':>8} {'calls':>6} {'IoU':>6} {'calls>0.5':>9} {'calls>0.9':>9} {'acc 141-150':>11} {'IoU 141-150':>11}")
+print(f"{'run':<22} {'accuracy':>8} {'calls':>6} {'IoU':>6} {'calls>0.5':>9} {'calls>0.9':>9} {'acc last 10':>11} {'IoU last 10':>11}")
 by = {}
 for run in runs:
     s = json.load(open(f"{out}/{run}/summary.json"))["trained"]

@@ -329,8 +329,9 @@ fn tinyeyes_zoom_region(
 }
 
 /// A bundle's `tools.toml` is the tools configuration its commands use unless given one: the
-/// same sampled zoom call is read in the `original` frame by TinyEyes' bundle and in the
-/// `relative` (0–1000) frame by a copy that carries `frame = "relative"`.
+/// same sampled zoom call is read in the `resized` frame (pixels of the model's 112 px view) by
+/// TinyEyes' bundle and in the `relative` (0–1000) frame by a copy that carries
+/// `frame = "relative"` (and no minimum side, since its boxes then shrink to a few pixels).
 #[test]
 fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,7 +356,7 @@ fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
     }
     std::fs::write(
         relative.join("tools.toml"),
-        "[zoom-in]\nframe = \"relative\"\n",
+        "[zoom-in]\nframe = \"relative\"\nmin-side = 0\n",
     )
     .unwrap();
     // The base zooms in about a fifth of its sampled answers.
@@ -363,18 +364,18 @@ fn a_bundles_tools_config_sets_the_frame_its_boxes_are_read_in() {
         .find_map(|s| tinyeyes_zoom_region(&original, &image, s, &[]).map(|r| (s, r)))
         .expect("a zoom within 40 sampled episodes");
     let read_relative = tinyeyes_zoom_region(&relative, &image, seed, &[]).expect("the same call");
-    // The canvas is 1024 px a side: the relative frame reads every coordinate 1.024 times
-    // further out.
+    // The canvas is 1024 px a side and its view 112: the resized frame reads a coordinate v
+    // as v · 1024 / 112 canvas pixels, the relative one as v · 1.024.
     for (o, r) in region.iter().zip(&read_relative) {
         assert!(
-            (o * 1.024 - r).abs() <= 1.5,
+            (o * 112.0 / 1000.0 - r).abs() <= 1.5,
             "{region:?} read relative as {read_relative:?}"
         );
     }
     assert_ne!(region, read_relative);
     // The command line still overrides the bundle.
     let tools = dir.path().join("tools.toml");
-    std::fs::write(&tools, "[zoom-in]\nframe = \"original\"\n").unwrap();
+    std::fs::write(&tools, "[zoom-in]\nframe = \"resized\"\n").unwrap();
     let overridden = tinyeyes_zoom_region(
         &relative,
         &image,

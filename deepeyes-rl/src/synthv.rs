@@ -119,6 +119,21 @@ impl Default for SynthVConfig {
 }
 
 impl SynthVConfig {
+    /// TinyEyes' distribution, which its base stage and `deepeyes demo` learn on: canvases of
+    /// 512–2048 px a side and any shape up to 2:1 either way, drawn to the canvas's scale, with
+    /// 0–2 decoy cards (a third of the canvases have one card, the others a search).
+    pub fn tinyeyes() -> Self {
+        Self {
+            canvas_min: 512,
+            canvas_max: 2048,
+            max_aspect: Some(2.0),
+            scale_with_canvas: true,
+            decoys_min: 0,
+            decoys_max: 2,
+            ..Self::default()
+        }
+    }
+
     /// Checks the values make sense.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str| Err(Error::config("synthv", what));
@@ -193,6 +208,11 @@ impl SynthVConfig {
     }
 
     /// The factor every length is drawn at on a `w × h` canvas (1 unless `scale-with-canvas`).
+    /// The side in pixels of the dot's checkerboard cells on a `w × h` canvas.
+    pub(crate) fn checker_cell(&self, w: u32, h: u32) -> u32 {
+        scaled(self.cell, self.scale(w, h))
+    }
+
     fn scale(&self, w: u32, h: u32) -> f64 {
         if self.scale_with_canvas {
             (f64::from(w) * f64::from(h)).sqrt() / 1024.0
@@ -366,7 +386,7 @@ pub fn generate(config: &SynthVConfig, seed: u64, index: u64, split: &str) -> Re
     }
 
     let dot = scaled(config.dot, s);
-    let cell = scaled(config.cell, s);
+    let cell = config.checker_cell(w, h);
     let decoy_boxes = if config.decoys_max > 0 {
         let n = draw(&mut rng, [config.decoys_min, config.decoys_max]);
         let boxes = place_decoys(n, card_box, config, s, place, (w, h), &mut rng);

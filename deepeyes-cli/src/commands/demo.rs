@@ -221,9 +221,21 @@ fn annotated_trace(
             .and_then(|c| c.arguments.get("bbox_2d"))
             .and_then(|b| serde_json::from_value::<[f64; 4]>(b.clone()).ok());
         match (&call.outcome, bbox) {
-            (ToolOutcome::Ok { .. }, Some(bbox)) => {
-                draw_box(&mut annotated, bbox, 3);
-                writeln!(stdout, "  zoom:     {bbox:?} (crop returned)")?;
+            (ToolOutcome::Ok { region, .. }, Some(bbox)) => {
+                // The box as written is in the bundle's frame (TinyEyes: pixels of its view);
+                // the region the crop showed is in the input's pixels.
+                let shown = region.map(|r| {
+                    let (x, y) = (f64::from(r.x), f64::from(r.y));
+                    [x, y, x + f64::from(r.width), y + f64::from(r.height)]
+                });
+                draw_box(&mut annotated, shown.unwrap_or(bbox), 3);
+                match shown {
+                    Some(shown) => writeln!(
+                        stdout,
+                        "  zoom:     {bbox:?} (crop returned: {shown:?} of the input)"
+                    )?,
+                    None => writeln!(stdout, "  zoom:     {bbox:?} (crop returned)")?,
+                }
             }
             (ToolOutcome::Error { message }, _) => {
                 writeln!(stdout, "  zoom:     rejected: {message}")?;
@@ -268,7 +280,12 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let data = args.out.join("data");
     let (train, test) = (data.join("train.jsonl"), data.join("test.jsonl"));
-    let stamp = json!({"seed": args.seed, "train": args.train_items, "test": args.eval_items});
+    // TinyEyes' distribution: any canvas size and shape, 0-2 decoy cards.
+    let distribution = deepeyes_rl::synthv::SynthVConfig::tinyeyes();
+    let stamp = json!({
+        "seed": args.seed, "train": args.train_items, "test": args.eval_items,
+        "synthv": distribution,
+    });
     let written = std::fs::read_to_string(data.join(DATA_STAMP))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
@@ -282,13 +299,16 @@ pub(crate) fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             args.eval_items,
             data.display()
         )?;
-        super::synthv::write(&SynthVArgs {
-            out: data.clone(),
-            train: args.train_items,
-            test: args.eval_items,
-            seed: args.seed,
-            config: None,
-        })?;
+        super::synthv::write_with(
+            &distribution,
+            &SynthVArgs {
+                out: data.clone(),
+                train: args.train_items,
+                test: args.eval_items,
+                seed: args.seed,
+                config: None,
+            },
+        )?;
         // Evaluations of earlier data would be resumed as if they were of this data.
         for dir in ["eval-base", "eval-trained"] {
             let dir = args.out.join(dir);

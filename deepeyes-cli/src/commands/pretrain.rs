@@ -43,6 +43,12 @@ pub(crate) struct PretrainArgs {
     /// Shares of grounding, perception and action-format samples, e.g. `0.4,0.25,0.35`.
     #[arg(long, value_name = "G,P,A", value_delimiter = ',')]
     mix: Option<Vec<f64>>,
+    /// Steps on 1024 × 1024 single-card canvases before TinyEyes' distribution.
+    #[arg(long, default_value_t = BaseStageConfig::default().square_steps, value_name = "N")]
+    square_steps: u64,
+    /// Weight of perception samples' supervised tokens in the token-mean loss.
+    #[arg(long, default_value_t = BaseStageConfig::default().perception_weight, value_name = "W")]
+    perception_weight: f64,
     /// Spread coordinate labels over neighbouring bins (Gaussian σ in bins; 0: hard labels).
     #[arg(long, default_value_t = 0.0, value_name = "SIGMA")]
     soft_coordinates: f64,
@@ -96,6 +102,8 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         pool_size: args.pool_size,
         seed: args.seed,
         soft_coordinates: args.soft_coordinates,
+        square_steps: args.square_steps,
+        perception_weight: args.perception_weight,
         // The shares are checked (and normalised) by the base stage itself.
         mix: match args.mix.as_deref() {
             Some(&[g, p, a]) => [g, p, a],

@@ -47,10 +47,18 @@ fn generator_config(args: &SynthVArgs) -> anyhow::Result<SynthVConfig> {
 
 /// Writes both splits and returns their index paths.
 pub(crate) fn write(args: &SynthVArgs) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let config = generator_config(args)?;
+    write_with(&generator_config(args)?, args)
+}
+
+/// Writes both splits drawn with `config` (instead of the one `args` names) and returns their
+/// index paths.
+pub(crate) fn write_with(
+    config: &SynthVConfig,
+    args: &SynthVArgs,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let mut paths = Vec::new();
     for (split, count) in [("train", args.train), ("test", args.test)] {
-        let path = write_split(&config, &args.out, split, count, args.seed)
+        let path = write_split(config, &args.out, split, count, args.seed)
             .with_context(|| format!("writing the {split} split into {}", args.out.display()))?;
         paths.push(path);
     }

@@ -18,14 +18,37 @@ use deepeyes_core::{PreprocessConfig, Rng};
 
 use super::tokenizer::{PROTOCOL_SPECIAL_TOKENS, ZOOM_CALL_HEAD, ZOOM_CALL_TAIL};
 use crate::network::{Qwen25VlConfig, TextConfig, VisionConfig};
-use crate::synthv::{QUESTIONS, SynthVConfig};
+use crate::synthv::{QUESTIONS, SEARCH_QUESTIONS, SynthVConfig};
 
 /// The side of TinyEyes' square view in pixels: every image becomes about 112×112.
 pub const VIEW_SIDE: u32 = 112;
 
-/// Coordinates TinyEyes writes are multiples of this many canvas pixels (64 bins on a 1024 px
-/// canvas), so each coordinate is one token.
-pub const COORDINATE_STEP: u32 = 16;
+/// The zoom tool's settings TinyEyes is trained and run with, as its bundles carry them
+/// (`tools.toml`): boxes in the `resized` frame, pixels of the image as the model sees it (the
+/// smart-resized view, at most [`MAX_COORDINATE`] px a side), and DeepEyes' limits. A view token
+/// in column `j` covers `x = 28 j … 28 j + 28` whatever the canvas's size and shape, so a box
+/// means the same place in what the model sees on any canvas; the tool maps it back to canvas
+/// pixels.
+pub const TOOLS_TOML: &str =
+    "[zoom-in]\nframe = \"resized\"\nmin-side = 30.0\nmax-aspect-ratio = 100.0\n";
+
+/// The zoom tool's minimum box side in canvas pixels ([`TOOLS_TOML`]'s, DeepEyes' rule: both
+/// sides strictly longer).
+pub const ZOOM_MIN_SIDE: f64 = 30.0;
+
+/// The zoom tool's largest `long side / short side` ([`TOOLS_TOML`]'s, DeepEyes' rule).
+pub const ZOOM_MAX_ASPECT: f64 = 100.0;
+
+/// Coordinates TinyEyes writes are multiples of this many view pixels, so each one is a token.
+pub const COORDINATE_STEP: u32 = 2;
+
+/// The largest coordinate: the long side of the view of a 2:1 canvas (140 × 56 px).
+pub const MAX_COORDINATE: u32 = 140;
+
+/// The narrowest box side TinyEyes writes, in coordinate steps (8 view px): on every canvas of
+/// its distribution (512–2048 px a side, up to 2:1) that is more than the zoom tool's 30 px
+/// minimum, where 2 steps are accepted on some canvases and refused on others.
+pub const MIN_BOX_BINS: u32 = 4;
 
 /// TinyEyes' architecture for a tokenizer of `vocab_size` ids, whose first ids are
 /// [`PROTOCOL_SPECIAL_TOKENS`].
@@ -72,8 +95,8 @@ pub struct TinyEyesFormat {
     /// Image preprocessing: every image resized to about [`VIEW_SIDE`]².
     pub preprocess: PreprocessConfig,
     /// The agent-loop limits TinyEyes is trained and run under, written into its bundles
-    /// (`agent.toml`): two turns of at most 24 tokens, each ending at `</tool_call>` (the model is
-    /// never taught what follows a call).
+    /// (`agent.toml`): three turns (two looks, then the answer) of at most 24 tokens, each ending
+    /// at `</tool_call>` (the model is never taught what follows a call).
     pub agent: BundleAgentDefaults,
 }
 
@@ -93,8 +116,8 @@ impl Default for TinyEyesFormat {
                 ..PreprocessConfig::default()
             },
             agent: BundleAgentDefaults {
-                max_turns: Some(2),
-                max_images: Some(2),
+                max_turns: Some(3),
+                max_images: Some(3),
                 max_new_tokens: Some(24),
                 stop_at_tool_call_end: Some(true),
             },
@@ -123,7 +146,7 @@ impl TinyEyesFormat {
         format!("Question: {stem}\nOptions:\n{}", listed.join("\n"))
     }
 
-    /// A zoom-in call on `bbox` (canvas pixels), as TinyEyes writes it.
+    /// A zoom-in call on `bbox` (in the frame of [`TOOLS_TOML`]), as TinyEyes writes it.
     pub fn zoom_call(bbox: [u32; 4]) -> String {
         let [x1, y1, x2, y2] = bbox;
         format!(
@@ -148,48 +171,38 @@ impl TinyEyesFormat {
     }
 
     /// Text to train the tokenizer on: `count` conversations in this format over the SynthV*
-    /// questions and colours (direct answers, zooms with their crop, rejected zooms), drawn from
-    /// `seed`. Only text is generated; no image is drawn.
+    /// questions and colours (direct answers, one or two zooms with their crops, rejected zooms,
+    /// grounding answers), drawn from `seed`, with every box in the frame of [`TOOLS_TOML`] on the
+    /// [`COORDINATE_STEP`] grid, so that each coordinate becomes one token. Only text is
+    /// generated; no image is drawn.
     pub fn tokenizer_corpus(&self, synthv: &SynthVConfig, seed: u64, count: usize) -> Vec<String> {
         let mut rng = Rng::new(seed);
-        let bins = 1024 / COORDINATE_STEP;
         let colours: Vec<&str> = synthv.colours.iter().map(|c| c.name.as_str()).collect();
+        let stems: Vec<&str> = QUESTIONS.iter().chain(&SEARCH_QUESTIONS).copied().collect();
         (0..count)
             .map(|_| {
                 let mut names = colours.clone();
                 rng.shuffle(&mut names);
-                let stem = QUESTIONS[rng.below(QUESTIONS.len() as u64) as usize];
+                let stem = stems[rng.below(stems.len() as u64) as usize];
                 let question = Self::multiple_choice(stem, &names);
                 let mut text = self.prompt(&question).into_text();
                 let answer = Self::answer(names[rng.below(names.len() as u64) as usize]);
-                let kind = rng.below(4);
-                // A box on the 16 px grid inside a 1024 px canvas, at least 2 bins a side.
-                let mut edge = |lo: u32| {
-                    let first = lo / COORDINATE_STEP;
-                    let start = first + rng.below(u64::from(bins - 1 - first)) as u32;
-                    let end = start + 2 + rng.below(u64::from(bins - 1 - start)) as u32;
-                    (start * COORDINATE_STEP, end.min(bins) * COORDINATE_STEP)
-                };
-                let (x1, x2) = edge(0);
-                let (y1, y2) = edge(0);
-                let bbox = [x1, y1, x2, y2];
-                match kind {
+                match rng.below(5) {
                     0 => text.push_str(&answer),
-                    3 => {
+                    4 => {
+                        let [x1, y1, x2, y2] = corpus_box(&mut rng);
                         text = self.prompt(super::base::GROUND_QUESTION).into_text();
                         text.push_str(&Self::answer(&format!("[{x1}, {y1}, {x2}, {y2}]")));
                     }
                     kind => {
-                        text.push_str(&Self::zoom_call(bbox));
-                        if kind == 1 {
+                        for _ in 0..(if kind == 3 { 2 } else { 1 }) {
+                            text.push_str(&Self::zoom_call(corpus_box(&mut rng)));
                             text.push_str(self.crop_returned().text());
-                        } else {
-                            text.push_str(
-                                self.call_rejected(
-                                    "the box's shorter side must be longer than 30 px",
-                                )
-                                .text(),
-                            );
+                        }
+                        if kind == 2 {
+                            text.push_str(&Self::zoom_call(corpus_box(&mut rng)));
+                            let error = "the box's shorter side must be longer than 30 px";
+                            text.push_str(self.call_rejected(error).text());
                         }
                         text.push_str(&answer);
                     }
@@ -199,6 +212,21 @@ impl TinyEyesFormat {
             })
             .collect()
     }
+}
+
+/// A random box of the tokenizer corpus: inside [`MAX_COORDINATE`], on the grid, at least
+/// [`MIN_BOX_BINS`] a side.
+fn corpus_box(rng: &mut Rng) -> [u32; 4] {
+    let bins = MAX_COORDINATE / COORDINATE_STEP;
+    let mut edge = || {
+        let start = rng.below(u64::from(bins - MIN_BOX_BINS + 1)) as u32;
+        let end =
+            start + MIN_BOX_BINS + rng.below(u64::from(bins - start - MIN_BOX_BINS + 1)) as u32;
+        (start * COORDINATE_STEP, end * COORDINATE_STEP)
+    };
+    let (x1, x2) = edge();
+    let (y1, y2) = edge();
+    [x1, y1, x2, y2]
 }
 
 #[cfg(test)]
@@ -248,7 +276,7 @@ mod tests {
             f.prompt(crate::tinyeyes::base::GROUND_QUESTION),
             f.crop_returned(),
             f.call_rejected("the box's shorter side must be longer than 30 px"),
-            Rendered::trusted(&TinyEyesFormat::zoom_call([448, 320, 512, 384])),
+            Rendered::trusted(&TinyEyesFormat::zoom_call([56, 40, 64, 48])),
             Rendered::trusted(&TinyEyesFormat::answer("red")),
             Rendered::trusted(deepeyes_core::protocol::IM_END),
         ];
@@ -263,7 +291,7 @@ mod tests {
         let f = TinyEyesFormat::default();
         let corpus = f.tokenizer_corpus(&SynthVConfig::default(), 7, 400);
         let tok = train_tokenizer(&corpus, &TokenizerTraining::default()).unwrap();
-        let call = TinyEyesFormat::zoom_call([448, 320, 512, 384]);
+        let call = TinyEyesFormat::zoom_call([56, 40, 64, 132]);
         let ids = tok.encode(call.as_str(), false).unwrap();
         // <tool_call>, head, 4 coordinates, 3 separators, tail, </tool_call>.
         assert_eq!(ids.len(), 11, "{:?}", ids.get_tokens());

@@ -28,8 +28,10 @@ fn write_json(path: &Path, value: &serde_json::Value) -> TrainResult<()> {
 /// Writes an untrained TinyEyes checkpoint into `dir` (created if needed): `tokenizer.json`
 /// (trained on [`TinyEyesFormat::tokenizer_corpus`]), `config.json` and `model.safetensors`
 /// (random weights from `seed`), `preprocessor_config.json` (every image ≈112×112),
-/// `generation_config.json`, `tokenizer_config.json`, `templates.toml` and `agent.toml` (the
-/// prompts and agent-loop limits of [`TinyEyesFormat`], which bundles exported from it carry).
+/// `generation_config.json`, `tokenizer_config.json`, `templates.toml`, `agent.toml` and
+/// `tools.toml` (the prompts and agent-loop limits of [`TinyEyesFormat`] and the zoom frame of
+/// [`super::format::TOOLS_TOML`], which
+/// bundles exported from it carry).
 /// The same seed gives the same files.
 pub fn init_checkpoint(dir: &Path, seed: u64) -> TrainResult<Qwen25VlConfig> {
     std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
@@ -109,6 +111,10 @@ pub fn init_checkpoint(dir: &Path, seed: u64) -> TrainResult<Qwen25VlConfig> {
             deepeyes_core::agent::BUNDLE_AGENT_FILE,
             format.agent.to_toml_string(),
         ),
+        (
+            deepeyes_core::tool::BUNDLE_TOOLS_FILE,
+            super::format::TOOLS_TOML.to_string(),
+        ),
     ] {
         let path = dir.join(file);
         std::fs::write(&path, text).map_err(|source| TrainError::Io { path, source })?;
@@ -146,6 +152,19 @@ mod tests {
         // ... and the agent-loop limits.
         let agent = deepeyes_core::agent::BundleAgentDefaults::for_bundle(&a).unwrap();
         assert_eq!(agent, TinyEyesFormat::default().agent);
+        // ... and the frame its boxes are in.
+        let tools = deepeyes_tools::ToolsConfig::for_bundle(&a)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            tools.zoom_in.frame,
+            deepeyes_tools::CoordinateFrame::Resized
+        );
+        assert_eq!(tools.zoom_in.min_side, super::super::format::ZOOM_MIN_SIDE);
+        assert_eq!(
+            tools.zoom_in.max_aspect_ratio,
+            super::super::format::ZOOM_MAX_ASPECT
+        );
         assert_eq!(tok.token_id("<|image_pad|>"), Some(cfg.image_token_id));
         // The burn engine loads it back with the same architecture.
         let device = ComputeDevice::Flex.device(false).unwrap();

@@ -16,16 +16,16 @@ impl BaseStage {
             let mut ground = Vec::new();
             let mut perceive = Vec::new();
             let mut first = Vec::new();
-            for ci in 0..n {
-                ground.push(self.ground_sample(&self.eval[ci])?);
-                perceive.push(self.perceive_sample(ci, &mut rng, true)?);
-                let q = self.colour_question(&self.eval[ci], &mut rng);
-                first.push(self.start(&self.eval[ci], &q)?);
+            for c in self.eval.clone() {
+                ground.push(self.ground_sample(&c)?);
+                perceive.push(self.perceive_sample(Arc::clone(&c), &mut rng, true)?);
+                let q = self.colour_question(&c, &mut rng);
+                first.push(self.start(&c, &q)?);
             }
             let mut e = BaseEval::default();
             // One pass over the grounding samples reads two things: first the token after the
-            // global view's `<|vision_end|>` (finding: does it name the card's cell?), then the
-            // argmax of each coordinate given the true ones before it (grounding).
+            // global view's `<|vision_end|>` (finding: does it name the leftmost card's cell?),
+            // then the argmax of each coordinate given the true ones before it (grounding).
             let picks = argmax_at(&model, &ground, |s| {
                 let tokens = &s.sequence.tokens;
                 // The prediction read at token t is made at t - 1: the vision end is pad + 1.
@@ -40,8 +40,8 @@ impl BaseStage {
                 let Some((cell, coordinates)) = pick.split_first() else {
                     continue;
                 };
-                let cells = c.view.grid[1] * c.view.grid[2] / 4;
-                if *cell == self.cell_token(card_cell(c), cells) {
+                let width = c.view.grid[2] / 2;
+                if *cell == self.cell_token(c.card_cell(c.leftmost()), width) {
                     e.card_cell_acc += 1.0;
                 }
                 let values: Vec<Option<u32>> = coordinates
@@ -49,17 +49,12 @@ impl BaseStage {
                     .map(|&id| self.coordinate_value(id))
                     .collect();
                 if let [Some(x1), Some(y1), Some(x2), Some(y2)] = values[..] {
-                    e.ground_iou += deepeyes_core::image::iou(
-                        [x1, y1, x2, y2].map(f64::from),
-                        c.card.map(f64::from),
-                    );
-                    let centre = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
-                    if x1 <= centre.0 && centre.0 < x2 && y1 <= centre.1 && centre.1 < y2 {
-                        e.ground_hit += 1.0;
-                    }
+                    let (iou, hit) = box_against_cards(c, [x1, y1, x2, y2]);
+                    e.ground_iou += iou;
+                    e.ground_hit += f64::from(u8::from(hit));
                 }
             }
-            // Detection: the view token most sure it holds the card.
+            // Detection: the view token most sure it holds a card.
             let detected = card_scores(&model, &ground, self.card_token)?;
             for (ci, scores) in detected.iter().enumerate() {
                 let best = scores
@@ -67,7 +62,7 @@ impl BaseStage {
                     .enumerate()
                     .max_by(|a, b| a.1.total_cmp(b.1))
                     .map(|(k, _)| k);
-                if best == Some(card_cell(&self.eval[ci])) {
+                if best.is_some_and(|k| self.eval[ci].card_cells().contains(&k)) {
                     e.card_token_acc += 1.0;
                 }
             }
@@ -109,6 +104,21 @@ impl BaseStage {
             .position(|&(a, b)| a == id || b == id)
             .map(|k| k as u32 * COORDINATE_STEP)
     }
+}
+
+/// A box (in the `resized` frame) judged against canvas `c`'s white cards, in canvas pixels: its IoU
+/// with the nearest card, and whether it holds a card's centre.
+pub(super) fn box_against_cards(c: &Canvas, bbox: [u32; 4]) -> (f64, bool) {
+    let b = c.to_canvas(bbox);
+    let mut best = 0.0f64;
+    let mut hit = false;
+    for card in &c.cards {
+        let card = card.bbox.map(f64::from);
+        best = best.max(deepeyes_core::image::iou(b, card));
+        let (cx, cy) = ((card[0] + card[2]) / 2.0, (card[1] + card[3]) / 2.0);
+        hit |= b[0] <= cx && cx < b[2] && b[1] <= cy && cy < b[3];
+    }
+    (best, hit)
 }
 
 /// Runs `samples` through the model in chunks and hands `visit` each sample with its row of

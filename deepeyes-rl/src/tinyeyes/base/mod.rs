@@ -1,31 +1,44 @@
 //! The supervised base stage: what the paper's base model already knew, taught to TinyEyes from
 //! scratch on SynthV* canvases, and nothing more.
 //!
+//! Canvases come from TinyEyes' distribution ([`SynthVConfig::tinyeyes`]: any size and shape,
+//! 0–2 decoy cards), after a first phase of 1024 × 1024 single-card canvases
+//! (`square-steps`); every box is in the zoom tool's `resized` frame
+//! ([`super::format::TOOLS_TOML`]), pixels of the view the model sees.
+//!
 //! Every training sample is one conversation in [`TinyEyesFormat`], with the loss on some of the
 //! assistant's tokens only:
 //! - **grounding**: "Where is the small white card?" → `<answer>[x1, y1, x2, y2]</answer>`, the
-//!   card's box on the 16 px grid the zoom calls use;
-//! - **perception**: the colour question, a zoom call on a random box around the card, the crop
-//!   as the tool returns it, then `<answer>colour</answer>`, with the loss on the answer only (so
-//!   it teaches reading a crop, not when to zoom). The dot is repainted with a random answer
-//!   colour in every crop, and the label follows, so the model cannot memorise canvases;
+//!   leftmost card's box (one right answer whatever the number of cards), [`MIN_BOX_BINS`]
+//!   steps a side centred on it;
+//! - **perception**: the colour question, a zoom call on a random box around the dotted card
+//!   (on half the canvases with decoys, a decoy's crop before or after it), the crops as the
+//!   tool returns them, then `<answer>colour</answer>`, with the loss on the answer only (so it
+//!   teaches reading a crop, not when to zoom), weighted `perception-weight`. The dot is
+//!   repainted with a random answer colour in every crop, and the label follows, so the model
+//!   cannot memorise canvases;
 //! - **action format**: most often a direct `<answer>` with a uniformly guessed colour (the
-//!   global view cannot tell), sometimes a zoom call on a *noisy* card box (shifted up to one bin
-//!   per edge) followed by the answer the crop supports (the true colour when the crop shows the
-//!   dot, else a guess). The loss covers the call and the answer: the base learns the tool-call
-//!   format and uses it rarely and imprecisely. GRPO must teach when and where to zoom.
+//!   global view cannot tell), sometimes a zoom call on a *noisy* box of the leftmost card
+//!   (moved up to a step) and, on half the canvases with decoys whatever the first crop showed,
+//!   a second call on another card, followed by the answer the crops support. The loss covers
+//!   the calls and the answer: the base learns the format of a look and of a second look, and
+//!   uses them rarely and imprecisely. GRPO must teach when and where to look.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
-use burn::optim::AdamWConfig;
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use deepeyes_core::CropRect;
 use deepeyes_core::preprocess::Preprocessor;
 use deepeyes_core::protocol::Rendered;
 use deepeyes_core::{HfTokenizer, Image, Rng, TokenCodec};
 
-use super::format::{COORDINATE_STEP, TinyEyesFormat};
+use super::format::{
+    COORDINATE_STEP, MAX_COORDINATE, MIN_BOX_BINS, TinyEyesFormat, ZOOM_MAX_ASPECT, ZOOM_MIN_SIDE,
+};
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainState, prune_checkpoints};
 use crate::network::{Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, to_host};
 use crate::schedule::{ScheduleConfig, ScheduleKind, grad_clip_factor};
@@ -63,6 +76,12 @@ pub struct BaseStageConfig {
     pub eval_every: u64,
     /// Shares of grounding, perception and action-format samples.
     pub mix: [f64; 3],
+    /// Weight of a perception sample's supervised tokens in the token-mean loss (the colour
+    /// word is one token of hundreds a batch; at 1 perception stayed at chance).
+    pub perception_weight: f64,
+    /// Steps drawn from 1024 × 1024 single-card canvases (SynthV*'s defaults) before TinyEyes'
+    /// distribution: finding one card at one scale first.
+    pub square_steps: u64,
     /// Share of action-format samples that zoom (the rest answer directly).
     pub zoom_share: f64,
     /// Spread of the coordinate labels in bins (a Gaussian over neighbouring coordinates);
@@ -75,7 +94,7 @@ pub struct BaseStageConfig {
 impl Default for BaseStageConfig {
     fn default() -> Self {
         Self {
-            steps: 4000,
+            steps: 3400,
             batch_size: 32,
             lr: 1e-3,
             warmup_steps: 100,
@@ -83,7 +102,9 @@ impl Default for BaseStageConfig {
             pool_size: 2000,
             eval_items: 64,
             eval_every: 100,
-            mix: [0.4, 0.25, 0.35],
+            mix: [0.45, 0.30, 0.25],
+            perception_weight: 3.0,
+            square_steps: 1800,
             zoom_share: 0.25,
             soft_coordinates: 0.0,
             seed: 0,
@@ -117,6 +138,9 @@ impl BaseStageConfig {
         if !mix_ok {
             return bad("mix", "needs three non-negative shares, not all zero");
         }
+        if !(self.perception_weight.is_finite() && self.perception_weight > 0.0) {
+            return bad("perception-weight", "must be a positive number");
+        }
         if !(0.0..=1.0).contains(&self.zoom_share) {
             return bad("zoom-share", "must lie in [0, 1]");
         }
@@ -130,42 +154,31 @@ impl BaseStageConfig {
     }
 }
 
-/// One canvas, kept small: its global view (already preprocessed), and the pixels around the
-/// card that every crop is cut from.
-struct Canvas {
-    view: ImageInput,
-    /// The canvas pixels within [`REGION`] px of the card, and where they sit on the canvas.
-    region: Image,
-    region_origin: (u32, u32),
-    canvas: (u32, u32),
-    card: [u32; 4],
-    dot: [u32; 4],
-    colour: usize,
-    question_stem: String,
-}
+/// The widest perception crop, in coordinate steps (10 view px, about twice a card): a wider
+/// crop of a large canvas is shrunk to the view and blurs the dot's checkerboard.
+const MAX_PERCEPTION_BINS: u32 = 5;
 
-/// The widest perception crop, in bins (112 px: the crop reaches the model at full scale, so the
-/// dot's 2 px checkerboard stays sharp).
-const MAX_PERCEPTION_BINS: u32 = 7;
-
-/// How far around the card crops may reach (the widest crop plus a bin of slack).
-const REGION: u32 = (MAX_PERCEPTION_BINS + 1) * COORDINATE_STEP;
+/// The batch's gradient is computed in this many parts at once, each on its own fork of the
+/// model (burn's backward pass holds its graph's lock throughout, so one graph uses one core).
+const GRADIENT_PARTS: usize = 4;
 
 /// The teacher-forced quality of the base, on held-out canvases.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BaseEval {
-    /// Mean IoU of the grounding box (argmax coordinates) with the card.
+    /// Mean IoU of the grounding box (argmax coordinates, mapped to the canvas) with the
+    /// nearest white card.
     pub ground_iou: f64,
-    /// Share of grounding boxes that contain the dot's centre.
+    /// Share of grounding boxes that hold a white card's centre.
     pub ground_hit: f64,
-    /// Accuracy of the answer after a crop that contains the card.
+    /// Accuracy of the answer after a crop that contains the dotted card.
     pub perception_acc: f64,
     /// Mean probability of `<tool_call>` as the first token of a colour question.
     pub zoom_prob: f64,
-    /// Share of global views whose `<|vision_end|>` names the merged cell holding the card (the
-    /// auxiliary target): whether the model finds the card at all, before placing a box on it.
+    /// Share of global views whose `<|vision_end|>` names the merged cell holding the leftmost
+    /// card (the auxiliary target): whether the model finds the card it must ground, before
+    /// placing a box on it.
     pub card_cell_acc: f64,
-    /// Share of global views whose token most likely to say ` card` is the one over the card.
+    /// Share of global views whose token most likely to say ` card` is over a card.
     pub card_token_acc: f64,
 }
 
@@ -188,11 +201,17 @@ pub struct BaseStep {
 struct Sample {
     sequence: Sequence,
     supervised: Vec<bool>,
-    /// The merged cell of the global view that holds the card (raster order).
-    card_cell: Option<usize>,
-    /// For a crop that shows the dot: the crop's merged cell holding the dot centre, and the
-    /// dot's colour (an index into the SynthV* colours).
-    crop_dot: Option<(usize, usize)>,
+    /// The weight of each supervised token in the loss.
+    weight: f32,
+    /// The merged cells of the global view (raster order) that hold a card.
+    card_cells: Vec<usize>,
+    /// The merged cell of the card the grounding question is answered with.
+    ground_cell: Option<usize>,
+    /// Merged columns of the global view.
+    merged_width: usize,
+    /// For each crop that shows the dot: the image's index in the sequence, its merged cell
+    /// holding the dot's centre, and the dot's colour (an index into the SynthV* colours).
+    crop_dots: Vec<(usize, usize, usize)>,
 }
 
 /// The word the global-view token over the card predicts in the auxiliary objective.
@@ -210,8 +229,10 @@ pub struct BaseStage {
     preprocessor: Preprocessor,
     model: Option<Qwen25Vl>,
     optim: burn::optim::ModuleOptimizer,
-    train: Vec<Canvas>,
-    eval: Vec<Canvas>,
+    /// 1024 × 1024 single-card canvases of the first `square-steps` steps.
+    squares: Vec<Arc<Canvas>>,
+    train: Vec<Arc<Canvas>>,
+    eval: Vec<Arc<Canvas>>,
     step: u64,
     colour_tokens: Vec<u32>,
     /// ` card`: what the global-view token holding the card predicts (an auxiliary target).
@@ -249,18 +270,25 @@ impl BaseStage {
         let device = ComputeDevice::Flex.device(true)?;
         let model = Qwen25Vl::from_pretrained(dir, &device)?;
         let format = TinyEyesFormat::default();
-        let synthv = SynthVConfig::default();
+        let synthv = SynthVConfig::tinyeyes();
         let mut preprocessor = Preprocessor::new(format.preprocess)?;
         let started = Instant::now();
-        let make = |split: &str, n: usize, pre: &mut Preprocessor| {
+        let make = |synthv: &SynthVConfig, split: &str, n: usize, pre: &mut Preprocessor| {
             let seed = crate::synthv::split_seed(config.seed, split);
             (0..n as u64)
-                .map(|i| canvas(&synthv, seed, i, split, pre))
+                .map(|i| canvas(synthv, seed, i, split, pre).map(Arc::new))
                 .collect::<TrainResult<Vec<_>>>()
         };
-        let train = make("base-train", config.pool_size, &mut preprocessor)?;
-        let eval = make("base-eval", config.eval_items, &mut preprocessor)?;
+        let squares = if config.square_steps > 0 {
+            let square = SynthVConfig::default();
+            make(&square, "base-square", config.pool_size, &mut preprocessor)?
+        } else {
+            Vec::new()
+        };
+        let train = make(&synthv, "base-train", config.pool_size, &mut preprocessor)?;
+        let eval = make(&synthv, "base-eval", config.eval_items, &mut preprocessor)?;
         tracing::info!(
+            squares = squares.len(),
             train = train.len(),
             eval = eval.len(),
             seconds = started.elapsed().as_secs_f64(),
@@ -283,13 +311,13 @@ impl BaseStage {
             .iter()
             .map(|c| single(&c.name))
             .collect::<TrainResult<Vec<_>>>()?;
-        // Coordinates follow `[` (a left or top edge, no space: at most 2 bins from the far side) or `, `
-        // (with a space).
-        let last = 1024 / COORDINATE_STEP;
+        // Coordinates follow `[` (a left edge, no space: at least a box's width from the far
+        // side) or `, ` (with a space).
+        let last = MAX_COORDINATE / COORDINATE_STEP;
         let coordinate_tokens = (0..=last)
             .map(|k| {
                 let v = k * COORDINATE_STEP;
-                let bare = if k + 2 <= last {
+                let bare = if k + MIN_BOX_BINS <= last {
                     single(&v.to_string())?
                 } else {
                     u32::MAX
@@ -312,6 +340,7 @@ impl BaseStage {
             preprocessor,
             model: Some(model),
             optim,
+            squares,
             train,
             eval,
             step: 0,
@@ -338,22 +367,7 @@ impl BaseStage {
     /// One optimizer step on a fresh batch.
     pub fn train_step(&mut self) -> TrainResult<BaseStep> {
         let started = Instant::now();
-        let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[1, self.step]));
-        let mut samples = Vec::with_capacity(self.config.batch_size);
-        let total: f64 = self.config.mix.iter().sum();
-        let [g, p, _] = self.config.mix.map(|m| m / total);
-        for _ in 0..self.config.batch_size {
-            let ci = rng.below(self.train.len() as u64) as usize;
-            let r = rng.next_f64();
-            let sample = if r < g {
-                self.ground_sample(&self.train[ci])?
-            } else if r < g + p {
-                self.perceive_sample(ci, &mut rng, false)?
-            } else {
-                self.act_sample(ci, &mut rng)?
-            };
-            samples.push(sample);
-        }
+        let samples = self.draw_batch()?;
         let schedule = ScheduleConfig {
             kind: ScheduleKind::Cosine,
             warmup_steps: self.config.warmup_steps,
@@ -364,42 +378,14 @@ impl BaseStage {
             .model
             .take()
             .expect("the model is present between steps");
-        let seqs: Vec<Sequence> = samples.iter().map(|s| s.sequence.clone()).collect();
-        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
-        // The supervised tokens: `batch.targets` says which expanded position predicts each.
-        let mut picks = Vec::new();
-        let mut weights = Vec::new();
-        let cols = batch.score_len;
-        let mut supervised = 0usize;
-        for &(cell, position, token) in &batch.targets {
-            let (i, t) = (cell / cols, cell % cols);
-            if !samples[i].supervised.get(t).copied().unwrap_or(false) {
-                continue;
+        let gradients = self.gradients(&model, &samples);
+        let (loss, mut grads) = match gradients {
+            Ok(v) => v,
+            Err(e) => {
+                self.model = Some(model);
+                return Err(e);
             }
-            supervised += 1;
-            // A coordinate's target is spread over its neighbours (soft labels) when asked.
-            for (token, weight) in self.soft_targets(token) {
-                picks.push((position, token));
-                weights.push(weight);
-            }
-        }
-        let main = supervised.max(1) as f32;
-        weights.iter_mut().for_each(|w| *w /= main);
-        // Auxiliary objectives on the global view (base stage only; they read the image tokens'
-        // hidden states through the language-model head, at positions that never generate).
-        let aux = self.aux_picks(&batch, &samples, model.config.image_token_id);
-        let aux_weight = AUX_WEIGHT / aux.len().max(1) as f32;
-        weights.extend(std::iter::repeat_n(aux_weight, aux.len()));
-        picks.extend(aux);
-        let logp = model.score_positions(&batch, &picks)?;
-        let w = Tensor::<1>::from_data(
-            burn::tensor::TensorData::new(weights, [picks.len()]),
-            &model.device(),
-        );
-        let nll: Tensor<1> = (w * logp).sum().neg();
-        let loss = f64::from(to_host(nll.clone().detach())[0]);
-        let grads = nll.backward();
-        let mut grads = burn::optim::GradientsParams::from_grads(grads, &model);
+        };
         let grad_norm = grad_norm_and_scale(&model, &mut grads, None);
         let model = if grad_norm.is_finite() {
             let factor = grad_clip_factor(grad_norm, Some(self.config.grad_clip))?;
@@ -423,50 +409,161 @@ impl BaseStage {
         Ok(out)
     }
 
-    /// The auxiliary targets of a batch, as `(flat expanded position, token)`: the merged token
-    /// of the global view over the card predicts ` card`, every other one its own cell index `k`
-    /// (as the coordinate token of `64·k`), teaching the image tokens what and where they are;
-    /// the `<|vision_end|>` after the view predicts the index of the cell holding the card,
-    /// teaching the model to carry the card's place to the text.
+    /// The step's samples, drawn from its seed: square canvases in the first `square-steps`
+    /// steps, TinyEyes' distribution after.
+    fn draw_batch(&mut self) -> TrainResult<Vec<Sample>> {
+        let mut rng = Rng::new(Rng::derive_seed(self.config.seed, &[1, self.step]));
+        let total: f64 = self.config.mix.iter().sum();
+        let [g, p, _] = self.config.mix.map(|m| m / total);
+        let square = self.step < self.config.square_steps && !self.squares.is_empty();
+        let mut samples = Vec::with_capacity(self.config.batch_size);
+        for _ in 0..self.config.batch_size {
+            let pool = if square { &self.squares } else { &self.train };
+            let c = Arc::clone(&pool[rng.below(pool.len() as u64) as usize]);
+            let r = rng.next_f64();
+            samples.push(if r < g {
+                self.ground_sample(&c)?
+            } else if r < g + p {
+                self.perceive_sample(c, &mut rng, false)?
+            } else {
+                self.act_sample(c, &mut rng)?
+            });
+        }
+        Ok(samples)
+    }
+
+    /// The loss of `samples` (mean negative log-likelihood per supervised token, each weighted
+    /// by its sample's weight, plus the auxiliary objectives) and its gradients, computed in
+    /// [`GRADIENT_PARTS`] parts at once: each part's loss is its share of the whole batch's, so
+    /// the parts' gradients add up to the batch's.
+    fn gradients(
+        &self,
+        model: &Qwen25Vl,
+        samples: &[Sample],
+    ) -> TrainResult<(f64, GradientsParams)> {
+        let per_part = samples.len().div_ceil(GRADIENT_PARTS).max(1);
+        let mut parts = Vec::new();
+        for chunk in samples.chunks(per_part) {
+            parts.push(self.part_terms(model, chunk)?);
+        }
+        let main: f32 = parts.iter().map(|p| p.supervised).sum::<f32>().max(1.0);
+        let aux: usize = parts.iter().map(|p| p.aux).sum::<usize>().max(1);
+        let scale = |p: &mut PartTerms| {
+            for (w, is_aux) in p.weights.iter_mut().zip(&p.is_aux) {
+                *w /= if *is_aux {
+                    aux as f32 / AUX_WEIGHT
+                } else {
+                    main
+                };
+            }
+        };
+        parts.iter_mut().for_each(scale);
+        let device = model.device();
+        let results: Vec<TrainResult<(f64, GradientsParams)>> = std::thread::scope(|scope| {
+            let (first, rest) = parts.split_first().expect("a batch has a sample");
+            let others: Vec<_> = rest
+                .iter()
+                .map(|part| {
+                    let fork = model.clone().fork(&device);
+                    scope.spawn(move || part.backward(&fork))
+                })
+                .collect();
+            let mut out = vec![first.backward(model)];
+            out.extend(others.into_iter().map(|t| {
+                t.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            }));
+            out
+        });
+        let mut accumulator = GradientsAccumulator::<Qwen25Vl>::new();
+        let mut loss = 0.0;
+        for result in results {
+            let (part_loss, grads) = result?;
+            loss += part_loss;
+            accumulator.accumulate(model, grads);
+        }
+        Ok((loss, accumulator.grads()))
+    }
+
+    /// A part's batch and what its loss reads: the supervised tokens (a coordinate's target
+    /// spread over its neighbours with soft labels) and the auxiliary targets, with unscaled
+    /// weights.
+    fn part_terms(&self, model: &Qwen25Vl, samples: &[Sample]) -> TrainResult<PartTerms> {
+        let seqs: Vec<Sequence> = samples.iter().map(|s| s.sequence.clone()).collect();
+        let batch = Batch::new(&model.config, &seqs, PadLayout::OnePerImage)?;
+        let mut picks = Vec::new();
+        let mut weights = Vec::new();
+        let mut supervised = 0.0;
+        let cols = batch.score_len;
+        // `batch.targets` says which expanded position predicts each token.
+        for &(cell, position, token) in &batch.targets {
+            let (i, t) = (cell / cols, cell % cols);
+            if !samples[i].supervised.get(t).copied().unwrap_or(false) {
+                continue;
+            }
+            let weight = samples[i].weight;
+            supervised += weight;
+            for (token, share) in self.soft_targets(token) {
+                picks.push((position, token));
+                weights.push(weight * share);
+            }
+        }
+        let mut is_aux = vec![false; picks.len()];
+        // Auxiliary objectives (base stage only; they read the image tokens' hidden states
+        // through the language-model head, at positions that never generate).
+        let aux = self.aux_picks(&batch, samples, model.config.image_token_id);
+        is_aux.extend(std::iter::repeat_n(true, aux.len()));
+        weights.extend(std::iter::repeat_n(1.0, aux.len()));
+        let aux_count = aux.len();
+        picks.extend(aux);
+        Ok(PartTerms {
+            batch,
+            picks,
+            weights,
+            is_aux,
+            supervised,
+            aux: aux_count,
+        })
+    }
+
+    /// The auxiliary targets of a batch, as `(flat expanded position, token)`: the merged tokens
+    /// of the global view over a card predict ` card`, every other one its cell code (a local
+    /// detector and a sense of place for the image tokens); the `<|vision_end|>` after the view
+    /// predicts the code of the cell holding the leftmost card, carrying the place the grounding
+    /// answer needs to the text; in a crop that shows the dot, the token over it and the
+    /// `<|vision_end|>` after the crop name its colour.
     fn aux_picks(&self, batch: &Batch, samples: &[Sample], pad: u32) -> Vec<(usize, u32)> {
         let mut out = Vec::new();
         for (i, s) in samples.iter().enumerate() {
             let row = &batch.input_ids[i * batch.seq..(i + 1) * batch.seq];
-            let Some(start) = row.iter().position(|&id| id == pad) else {
+            let runs = pad_runs(row, pad);
+            let Some(&(start, run)) = runs.first() else {
                 continue;
             };
-            let run = row[start..].iter().take_while(|&&id| id == pad).count();
+            let at = |e: usize| i * batch.seq + e;
             for k in 0..run {
-                // The token over the card says so (a local detector: finding the card needs no
-                // routing then); the others name their cell.
-                let token = if s.card_cell == Some(k) {
+                let token = if s.card_cells.contains(&k) {
                     self.card_token
                 } else {
-                    self.cell_token(k, run)
+                    self.cell_token(k, s.merged_width)
                 };
-                out.push((i * batch.seq + start + k, token));
+                out.push((at(start + k), token));
             }
-            if let Some(cell) = s.card_cell {
-                let end = start + run;
-                if end < batch.seq {
-                    out.push((i * batch.seq + end, self.cell_token(cell, run)));
-                }
+            if let Some(cell) = s.ground_cell
+                && start + run < batch.seq
+            {
+                out.push((at(start + run), self.cell_token(cell, s.merged_width)));
             }
-            // The crop: the token over the dot, and the `<|vision_end|>` after the crop, name
-            // the dot's colour.
-            if let Some((cell, colour)) = s.crop_dot {
-                let after = start + run;
-                let Some(second) = row[after..].iter().position(|&id| id == pad) else {
+            for &(image, cell, colour) in &s.crop_dots {
+                let Some(&(start, run)) = runs.get(image) else {
                     continue;
                 };
-                let second = after + second;
-                let run = row[second..].iter().take_while(|&&id| id == pad).count();
                 let token = self.colour_tokens[colour];
                 if cell < run {
-                    out.push((i * batch.seq + second + cell, token));
+                    out.push((at(start + cell), token));
                 }
-                if second + run < batch.seq {
-                    out.push((i * batch.seq + second + run, token));
+                if start + run < batch.seq {
+                    out.push((at(start + run), token));
                 }
             }
         }
@@ -505,11 +602,14 @@ impl BaseStage {
         out
     }
 
-    /// The coordinate token naming cell `k` of `cells`: `64·k` on the 16-cell view.
-    fn cell_token(&self, k: usize, cells: usize) -> u32 {
+    /// The token naming merged cell `k` (raster order) of a view `merged_width` cells wide:
+    /// the coordinate token at index `column × 8 + row`, a code that grows with x as the
+    /// coordinates do, whatever the view's shape.
+    fn cell_token(&self, k: usize, merged_width: usize) -> u32 {
+        let width = merged_width.max(1);
+        let code = (k % width) * 8 + k / width;
         let last = self.coordinate_tokens.len() - 1;
-        let idx = (k * last / cells.max(1)).min(last);
-        self.coordinate_tokens[idx].1
+        self.coordinate_tokens[code.min(last)].1
     }
 
     /// Saves the run as checkpoint `root/step-NNNNNNNN` in the one checkpoint format
@@ -530,6 +630,7 @@ impl BaseStage {
             "generation_config.json",
             deepeyes_core::protocol::BUNDLE_TEMPLATES_FILE,
             deepeyes_core::agent::BUNDLE_AGENT_FILE,
+            deepeyes_core::tool::BUNDLE_TOOLS_FILE,
         ] {
             let from = source.join(file);
             if from.is_file() {
@@ -591,6 +692,51 @@ impl BaseStage {
     }
 }
 
+/// One part of a batch's loss ([`BaseStage::gradients`]).
+struct PartTerms {
+    batch: Batch,
+    /// `(flat expanded position, target token)`.
+    picks: Vec<(usize, u32)>,
+    /// Each pick's weight: unscaled when built, then divided by the batch's totals.
+    weights: Vec<f32>,
+    is_aux: Vec<bool>,
+    /// The summed weights of the part's supervised tokens.
+    supervised: f32,
+    /// The part's auxiliary targets.
+    aux: usize,
+}
+
+impl PartTerms {
+    /// The part's loss and its gradients on `model`.
+    fn backward(&self, model: &Qwen25Vl) -> TrainResult<(f64, GradientsParams)> {
+        let logp = model.score_positions(&self.batch, &self.picks)?;
+        let w = Tensor::<1>::from_data(
+            burn::tensor::TensorData::new(self.weights.clone(), [self.picks.len()]),
+            &model.device(),
+        );
+        let nll: Tensor<1> = (w * logp).sum().neg();
+        let loss = f64::from(to_host(nll.clone().detach())[0]);
+        let grads = GradientsParams::from_grads(nll.backward(), model);
+        Ok((loss, grads))
+    }
+}
+
+/// The runs of `pad` in a batch row, as `(start, length)`: one per image, in order.
+fn pad_runs(row: &[u32], pad: u32) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut e = 0;
+    while e < row.len() {
+        if row[e] == pad {
+            let run = row[e..].iter().take_while(|&&id| id == pad).count();
+            runs.push((e, run));
+            e += run;
+        } else {
+            e += 1;
+        }
+    }
+    runs
+}
+
 /// The AdamW state inside a base-stage checkpoint.
 pub const BASE_OPTIMIZER_FILE: &str = "optimizer.bpk";
 
@@ -606,13 +752,21 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 mod tests {
     use super::*;
 
-    fn canvases(n: u64) -> Vec<Canvas> {
-        let synthv = SynthVConfig::default();
+    fn canvases_of(synthv: &SynthVConfig, n: u64) -> Vec<Canvas> {
         let mut pre = Preprocessor::new(TinyEyesFormat::default().preprocess).unwrap();
         (0..n)
-            .map(|i| canvas(&synthv, 9, i, "test", &mut pre).unwrap())
+            .map(|i| canvas(synthv, 9, i, "test", &mut pre).unwrap())
             .collect()
     }
+
+    fn canvases(n: u64) -> Vec<Canvas> {
+        canvases_of(&SynthVConfig::tinyeyes(), n)
+    }
+
+    static TEST_CANVASES: std::sync::LazyLock<Vec<Canvas>> =
+        std::sync::LazyLock::new(|| canvases(40));
+
+    use crate::tinyeyes::format::TOOLS_TOML;
 
     #[test]
     fn bad_settings_are_named() {
@@ -661,13 +815,14 @@ mod tests {
     }
 
     #[test]
-    fn the_view_is_sixteen_cells_and_the_card_cell_holds_the_card() {
-        for c in canvases(6) {
+    fn a_square_view_is_sixteen_cells_and_the_card_cell_holds_the_card() {
+        for c in canvases_of(&SynthVConfig::default(), 6) {
             assert_eq!(c.view.grid, [1, 8, 8]);
-            let cell = card_cell(&c);
-            let (cx, cy) = ((c.card[0] + c.card[2]) / 2, (c.card[1] + c.card[3]) / 2);
+            assert_eq!(c.view_size, (112, 112));
+            let [x1, y1, x2, y2] = c.cards[0].bbox;
+            let (cx, cy) = ((x1 + x2) / 2, (y1 + y2) / 2);
             assert_eq!(
-                cell,
+                c.card_cell(0),
                 (cy / 256 * 4 + cx / 256) as usize,
                 "card at {cx},{cy}"
             );
@@ -676,14 +831,15 @@ mod tests {
 
     #[test]
     fn perception_crops_show_the_repainted_dot_in_its_cell() {
-        let synthv = SynthVConfig::default();
+        let synthv = SynthVConfig::tinyeyes();
         let mut rng = Rng::new(4);
-        for c in canvases(6) {
-            let grid = BaseStage::grid_box(&c);
+        for c in canvases(8) {
+            let rect = c.resolve(BaseStage::card_box(&c, 0)).unwrap();
+            assert!(c.shows_dot(rect), "{:?} on {:?}", rect, c.canvas);
             for colour in 0..synthv.colours.len() {
-                let crop = crop_image(&synthv, &c, grid, Some(colour), &mut rng).unwrap();
+                let crop = crop_image(&synthv, &c, 0, rect, Some(colour), &mut rng).unwrap();
                 let (a, b) = (synthv.colours[colour].rgb, synthv.colours[colour].partner());
-                // Both checkerboard colours appear (within the noise) and no other answer's.
+                // Both checkerboard colours appear (within the noise).
                 let near = |rgb: [u8; 3]| {
                     crop.as_raw()
                         .chunks_exact(3)
@@ -700,36 +856,128 @@ mod tests {
                     near(a),
                     near(b)
                 );
-                let cell = dot_cell(&c, grid, [1, 8, 8]).expect("the card box shows the dot");
-                assert!(cell < 16);
+                assert!(dot_cell(&c, rect, [1, 8, 8]) < 16);
             }
         }
     }
 
     #[test]
-    fn boxes_around_the_card_contain_it_on_the_grid() {
+    fn boxes_around_a_card_hold_it_and_the_tool_accepts_every_box_the_base_writes() {
         let mut rng = Rng::new(2);
-        for c in canvases(6) {
-            for _ in 0..20 {
-                let b = BaseStage::box_around(&c, &mut rng);
-                assert!(
-                    b[0] <= c.card[0] && c.card[2] <= b[2],
-                    "{b:?} vs {:?}",
-                    c.card
-                );
-                assert!(
-                    b[1] <= c.card[1] && c.card[3] <= b[3],
-                    "{b:?} vs {:?}",
-                    c.card
-                );
-                assert!(b.iter().all(|v| v % COORDINATE_STEP == 0));
-                let bins = (
-                    (b[2] - b[0]) / COORDINATE_STEP,
-                    (b[3] - b[1]) / COORDINATE_STEP,
-                );
-                assert!((2..=MAX_PERCEPTION_BINS).contains(&bins.0), "{bins:?}");
-                assert!((2..=MAX_PERCEPTION_BINS).contains(&bins.1), "{bins:?}");
+        for c in canvases(12) {
+            for k in 0..c.cards.len() {
+                for _ in 0..20 {
+                    let b = BaseStage::box_around(&c, k, &mut rng);
+                    let rect = c.resolve(b).unwrap();
+                    let card = c.cards[k].bbox;
+                    assert!(
+                        rect.x <= card[0] && card[2] <= rect.x + rect.width,
+                        "{b:?} → {rect:?} vs {card:?} on {:?}",
+                        c.canvas
+                    );
+                    assert!(
+                        rect.y <= card[1] && card[3] <= rect.y + rect.height,
+                        "{b:?} → {rect:?} vs {card:?} on {:?}",
+                        c.canvas
+                    );
+                    assert!(b.iter().all(|v| v % COORDINATE_STEP == 0));
+                    assert!(b[2] <= c.view_size.0 && b[3] <= c.view_size.1, "{b:?}");
+                    // The action format's imprecise boxes are accepted too.
+                    c.resolve(BaseStage::noisy_card_box(&c, k, &mut rng))
+                        .unwrap();
+                    let bins = (
+                        (b[2] - b[0]) / COORDINATE_STEP,
+                        (b[3] - b[1]) / COORDINATE_STEP,
+                    );
+                    assert!(
+                        bins.0 <= MAX_PERCEPTION_BINS && bins.1 <= MAX_PERCEPTION_BINS,
+                        "{bins:?}"
+                    );
+                }
             }
+        }
+    }
+
+    #[test]
+    fn grounding_boxes_are_one_width_and_hold_the_leftmost_card() {
+        for c in canvases(24) {
+            let k = c.leftmost();
+            assert!(
+                c.cards
+                    .iter()
+                    .all(|d| d.bbox[0] + d.bbox[2] >= c.cards[k].bbox[0] + c.cards[k].bbox[2])
+            );
+            let b = BaseStage::card_box(&c, k);
+            assert_eq!(b[2] - b[0], MIN_BOX_BINS * COORDINATE_STEP, "{b:?}");
+            assert_eq!(b[3] - b[1], MIN_BOX_BINS * COORDINATE_STEP, "{b:?}");
+            let (iou, hit) = evaluate::box_against_cards(&c, b);
+            assert!(hit && iou > 0.15, "{b:?} on {:?}: IoU {iou}", c.canvas);
+            c.resolve(b).unwrap();
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// The base resolves a box to the crop the zoom tool cuts, rejections included.
+        #[test]
+        fn boxes_resolve_as_the_zoom_tool_resolves_them(
+            i in 0u64..40,
+            x in 0u32..72,
+            y in 0u32..72,
+            bw in 1u32..30,
+            bh in 1u32..30,
+        ) {
+            let c = &TEST_CANVASES[i as usize];
+            let bbox = [x, y, x + bw, y + bh].map(|v| v * COORDINATE_STEP);
+            let tools: deepeyes_tools::ToolsConfig = toml::from_str(TOOLS_TOML).unwrap();
+            let tool = deepeyes_tools::geometry::resolve_bbox(
+                bbox.map(f64::from),
+                tools.zoom_in.frame,
+                c.canvas.0,
+                c.canvas.1,
+                &TinyEyesFormat::default().preprocess,
+                &deepeyes_tools::ZoomLimits {
+                    min_side: tools.zoom_in.min_side,
+                    max_aspect_ratio: tools.zoom_in.max_aspect_ratio,
+                },
+            );
+            match (c.resolve(bbox), tool) {
+                (Ok(ours), Ok(tool)) => proptest::prop_assert_eq!(ours, tool.rect),
+                (Err(_), Err(_)) => {}
+                (ours, tool) => proptest::prop_assert!(false, "{bbox:?} on {:?}: {ours:?} vs {tool:?}", c.canvas),
+            }
+        }
+
+        /// The base's box width is accepted by the zoom tool on every canvas of TinyEyes'
+        /// distribution: both sides of [`MIN_BOX_BINS`] steps, mapped to the canvas, exceed the
+        /// tool's minimum, anywhere in the view.
+        #[test]
+        fn the_base_box_width_is_accepted_on_every_canvas(
+            w in 512u32..=2048,
+            h in 512u32..=2048,
+            at in 0.0f64..1.0,
+        ) {
+            proptest::prop_assume!(f64::from(w.max(h)) <= 2.0 * f64::from(w.min(h)));
+            let pre = TinyEyesFormat::default().preprocess;
+            let (rh, rw) = pre.smart_resize(h, w).unwrap();
+            proptest::prop_assert!(rw <= MAX_COORDINATE && rh <= MAX_COORDINATE);
+            let side = MIN_BOX_BINS * COORDINATE_STEP;
+            let place = |extent: u32| {
+                let steps = (extent - side) / COORDINATE_STEP;
+                (f64::from(steps) * at) as u32 * COORDINATE_STEP
+            };
+            let (x, y) = (place(rw), place(rh));
+            let bbox = [x, y, x + side, y + side].map(f64::from);
+            let resolved = deepeyes_tools::geometry::resolve_bbox(
+                bbox,
+                deepeyes_tools::CoordinateFrame::Resized,
+                w,
+                h,
+                &pre,
+                &deepeyes_tools::ZoomLimits::default(),
+            );
+            proptest::prop_assert!(resolved.is_ok(), "{w}×{h} ({rw}×{rh}): {:?}", resolved);
         }
     }
 }

@@ -1,7 +1,141 @@
-//! The base stage's samples: canvases, and the grounding, perception and action-format
-//! conversations built on them.
+//! The base stage's samples: canvases, the boxes TinyEyes writes on them, and the grounding,
+//! perception and action-format conversations built on them.
 
 use super::*;
+
+/// One white card of a canvas and the pixels around it that every crop of it is cut from.
+pub(super) struct Card {
+    /// The card's box in canvas pixels.
+    pub(super) bbox: [u32; 4],
+    /// The canvas pixels within a crop's reach of the card, and where they sit on the canvas.
+    region: Image,
+    origin: (u32, u32),
+}
+
+/// One canvas, kept small: its global view (already preprocessed) and its cards' surroundings.
+pub(super) struct Canvas {
+    pub(super) view: ImageInput,
+    /// The view's size in pixels `(width, height)`: the extent of the boxes' frame on this
+    /// canvas.
+    pub(super) view_size: (u32, u32),
+    pub(super) canvas: (u32, u32),
+    /// Every white card: the one with the coloured dot first, then the decoys.
+    pub(super) cards: Vec<Card>,
+    pub(super) dot: [u32; 4],
+    pub(super) colour: usize,
+    pub(super) question_stem: String,
+}
+
+impl Canvas {
+    /// The card the grounding question is answered with: the leftmost (one right answer per
+    /// canvas, whatever the number of cards).
+    pub(super) fn leftmost(&self) -> usize {
+        (0..self.cards.len())
+            .min_by_key(|&k| self.cards[k].bbox[0] + self.cards[k].bbox[2])
+            .expect("a canvas has a card")
+    }
+
+    /// Canvas pixels per view pixel along x and y.
+    fn scale(&self) -> (f64, f64) {
+        (
+            f64::from(self.canvas.0) / f64::from(self.view_size.0),
+            f64::from(self.canvas.1) / f64::from(self.view_size.1),
+        )
+    }
+
+    /// The fewest coordinate steps a box side needs on each axis to pass the zoom tool's
+    /// minimum side on this canvas.
+    pub(super) fn min_bins(&self) -> (u32, u32) {
+        let (sx, sy) = self.scale();
+        let need = |s: f64| {
+            let mut bins = 1;
+            while f64::from(bins * COORDINATE_STEP) * s <= ZOOM_MIN_SIDE {
+                bins += 1;
+            }
+            bins
+        };
+        (need(sx), need(sy))
+    }
+
+    /// The merged view cell (raster order) holding canvas point `(x, y)`.
+    pub(super) fn cell_at(&self, x: f64, y: f64) -> usize {
+        let [_, gh, gw] = self.view.grid;
+        let (mh, mw) = (gh / 2, gw / 2);
+        let col = ((x / f64::from(self.canvas.0) * mw as f64) as usize).min(mw - 1);
+        let row = ((y / f64::from(self.canvas.1) * mh as f64) as usize).min(mh - 1);
+        row * mw + col
+    }
+
+    /// The merged view cell holding card `k`'s centre.
+    pub(super) fn card_cell(&self, k: usize) -> usize {
+        let [x1, y1, x2, y2] = self.cards[k].bbox.map(f64::from);
+        self.cell_at((x1 + x2) / 2.0, (y1 + y2) / 2.0)
+    }
+
+    /// The cells of the view over a card.
+    pub(super) fn card_cells(&self) -> Vec<usize> {
+        (0..self.cards.len()).map(|k| self.card_cell(k)).collect()
+    }
+
+    /// A box in the `resized` frame mapped to canvas pixels (unclamped), by the resize's exact
+    /// per-axis factors.
+    pub(super) fn to_canvas(&self, bbox: [u32; 4]) -> [f64; 4] {
+        let (sx, sy) = self.scale();
+        let [x1, y1, x2, y2] = bbox.map(f64::from);
+        [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
+    }
+
+    /// The canvas rectangle the zoom tool crops for `bbox` (in the `resized` frame), or its
+    /// refusal: the box mapped to the canvas, clamped to it, both sides longer than
+    /// [`ZOOM_MIN_SIDE`] and the aspect ratio at most [`ZOOM_MAX_ASPECT`], edges rounded half to even (a unit test holds this to the tool's own
+    /// resolution, rejections included; the RL crate takes tools through core's traits only).
+    pub(super) fn resolve(&self, bbox: [u32; 4]) -> TrainResult<CropRect> {
+        let (w, h) = (f64::from(self.canvas.0), f64::from(self.canvas.1));
+        let [x1, y1, x2, y2] = self.to_canvas(bbox);
+        let [x1, y1, x2, y2] = [x1.max(0.0), y1.max(0.0), x2.min(w), y2.min(h)];
+        let (long, short) = ((x2 - x1).max(y2 - y1), (x2 - x1).min(y2 - y1));
+        if !(short > ZOOM_MIN_SIDE && long / short <= ZOOM_MAX_ASPECT) {
+            return Err(data_err(
+                Path::new("base-stage box"),
+                format!(
+                    "{bbox:?} on a {:?} canvas is {:.1}×{:.1} px: the zoom tool refuses it",
+                    self.canvas,
+                    x2 - x1,
+                    y2 - y1
+                ),
+            ));
+        }
+        let round = |v: f64| deepeyes_core::preprocess::round_half_even(v) as u32;
+        Ok(
+            CropRect::from_edges(round(x1), round(y1), round(x2), round(y2))
+                .expect("a box longer than the minimum side"),
+        )
+    }
+
+    /// Whether the canvas rectangle `rect` holds the dot's centre.
+    pub(super) fn shows_dot(&self, rect: CropRect) -> bool {
+        let (cx, cy) = (
+            (self.dot[0] + self.dot[2]) / 2,
+            (self.dot[1] + self.dot[3]) / 2,
+        );
+        rect.x <= cx && cx < rect.x + rect.width && rect.y <= cy && cy < rect.y + rect.height
+    }
+}
+
+/// The coordinate-step span `[first, last)` of the view that covers canvas span `lo..hi` scaled
+/// by `s` canvas px per view px.
+fn span_bins(lo: u32, hi: u32, s: f64) -> (u32, u32) {
+    let step = f64::from(COORDINATE_STEP);
+    let first = (f64::from(lo) / s / step).floor() as u32;
+    let last = (f64::from(hi) / s / step).ceil() as u32;
+    (first, last.max(first + 1))
+}
+
+/// The side of the boxes the base writes around a card spanning `first..last` steps: at least
+/// [`MIN_BOX_BINS`], and the card's span if that is wider.
+pub(super) fn box_bins(first: u32, last: u32) -> u32 {
+    (last - first).max(MIN_BOX_BINS)
+}
 
 impl BaseStage {
     /// Appends `text` to `sample`, supervised or not, encoded as the agent encodes its context
@@ -41,8 +175,11 @@ impl BaseStage {
                 images: vec![c.view.clone()],
             },
             supervised: Vec::new(),
-            card_cell: Some(card_cell(c)),
-            crop_dot: None,
+            weight: 1.0,
+            card_cells: c.card_cells(),
+            ground_cell: Some(c.card_cell(c.leftmost())),
+            merged_width: c.view.grid[2] / 2,
+            crop_dots: Vec::new(),
         };
         self.push(&mut s, &self.format.prompt(question), false)?;
         Ok(s)
@@ -67,42 +204,59 @@ impl BaseStage {
         self.push_written(s, deepeyes_core::protocol::IM_END, true)
     }
 
-    /// A random box on the grid that contains the card, up to 7 bins a side (larger crops shrink
-    /// the dot's fine checkerboard until its colour averages away).
-    pub(super) fn box_around(c: &Canvas, rng: &mut Rng) -> [u32; 4] {
-        let step = COORDINATE_STEP;
-        let bins = |extent: u32| extent / step;
-        let axis = |lo: u32, hi: u32, extent: u32, rng: &mut Rng| {
-            let (first, last) = (lo / step, hi.div_ceil(step));
-            let need = (last - first).max(2);
-            let side =
-                need + rng.below(u64::from(MAX_PERCEPTION_BINS.saturating_sub(need) + 1)) as u32;
-            let max_start = bins(extent).saturating_sub(side);
-            let lo_start = last.saturating_sub(side);
-            let start = (lo_start + rng.below(u64::from(first - lo_start.min(first)) + 1) as u32)
-                .min(max_start);
-            (start * step, ((start + side) * step).min(extent))
+    /// A random box (in the `resized` frame) holding card `k`, each side from the fewest steps the tool
+    /// accepts on this canvas up to [`MAX_PERCEPTION_BINS`] (wider crops of a large canvas are
+    /// shrunk to the view and blur the dot's checkerboard).
+    pub(super) fn box_around(c: &Canvas, k: usize, rng: &mut Rng) -> [u32; 4] {
+        let (sx, sy) = c.scale();
+        let (min_x, min_y) = c.min_bins();
+        let card = c.cards[k].bbox;
+        let axis = |lo: u32, hi: u32, s: f64, min: u32, extent: u32, rng: &mut Rng| {
+            let (first, last) = span_bins(lo, hi, s);
+            let need = (last - first).max(min);
+            let widest = MAX_PERCEPTION_BINS.max(need);
+            let side = need + rng.below(u64::from(widest - need + 1)) as u32;
+            let bins = extent / COORDINATE_STEP;
+            let lowest = last.saturating_sub(side);
+            let start = (lowest + rng.below(u64::from(first.max(lowest) - lowest + 1)) as u32)
+                .min(bins.saturating_sub(side));
+            (start * COORDINATE_STEP, (start + side) * COORDINATE_STEP)
         };
-        let (x1, x2) = axis(c.card[0], c.card[2], c.canvas.0, rng);
-        let (y1, y2) = axis(c.card[1], c.card[3], c.canvas.1, rng);
+        let (x1, x2) = axis(card[0], card[2], sx, min_x, c.view_size.0, rng);
+        let (y1, y2) = axis(card[1], card[3], sy, min_y, c.view_size.1, rng);
         [x1, y1, x2, y2]
     }
 
-    /// The card's box on the grid (edges rounded to the nearest bin, at least 2 bins a side).
-    pub(super) fn grid_box(c: &Canvas) -> [u32; 4] {
-        let step = COORDINATE_STEP;
-        let round = |v: u32| ((v + step / 2) / step) * step;
-        let [x1, y1, x2, y2] = c.card.map(round);
-        let widen = |lo: u32, hi: u32, extent: u32| {
-            if hi >= lo + 2 * step {
-                (lo, hi)
-            } else {
-                let hi = (lo + 2 * step).min(extent);
-                (hi - 2 * step, hi)
-            }
+    /// The box the base writes for card `k`: [`box_bins`] steps a side, centred on the card,
+    /// inside the view.
+    pub(super) fn card_box(c: &Canvas, k: usize) -> [u32; 4] {
+        let (sx, sy) = c.scale();
+        let card = c.cards[k].bbox;
+        let axis = |lo: u32, hi: u32, s: f64, extent: u32| {
+            let (first, last) = span_bins(lo, hi, s);
+            let side = box_bins(first, last);
+            let centre = f64::from(lo + hi) / 2.0 / s / f64::from(COORDINATE_STEP);
+            let start = (centre - f64::from(side) / 2.0).round().max(0.0) as u32;
+            let start = start.min((extent / COORDINATE_STEP).saturating_sub(side));
+            (start * COORDINATE_STEP, (start + side) * COORDINATE_STEP)
         };
-        let (x1, x2) = widen(x1, x2, c.canvas.0);
-        let (y1, y2) = widen(y1, y2, c.canvas.1);
+        let (x1, x2) = axis(card[0], card[2], sx, c.view_size.0);
+        let (y1, y2) = axis(card[1], card[3], sy, c.view_size.1);
+        [x1, y1, x2, y2]
+    }
+
+    /// [`BaseStage::card_box`] moved by up to a step along each axis (inside the view): the
+    /// imprecise boxes of the action format.
+    pub(super) fn noisy_card_box(c: &Canvas, k: usize, rng: &mut Rng) -> [u32; 4] {
+        let [x1, y1, x2, y2] = Self::card_box(c, k);
+        let mut shift = |lo: u32, hi: u32, extent: u32| {
+            let side = hi - lo;
+            let d = rng.range_inclusive(-1, 1) * i64::from(COORDINATE_STEP);
+            let start = (i64::from(lo) + d).clamp(0, i64::from(extent - side)) as u32;
+            (start, start + side)
+        };
+        let (x1, x2) = shift(x1, x2, c.view_size.0);
+        let (y1, y2) = shift(y1, y2, c.view_size.1);
         [x1, y1, x2, y2]
     }
 
@@ -113,176 +267,161 @@ impl BaseStage {
 
     pub(super) fn ground_sample(&self, c: &Canvas) -> TrainResult<Sample> {
         let mut s = self.start(c, GROUND_QUESTION)?;
-        let target = TinyEyesFormat::answer(&Self::box_text(Self::grid_box(c)));
-        self.push_written(&mut s, &target, true)?;
+        let target = Self::box_text(Self::card_box(c, c.leftmost()));
+        self.push_written(&mut s, &TinyEyesFormat::answer(&target), true)?;
         self.push_written(&mut s, deepeyes_core::protocol::IM_END, true)?;
         Ok(s)
     }
 
+    /// Appends a zoom call on `bbox` of card `k` (supervised or not) and the crop the tool
+    /// returns, the dot repainted in `repaint` when given.
+    fn look(
+        &mut self,
+        s: &mut Sample,
+        c: &Canvas,
+        (k, bbox): (usize, [u32; 4]),
+        supervised: bool,
+        repaint: Option<usize>,
+        rng: &mut Rng,
+    ) -> TrainResult<bool> {
+        let rect = c.resolve(bbox)?;
+        let crop = crop_image(&self.synthv, c, k, rect, repaint, rng)?;
+        let crop = ImageInput::from(self.preprocessor.preprocess(&crop)?);
+        self.push_written(s, &TinyEyesFormat::zoom_call(bbox), supervised)?;
+        self.push(s, &self.format.crop_returned(), false)?;
+        let shows = c.shows_dot(rect);
+        if shows && k == 0 {
+            let cell = dot_cell(c, rect, crop.grid);
+            let colour = repaint.unwrap_or(c.colour);
+            s.crop_dots.push((s.sequence.images.len(), cell, colour));
+        }
+        s.sequence.images.push(crop);
+        Ok(shows && k == 0)
+    }
+
+    /// The colour question, a zoom on a box around the dotted card (and, on half the canvases
+    /// with decoys, one around a decoy before or after it), the crops, then the answer: the
+    /// loss is on the answer only. Training crops get a random dot colour and that label;
+    /// held-out ones keep theirs.
     pub(super) fn perceive_sample(
         &mut self,
-        ci: usize,
+        c: Arc<Canvas>,
         rng: &mut Rng,
         held_out: bool,
     ) -> TrainResult<Sample> {
-        let pool = if held_out { &self.eval } else { &self.train };
-        let c = &pool[ci];
-        let question = self.colour_question(c, rng);
-        let bbox = Self::box_around(c, rng);
-        // Training crops get a random dot colour (and that label); held-out ones keep theirs.
+        let question = self.colour_question(&c, rng);
         let colour = if held_out {
             c.colour
         } else {
             rng.below(self.synthv.colours.len() as u64) as usize
         };
-        let crop = crop_view(
-            &mut self.preprocessor,
-            &self.synthv,
-            c,
-            bbox,
-            (!held_out).then_some(colour),
-            rng,
-        )?;
-        let c = if held_out {
-            &self.eval[ci]
-        } else {
-            &self.train[ci]
-        };
-        let mut s = self.start(c, &question)?;
-        self.push_written(&mut s, &TinyEyesFormat::zoom_call(bbox), false)?;
-        self.push(&mut s, &self.format.crop_returned(), false)?;
-        s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, colour));
-        s.sequence.images.push(crop);
+        let decoy = (!held_out && c.cards.len() > 1 && rng.next_f64() < 0.5)
+            .then(|| 1 + rng.below(c.cards.len() as u64 - 1) as usize);
+        let decoy_first = rng.next_f64() < 0.5;
+        let mut s = self.start(&c, &question)?;
+        s.weight = self.config.perception_weight as f32;
+        let mut looks = vec![0];
+        if let Some(d) = decoy {
+            looks.insert(usize::from(!decoy_first), d);
+        }
+        for k in looks {
+            let bbox = Self::box_around(&c, k, rng);
+            let repaint = (!held_out && k == 0).then_some(colour);
+            self.look(&mut s, &c, (k, bbox), false, repaint, rng)?;
+        }
         self.finish(&mut s, colour)?;
         Ok(s)
     }
 
-    pub(super) fn act_sample(&mut self, ci: usize, rng: &mut Rng) -> TrainResult<Sample> {
-        let question = self.colour_question(&self.train[ci], rng);
+    /// The action format: mostly a direct answer with a guessed colour; with `zoom-share`, a
+    /// call on a noisy box of the leftmost card and, on half the canvases with decoys whatever
+    /// the first crop showed, a second call on another card; then the answer the crops support
+    /// (the dot's colour if one showed it, else a guess). The loss covers calls and answer:
+    /// the format of one look and of a second, not when either pays.
+    pub(super) fn act_sample(&mut self, c: Arc<Canvas>, rng: &mut Rng) -> TrainResult<Sample> {
+        let question = self.colour_question(&c, rng);
         let guess = rng.below(self.synthv.colours.len() as u64) as usize;
+        let mut s = self.start(&c, &question)?;
         if rng.next_f64() >= self.config.zoom_share {
-            let mut s = self.start(&self.train[ci], &question)?;
             self.finish(&mut s, guess)?;
             return Ok(s);
         }
-        let c = &self.train[ci];
-        let shift = |v: u32, rng: &mut Rng| {
-            let d = rng.range_inclusive(-1, 1) * i64::from(COORDINATE_STEP);
-            (i64::from(v) + d).max(0) as u32
-        };
-        let mut bbox = Self::grid_box(c).map(|v| shift(v, rng));
-        bbox = clamp_box(bbox, c.canvas);
-        if bbox[2] < bbox[0] + 2 * COORDINATE_STEP {
-            bbox[2] = bbox[0] + 2 * COORDINATE_STEP;
+        let first = c.leftmost();
+        let mut looks = vec![first];
+        if c.cards.len() > 1 && rng.next_f64() < 0.5 {
+            let other = rng.below(c.cards.len() as u64 - 1) as usize;
+            looks.push(if other >= first { other + 1 } else { other });
         }
-        if bbox[3] < bbox[1] + 2 * COORDINATE_STEP {
-            bbox[3] = bbox[1] + 2 * COORDINATE_STEP;
+        let mut seen = false;
+        for k in looks {
+            let bbox = Self::noisy_card_box(&c, k, rng);
+            seen |= self.look(&mut s, &c, (k, bbox), true, None, rng)?;
         }
-        let centre = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
-        let shows_dot =
-            bbox[0] <= centre.0 && centre.0 < bbox[2] && bbox[1] <= centre.1 && centre.1 < bbox[3];
-        let colour = if shows_dot { c.colour } else { guess };
-        let crop = crop_view(&mut self.preprocessor, &self.synthv, c, bbox, None, rng)?;
-        let mut s = self.start(&self.train[ci], &question)?;
-        self.push_written(&mut s, &TinyEyesFormat::zoom_call(bbox), true)?;
-        self.push(&mut s, &self.format.crop_returned(), false)?;
-        s.crop_dot = dot_cell(c, bbox, crop.grid).map(|cell| (cell, c.colour));
-        s.sequence.images.push(crop);
-        self.finish(&mut s, colour)?;
+        self.finish(&mut s, if seen { c.colour } else { guess })?;
         Ok(s)
     }
 }
 
-/// The crop of `bbox` as the zoom tool returns it, preprocessed, with the dot repainted in
+/// The pixels of the zoom tool's crop `rect` of card `k`'s surroundings, the dot repainted in
 /// `colour` (an index into `synthv.colours`) when given.
-pub(super) fn crop_view(
-    pre: &mut Preprocessor,
-    synthv: &SynthVConfig,
-    c: &Canvas,
-    bbox: [u32; 4],
-    colour: Option<usize>,
-    rng: &mut Rng,
-) -> TrainResult<ImageInput> {
-    let crop = crop_image(synthv, c, bbox, colour, rng)?;
-    Ok(ImageInput::from(pre.preprocess(&crop)?))
-}
-
-/// The pixels of [`crop_view`], before preprocessing.
 pub(super) fn crop_image(
     synthv: &SynthVConfig,
     c: &Canvas,
-    bbox: [u32; 4],
+    k: usize,
+    rect: CropRect,
     colour: Option<usize>,
     rng: &mut Rng,
 ) -> TrainResult<Image> {
-    let [x1, y1, x2, y2] = clamp_box(bbox, c.canvas);
-    let (ox, oy) = c.region_origin;
-    // Boxes are drawn around the card, inside the region; clamp for safety.
-    let rx1 = x1.saturating_sub(ox).min(c.region.width() - 1);
-    let ry1 = y1.saturating_sub(oy).min(c.region.height() - 1);
-    let rx2 = x2.saturating_sub(ox).clamp(rx1 + 1, c.region.width());
-    let ry2 = y2.saturating_sub(oy).clamp(ry1 + 1, c.region.height());
-    let rect = CropRect::from_edges(rx1, ry1, rx2, ry2).expect("a non-empty box");
-    let mut crop = c.region.crop(rect)?;
-    if let Some(colour) = colour {
-        let colour = &synthv.colours[colour];
-        let (a, b) = (colour.rgb, colour.partner());
-        let noise = i64::from(synthv.noise);
-        let (w, h) = (crop.width(), crop.height());
-        let mut px = crop.as_raw().to_vec();
-        for y in c.dot[1]..c.dot[3] {
-            for x in c.dot[0]..c.dot[2] {
-                let (Some(cx), Some(cy)) = (x.checked_sub(ox + rx1), y.checked_sub(oy + ry1))
-                else {
-                    continue;
-                };
-                if cx >= w || cy >= h {
-                    continue;
-                }
-                let on =
-                    ((x - c.dot[0]) / synthv.cell + (y - c.dot[1]) / synthv.cell).is_multiple_of(2);
-                let rgb = if on { a } else { b };
-                let i = ((cy * w + cx) * 3) as usize;
-                for k in 0..3 {
-                    px[i + k] = (i64::from(rgb[k]) + rng.range_inclusive(-noise, noise))
-                        .clamp(0, 255) as u8;
-                }
+    let card = &c.cards[k];
+    let (ox, oy) = card.origin;
+    let (rw, rh) = (card.region.width(), card.region.height());
+    // Crops are of boxes around the card, inside its region; clamp for safety.
+    let rx1 = rect.x.saturating_sub(ox).min(rw - 1);
+    let ry1 = rect.y.saturating_sub(oy).min(rh - 1);
+    let rx2 = (rect.x + rect.width).saturating_sub(ox).clamp(rx1 + 1, rw);
+    let ry2 = (rect.y + rect.height).saturating_sub(oy).clamp(ry1 + 1, rh);
+    let local = CropRect::from_edges(rx1, ry1, rx2, ry2).expect("a non-empty box");
+    let crop = card.region.crop(local)?;
+    let Some(colour) = colour else {
+        return Ok(crop);
+    };
+    let colour = &synthv.colours[colour];
+    let (a, b) = (colour.rgb, colour.partner());
+    let noise = i64::from(synthv.noise);
+    let (w, h) = (crop.width(), crop.height());
+    // The checkerboard the generator draws: cells in canvas coordinates.
+    let cell = synthv.checker_cell(c.canvas.0, c.canvas.1);
+    let mut px = crop.as_raw().to_vec();
+    for y in c.dot[1]..c.dot[3] {
+        for x in c.dot[0]..c.dot[2] {
+            let (Some(cx), Some(cy)) = (x.checked_sub(ox + rx1), y.checked_sub(oy + ry1)) else {
+                continue;
+            };
+            if cx >= w || cy >= h {
+                continue;
+            }
+            let on = (x / cell + y / cell).is_multiple_of(2);
+            let rgb = if on { a } else { b };
+            let i = ((cy * w + cx) * 3) as usize;
+            for k in 0..3 {
+                px[i + k] =
+                    (i64::from(rgb[k]) + rng.range_inclusive(-noise, noise)).clamp(0, 255) as u8;
             }
         }
-        crop = Image::from_raw(w, h, px)?;
     }
-    Ok(crop)
+    Ok(Image::from_raw(w, h, px)?)
 }
 
-/// The merged cell (raster order) of the crop of `bbox`, preprocessed to `grid`, that holds the
-/// dot's centre; `None` when the crop does not show it.
-pub(super) fn dot_cell(c: &Canvas, bbox: [u32; 4], grid: [usize; 3]) -> Option<usize> {
-    let [x1, y1, x2, y2] = clamp_box(bbox, c.canvas);
+/// The merged cell (raster order) of the crop of canvas `rect`, preprocessed to `grid`, that
+/// holds the dot's centre (the crop must show it).
+pub(super) fn dot_cell(c: &Canvas, rect: CropRect, grid: [usize; 3]) -> usize {
     let (cx, cy) = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
-    if !(x1 <= cx && cx < x2 && y1 <= cy && cy < y2) {
-        return None;
-    }
     let (mh, mw) = (grid[1] / 2, grid[2] / 2);
-    let fx = f64::from(cx - x1) / f64::from(x2 - x1);
-    let fy = f64::from(cy - y1) / f64::from(y2 - y1);
+    let fx = f64::from(cx - rect.x) / f64::from(rect.width);
+    let fy = f64::from(cy - rect.y) / f64::from(rect.height);
     let col = ((fx * mw as f64) as usize).min(mw.saturating_sub(1));
     let row = ((fy * mh as f64) as usize).min(mh.saturating_sub(1));
-    Some(row * mw + col)
-}
-
-/// The merged cell of the global view (raster order over its grid) that holds the card centre.
-pub(super) fn card_cell(c: &Canvas) -> usize {
-    let [_, gh, gw] = c.view.grid;
-    let (mh, mw) = (gh / 2, gw / 2);
-    let cx = f64::from(c.card[0] + c.card[2]) / 2.0 / f64::from(c.canvas.0);
-    let cy = f64::from(c.card[1] + c.card[3]) / 2.0 / f64::from(c.canvas.1);
-    let col = ((cx * mw as f64) as usize).min(mw - 1);
-    let row = ((cy * mh as f64) as usize).min(mh - 1);
     row * mw + col
-}
-
-pub(super) fn clamp_box(b: [u32; 4], (w, h): (u32, u32)) -> [u32; 4] {
-    [b[0].min(w - 1), b[1].min(h - 1), b[2].min(w), b[3].min(h)]
 }
 
 /// Generates canvas `i` of a split and keeps only what the base stage needs.
@@ -295,15 +434,31 @@ pub(super) fn canvas(
 ) -> TrainResult<Canvas> {
     let item = generate(synthv, seed, i, split)?;
     let (w, h) = (item.image.width(), item.image.height());
+    let (rh, rw) = pre.config().smart_resize(h, w)?;
     let view = ImageInput::from(pre.preprocess(&item.image)?);
-    let [x1, y1, x2, y2] = item.card_box;
-    let region = CropRect::from_edges(
-        x1.saturating_sub(REGION),
-        y1.saturating_sub(REGION),
-        (x2 + REGION).min(w),
-        (y2 + REGION).min(h),
-    )
-    .expect("the card lies inside the canvas");
+    // A crop reaches at most MAX_PERCEPTION_BINS steps (or the card's span) plus a step of
+    // noise beyond the card on each side.
+    let per_bin = f64::from(COORDINATE_STEP)
+        * (f64::from(w) / f64::from(rw)).max(f64::from(h) / f64::from(rh));
+    let reach = (f64::from(MAX_PERCEPTION_BINS + 2) * per_bin).ceil() as u32;
+    let cards = std::iter::once(item.card_box)
+        .chain(item.decoy_boxes.iter().copied())
+        .map(|bbox| {
+            let [x1, y1, x2, y2] = bbox;
+            let rect = CropRect::from_edges(
+                x1.saturating_sub(reach),
+                y1.saturating_sub(reach),
+                (x2 + reach).min(w),
+                (y2 + reach).min(h),
+            )
+            .expect("the card lies inside the canvas");
+            Ok(Card {
+                bbox,
+                region: item.image.crop(rect)?,
+                origin: (rect.x, rect.y),
+            })
+        })
+        .collect::<TrainResult<Vec<_>>>()?;
     let name = &item.options[item.answer_index];
     let colour = synthv
         .colours
@@ -318,10 +473,9 @@ pub(super) fn canvas(
         .to_string();
     Ok(Canvas {
         view,
-        region: item.image.crop(region)?,
-        region_origin: (region.x, region.y),
+        view_size: (rw, rh),
         canvas: (w, h),
-        card: item.card_box,
+        cards,
         dot: item.dot_box,
         colour,
         question_stem: stem,
