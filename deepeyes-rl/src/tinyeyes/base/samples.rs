@@ -87,8 +87,9 @@ impl Canvas {
 
     /// The canvas rectangle the zoom tool crops for `bbox` (in the `resized` frame), or its
     /// refusal: the box mapped to the canvas, clamped to it, both sides longer than
-    /// [`ZOOM_MIN_SIDE`] and the aspect ratio at most [`ZOOM_MAX_ASPECT`], edges rounded half to even (a unit test holds this to the tool's own
-    /// resolution, rejections included; the RL crate takes tools through core's traits only).
+    /// [`ZOOM_MIN_SIDE`] and the aspect ratio at most [`ZOOM_MAX_ASPECT`], edges rounded half
+    /// to even (a unit test holds this to the tool's own resolution, rejections included; the
+    /// RL crate takes tools through core's traits only).
     pub(super) fn resolve(&self, bbox: [u32; 4]) -> TrainResult<CropRect> {
         let (w, h) = (f64::from(self.canvas.0), f64::from(self.canvas.1));
         let [x1, y1, x2, y2] = self.to_canvas(bbox);
@@ -112,12 +113,17 @@ impl Canvas {
         )
     }
 
-    /// Whether the canvas rectangle `rect` holds the dot's centre.
-    pub(super) fn shows_dot(&self, rect: CropRect) -> bool {
-        let (cx, cy) = (
+    /// The dot's centre in canvas pixels.
+    fn dot_centre(&self) -> (u32, u32) {
+        (
             (self.dot[0] + self.dot[2]) / 2,
             (self.dot[1] + self.dot[3]) / 2,
-        );
+        )
+    }
+
+    /// Whether the canvas rectangle `rect` holds the dot's centre.
+    pub(super) fn shows_dot(&self, rect: CropRect) -> bool {
+        let (cx, cy) = self.dot_centre();
         rect.x <= cx && cx < rect.x + rect.width && rect.y <= cy && cy < rect.y + rect.height
     }
 }
@@ -415,7 +421,7 @@ pub(super) fn crop_image(
 /// The merged cell (raster order) of the crop of canvas `rect`, preprocessed to `grid`, that
 /// holds the dot's centre (the crop must show it).
 pub(super) fn dot_cell(c: &Canvas, rect: CropRect, grid: [usize; 3]) -> usize {
-    let (cx, cy) = ((c.dot[0] + c.dot[2]) / 2, (c.dot[1] + c.dot[3]) / 2);
+    let (cx, cy) = c.dot_centre();
     let (mh, mw) = (grid[1] / 2, grid[2] / 2);
     let fx = f64::from(cx - rect.x) / f64::from(rect.width);
     let fy = f64::from(cy - rect.y) / f64::from(rect.height);
