@@ -51,6 +51,7 @@ pub use config::{Qwen25VlConfig, TextConfig, VisionConfig};
 pub use error::{ModelError, Result};
 pub use layers::{Linear, SwiGlu};
 pub use lora::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, LoraConfig, TargetModules};
+pub(crate) use policy::on_forks;
 pub use policy::{Adapters, PolicyNetwork, ScoreOptions};
 pub use qwen::{Qwen25Vl, TokenScores, tensor2, to_host};
 pub use text::{DecoderLayer, TextAttention, TextModel};

@@ -164,3 +164,35 @@ impl PolicyNetwork for Qwen25Vl {
         Qwen25Vl::device(self)
     }
 }
+
+/// Runs `job` once per item, side by side, and returns the results in item order: the first item
+/// on this thread with `model`, every other one on its own thread with a fork of it (the same
+/// weights as new leaves of their own autodiff graph, so the backward passes, which hold their
+/// graph's lock throughout, run at once). Each job computes exactly what it computes alone.
+pub(crate) fn on_forks<N, I, T>(model: &N, items: &[I], job: impl Fn(&N, &I) -> T + Sync) -> Vec<T>
+where
+    N: PolicyNetwork + Send,
+    I: Sync,
+    T: Send,
+{
+    let Some((first, rest)) = items.split_first() else {
+        return Vec::new();
+    };
+    let device = model.device();
+    let job = &job;
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest
+            .iter()
+            .map(|item| {
+                let fork = model.clone().fork(&device);
+                scope.spawn(move || job(&fork, item))
+            })
+            .collect();
+        let mut out = vec![job(model, first)];
+        out.extend(others.into_iter().map(|t| {
+            t.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        }));
+        out
+    })
+}

@@ -17,7 +17,7 @@ use crate::grpo::{
 };
 use crate::metrics::{RolloutMetrics, ScoredTrajectory, UpdateMetrics, rollout_metrics};
 use crate::network::{
-    ImageInput, PolicyNetwork, ScoreOptions, Sequence, TokenScores, tensor2, to_host,
+    ImageInput, PolicyNetwork, ScoreOptions, Sequence, TokenScores, on_forks, tensor2, to_host,
 };
 use crate::schedule::grad_clip_factor;
 
@@ -388,38 +388,16 @@ struct GradientJob<'a> {
 }
 
 impl GradientJob<'_> {
-    /// The loss statistics and gradients of the micro-batches `group`, in order: the first on
-    /// this thread with `model`, each other one on its own thread with a fork of it (the same
-    /// weights as new leaves of their own autodiff graph, so the backward passes, which hold
-    /// their graph's lock throughout, run side by side). Each micro-batch computes exactly what
-    /// it computes alone.
-    fn gradients<N: PolicyNetwork>(
+    /// The loss statistics and gradients of the micro-batches `group`, in order, computed side
+    /// by side on forks of `model` ([`on_forks`]).
+    fn gradients<N: PolicyNetwork + Send>(
         &self,
         model: &N,
         group: &[Vec<usize>],
     ) -> TrainResult<Vec<(LossStats, GradientsParams)>> {
-        let Some((first, rest)) = group.split_first() else {
-            return Ok(Vec::new());
-        };
-        if rest.is_empty() {
-            return Ok(vec![self.micro_batch(model, first)?]);
-        }
-        let device = model.device();
-        std::thread::scope(|scope| {
-            let others: Vec<_> = rest
-                .iter()
-                .map(|rows| {
-                    let fork = model.clone().fork(&device);
-                    scope.spawn(move || self.micro_batch(&fork, rows))
-                })
-                .collect();
-            let mut out = vec![self.micro_batch(model, first)];
-            out.extend(others.into_iter().map(|t| {
-                t.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            }));
-            out.into_iter().collect()
-        })
+        on_forks(model, group, |model, rows| self.micro_batch(model, rows))
+            .into_iter()
+            .collect()
     }
 
     /// The loss statistics and parameter gradients of one micro-batch (`rows` of the step):

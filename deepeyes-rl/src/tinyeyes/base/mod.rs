@@ -28,7 +28,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
 use burn::tensor::Tensor;
 use deepeyes_core::CropRect;
@@ -40,7 +39,9 @@ use super::format::{
     COORDINATE_STEP, MAX_COORDINATE, MIN_BOX_BINS, TinyEyesFormat, ZOOM_MAX_ASPECT, ZOOM_MIN_SIDE,
 };
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainState, prune_checkpoints};
-use crate::network::{Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, to_host};
+use crate::network::{
+    Batch, ComputeDevice, ImageInput, PadLayout, Qwen25Vl, Sequence, on_forks, to_host,
+};
 use crate::schedule::{ScheduleConfig, ScheduleKind, grad_clip_factor};
 use crate::synthv::{SynthVConfig, generate};
 use crate::trainer::{TrainError, TrainResult, grad_norm_and_scale};
@@ -458,23 +459,7 @@ impl BaseStage {
             }
         };
         parts.iter_mut().for_each(scale);
-        let device = model.device();
-        let results: Vec<TrainResult<(f64, GradientsParams)>> = std::thread::scope(|scope| {
-            let (first, rest) = parts.split_first().expect("a batch has a sample");
-            let others: Vec<_> = rest
-                .iter()
-                .map(|part| {
-                    let fork = model.clone().fork(&device);
-                    scope.spawn(move || part.backward(&fork))
-                })
-                .collect();
-            let mut out = vec![first.backward(model)];
-            out.extend(others.into_iter().map(|t| {
-                t.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-            }));
-            out
-        });
+        let results = on_forks(model, &parts, |model, part| part.backward(model));
         let mut accumulator = GradientsAccumulator::<Qwen25Vl>::new();
         let mut loss = 0.0;
         for result in results {
