@@ -49,6 +49,9 @@ pub(crate) struct PretrainArgs {
     /// Weight of perception samples' supervised tokens in the token-mean loss.
     #[arg(long, default_value_t = BaseStageConfig::default().perception_weight, value_name = "W")]
     perception_weight: f64,
+    /// Share of the action format's zooms that look again at the next card to the right.
+    #[arg(long, default_value_t = BaseStageConfig::default().second_look_share, value_name = "S")]
+    second_look_share: f64,
     /// Spread coordinate labels over neighbouring bins (Gaussian σ in bins; 0: hard labels).
     #[arg(long, default_value_t = 0.0, value_name = "SIGMA")]
     soft_coordinates: f64,
@@ -104,6 +107,7 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         soft_coordinates: args.soft_coordinates,
         square_steps: args.square_steps,
         perception_weight: args.perception_weight,
+        second_look_share: args.second_look_share,
         // The shares are checked (and normalised) by the base stage itself.
         mix: match args.mix.as_deref() {
             Some(&[g, p, a]) => [g, p, a],

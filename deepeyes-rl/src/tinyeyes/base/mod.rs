@@ -19,8 +19,9 @@
 //!   cannot memorise canvases;
 //! - **action format**: most often a direct `<answer>` with a uniformly guessed colour (the
 //!   global view cannot tell), sometimes a zoom call on a *noisy* box of the leftmost card
-//!   (moved up to a step) and, on half the canvases with decoys whatever the first crop showed,
-//!   a second call on another card, followed by the answer the crops support. The loss covers
+//!   (moved up to a step) and, on canvases with decoys and whatever the first crop showed, a
+//!   second call on the next card to the right (`second-look-share` of them), followed by the
+//!   answer the crops support. The loss covers
 //!   the calls and the answer: the base learns the format of a look and of a second look, and
 //!   uses them rarely and imprecisely. GRPO must teach when and where to look.
 
@@ -85,6 +86,10 @@ pub struct BaseStageConfig {
     pub square_steps: u64,
     /// Share of action-format samples that zoom (the rest answer directly).
     pub zoom_share: f64,
+    /// Share of those zooms, on canvases with a card right of the first one looked at, that
+    /// look again at that card whatever the first crop showed (the format of a second look;
+    /// at 0.5 the base sampled one on a tenth of its looks only).
+    pub second_look_share: f64,
     /// Spread of the coordinate labels in bins (a Gaussian over neighbouring coordinates);
     /// 0 keeps hard labels.
     pub soft_coordinates: f64,
@@ -107,6 +112,7 @@ impl Default for BaseStageConfig {
             perception_weight: 3.0,
             square_steps: 1800,
             zoom_share: 0.25,
+            second_look_share: 1.0,
             soft_coordinates: 0.0,
             seed: 0,
         }
@@ -144,6 +150,9 @@ impl BaseStageConfig {
         }
         if !(0.0..=1.0).contains(&self.zoom_share) {
             return bad("zoom-share", "must lie in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.second_look_share) {
+            return bad("second-look-share", "must lie in [0, 1]");
         }
         if !(self.soft_coordinates.is_finite() && self.soft_coordinates >= 0.0) {
             return bad(
@@ -785,6 +794,13 @@ mod tests {
                 },
             ),
             (
+                "second-look-share",
+                BaseStageConfig {
+                    second_look_share: 1.5,
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
                 "soft-coordinates",
                 BaseStageConfig {
                     soft_coordinates: -1.0,
@@ -797,6 +813,26 @@ mod tests {
             assert!(err.contains(name), "{name}: {err}");
         }
         BaseStageConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_search_from_the_leftmost_card_rightwards_visits_every_card_once_in_order() {
+        let mut several = 0;
+        for c in TEST_CANVASES.iter() {
+            let mut seen = vec![c.leftmost()];
+            while let Some(next) = c.right_of(*seen.last().unwrap()) {
+                assert!(!seen.contains(&next), "card {next} twice on {:?}", c.canvas);
+                seen.push(next);
+            }
+            assert_eq!(seen.len(), c.cards.len(), "cards missed on {:?}", c.canvas);
+            let centres: Vec<u32> = seen
+                .iter()
+                .map(|&k| c.cards[k].bbox[0] + c.cards[k].bbox[2])
+                .collect();
+            assert!(centres.is_sorted(), "{centres:?}");
+            several += usize::from(c.cards.len() > 1);
+        }
+        assert!(several >= 10, "only {several} canvases with decoys");
     }
 
     #[test]

@@ -35,6 +35,15 @@ impl Canvas {
             .expect("a canvas has a card")
     }
 
+    /// The card nearest to the right of card `k` (by centre), if any: where a left-to-right
+    /// search looks next.
+    pub(super) fn right_of(&self, k: usize) -> Option<usize> {
+        let centre = |j: usize| self.cards[j].bbox[0] + self.cards[j].bbox[2];
+        (0..self.cards.len())
+            .filter(|&j| j != k && (centre(j), j) > (centre(k), k))
+            .min_by_key(|&j| (centre(j), j))
+    }
+
     /// Canvas pixels per view pixel along x and y.
     fn scale(&self) -> (f64, f64) {
         (
@@ -340,10 +349,11 @@ impl BaseStage {
     }
 
     /// The action format: mostly a direct answer with a guessed colour; with `zoom-share`, a
-    /// call on a noisy box of the leftmost card and, on half the canvases with decoys whatever
-    /// the first crop showed, a second call on another card; then the answer the crops support
-    /// (the dot's colour if one showed it, else a guess). The loss covers calls and answer:
-    /// the format of one look and of a second, not when either pays.
+    /// call on a noisy box of the leftmost card and, on `second-look-share` of the canvases
+    /// with another card to its right whatever the first crop showed, a second call on that
+    /// card; then the answer the crops support (the dot's colour if one showed it, else a
+    /// guess). The loss covers calls and answer: the format of one look and of a second (a
+    /// left-to-right search), not when either pays.
     pub(super) fn act_sample(&mut self, c: Arc<Canvas>, rng: &mut Rng) -> TrainResult<Sample> {
         let question = self.colour_question(&c, rng);
         let guess = rng.below(self.synthv.colours.len() as u64) as usize;
@@ -354,9 +364,10 @@ impl BaseStage {
         }
         let first = c.leftmost();
         let mut looks = vec![first];
-        if c.cards.len() > 1 && rng.next_f64() < 0.5 {
-            let other = rng.below(c.cards.len() as u64 - 1) as usize;
-            looks.push(if other >= first { other + 1 } else { other });
+        if let Some(next) = c.right_of(first)
+            && rng.next_f64() < self.config.second_look_share
+        {
+            looks.push(next);
         }
         let mut seen = false;
         for k in looks {
