@@ -7,6 +7,9 @@
 //! This crate holds what every other crate shares and nothing heavy:
 //! - [`image`]: an RGB image type with hard decode limits;
 //! - [`preprocess`]: the Qwen2.5-VL image geometry (smart resize, visual token counts);
+//! - [`geometry`]: zoom boxes: their coordinate frames and DeepEyes' clamping and validity
+//!   rules, shared by the zoom tool and by anything that must predict its crops (the RL crate's
+//!   base stage);
 //! - [`tool`], [`model`], [`reward`]: the three small traits a user implements to plug in a tool,
 //!   a model backend or a reward function;
 //! - [`protocol`]: ChatML rendering, prompt templates and the parser of one assistant turn;
@@ -19,6 +22,7 @@
 pub mod agent;
 pub mod dataset;
 pub mod error;
+pub mod geometry;
 pub mod image;
 pub mod message;
 pub mod model;

@@ -207,12 +207,12 @@ impl SynthVConfig {
         (lo <= hi).then_some([lo, hi])
     }
 
-    /// The factor every length is drawn at on a `w × h` canvas (1 unless `scale-with-canvas`).
     /// The side in pixels of the dot's checkerboard cells on a `w × h` canvas.
     pub(crate) fn checker_cell(&self, w: u32, h: u32) -> u32 {
         scaled(self.cell, self.scale(w, h))
     }
 
+    /// The factor every length is drawn at on a `w × h` canvas (1 unless `scale-with-canvas`).
     fn scale(&self, w: u32, h: u32) -> f64 {
         if self.scale_with_canvas {
             (f64::from(w) * f64::from(h)).sqrt() / 1024.0

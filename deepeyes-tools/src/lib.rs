@@ -30,7 +30,9 @@
 #[allow(unsafe_code)]
 pub mod abi;
 pub mod error;
-pub mod geometry;
+/// Zoom boxes' frames and rules, defined in core (the base stage of the RL crate predicts the
+/// tool's crops with them) and re-exported here where the tool's users look for them.
+pub use deepeyes_core::geometry;
 #[allow(unsafe_code)]
 pub mod plugin;
 pub mod registry;

@@ -10,6 +10,7 @@
 //! call whose crop comes back as `<tool_response><image></tool_response>`.
 
 use deepeyes_core::agent::BundleAgentDefaults;
+use deepeyes_core::geometry::{CoordinateFrame, ZoomLimits};
 use deepeyes_core::protocol::{
     ANSWER_END, ANSWER_START, PromptTemplates, Rendered, TOOL_CALL_END, TOOL_CALL_START,
     render_observation, render_prompt,
@@ -32,12 +33,15 @@ pub const VIEW_SIDE: u32 = 112;
 pub const TOOLS_TOML: &str =
     "[zoom-in]\nframe = \"resized\"\nmin-side = 30.0\nmax-aspect-ratio = 100.0\n";
 
-/// The zoom tool's minimum box side in canvas pixels ([`TOOLS_TOML`]'s, DeepEyes' rule: both
-/// sides strictly longer).
-pub const ZOOM_MIN_SIDE: f64 = 30.0;
+/// The frame of TinyEyes' boxes ([`TOOLS_TOML`]'s).
+pub const ZOOM_FRAME: CoordinateFrame = CoordinateFrame::Resized;
 
-/// The zoom tool's largest `long side / short side` ([`TOOLS_TOML`]'s, DeepEyes' rule).
-pub const ZOOM_MAX_ASPECT: f64 = 100.0;
+/// The zoom tool's limits ([`TOOLS_TOML`]'s, DeepEyes' rules: both sides strictly longer than
+/// 30 canvas pixels, `long side / short side` at most 100).
+pub const ZOOM_LIMITS: ZoomLimits = ZoomLimits {
+    min_side: 30.0,
+    max_aspect_ratio: 100.0,
+};
 
 /// Coordinates TinyEyes writes are multiples of this many view pixels, so each one is a token.
 pub const COORDINATE_STEP: u32 = 2;

@@ -156,15 +156,10 @@ mod tests {
         let tools = deepeyes_tools::ToolsConfig::for_bundle(&a)
             .unwrap()
             .unwrap();
-        assert_eq!(
-            tools.zoom_in.frame,
-            deepeyes_tools::CoordinateFrame::Resized
-        );
-        assert_eq!(tools.zoom_in.min_side, super::super::format::ZOOM_MIN_SIDE);
-        assert_eq!(
-            tools.zoom_in.max_aspect_ratio,
-            super::super::format::ZOOM_MAX_ASPECT
-        );
+        assert_eq!(tools.zoom_in.frame, super::super::format::ZOOM_FRAME);
+        let limits = super::super::format::ZOOM_LIMITS;
+        assert_eq!(tools.zoom_in.min_side, limits.min_side);
+        assert_eq!(tools.zoom_in.max_aspect_ratio, limits.max_aspect_ratio);
         assert_eq!(tok.token_id("<|image_pad|>"), Some(cfg.image_token_id));
         // The burn engine loads it back with the same architecture.
         let device = ComputeDevice::Flex.device(false).unwrap();

@@ -37,7 +37,7 @@ use deepeyes_core::protocol::Rendered;
 use deepeyes_core::{HfTokenizer, Image, Rng, TokenCodec};
 
 use super::format::{
-    COORDINATE_STEP, MAX_COORDINATE, MIN_BOX_BINS, TinyEyesFormat, ZOOM_MAX_ASPECT, ZOOM_MIN_SIDE,
+    COORDINATE_STEP, MAX_COORDINATE, MIN_BOX_BINS, TinyEyesFormat, ZOOM_FRAME, ZOOM_LIMITS,
 };
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainState, prune_checkpoints};
 use crate::network::{

@@ -1,6 +1,9 @@
 //! The base stage's samples: canvases, the boxes TinyEyes writes on them, and the grounding,
 //! perception and action-format conversations built on them.
 
+use deepeyes_core::PreprocessConfig;
+use deepeyes_core::geometry::resolve_bbox;
+
 use super::*;
 
 /// One white card of a canvas and the pixels around it that every crop of it is cut from.
@@ -12,6 +15,13 @@ pub(super) struct Card {
     origin: (u32, u32),
 }
 
+impl Card {
+    /// Twice the card's centre x in canvas pixels: orders cards left to right without rounding.
+    fn doubled_centre_x(&self) -> u32 {
+        self.bbox[0] + self.bbox[2]
+    }
+}
+
 /// One canvas, kept small: its global view (already preprocessed) and its cards' surroundings.
 pub(super) struct Canvas {
     pub(super) view: ImageInput,
@@ -19,6 +29,8 @@ pub(super) struct Canvas {
     /// canvas.
     pub(super) view_size: (u32, u32),
     pub(super) canvas: (u32, u32),
+    /// The preprocessing that made the view, which defines the boxes' frame.
+    preprocess: PreprocessConfig,
     /// Every white card: the one with the coloured dot first, then the decoys.
     pub(super) cards: Vec<Card>,
     pub(super) dot: [u32; 4],
@@ -31,14 +43,14 @@ impl Canvas {
     /// canvas, whatever the number of cards).
     pub(super) fn leftmost(&self) -> usize {
         (0..self.cards.len())
-            .min_by_key(|&k| self.cards[k].bbox[0] + self.cards[k].bbox[2])
+            .min_by_key(|&k| self.cards[k].doubled_centre_x())
             .expect("a canvas has a card")
     }
 
     /// The card nearest to the right of card `k` (by centre), if any: where a left-to-right
     /// search looks next.
     pub(super) fn right_of(&self, k: usize) -> Option<usize> {
-        let centre = |j: usize| self.cards[j].bbox[0] + self.cards[j].bbox[2];
+        let centre = |j: usize| self.cards[j].doubled_centre_x();
         (0..self.cards.len())
             .filter(|&j| j != k && (centre(j), j) > (centre(k), k))
             .min_by_key(|&j| (centre(j), j))
@@ -58,7 +70,7 @@ impl Canvas {
         let (sx, sy) = self.scale();
         let need = |s: f64| {
             let mut bins = 1;
-            while f64::from(bins * COORDINATE_STEP) * s <= ZOOM_MIN_SIDE {
+            while f64::from(bins * COORDINATE_STEP) * s <= ZOOM_LIMITS.min_side {
                 bins += 1;
             }
             bins
@@ -94,32 +106,20 @@ impl Canvas {
         [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
     }
 
-    /// The canvas rectangle the zoom tool crops for `bbox` (in the `resized` frame), or its
-    /// refusal: the box mapped to the canvas, clamped to it, both sides longer than
-    /// [`ZOOM_MIN_SIDE`] and the aspect ratio at most [`ZOOM_MAX_ASPECT`], edges rounded half
-    /// to even (a unit test holds this to the tool's own resolution, rejections included; the
-    /// RL crate takes tools through core's traits only).
+    /// The canvas rectangle the zoom tool crops for `bbox` (in [`ZOOM_FRAME`]), or its
+    /// refusal: the tool's own resolution ([`resolve_bbox`]) under [`ZOOM_LIMITS`].
     pub(super) fn resolve(&self, bbox: [u32; 4]) -> TrainResult<CropRect> {
-        let (w, h) = (f64::from(self.canvas.0), f64::from(self.canvas.1));
-        let [x1, y1, x2, y2] = self.to_canvas(bbox);
-        let [x1, y1, x2, y2] = [x1.max(0.0), y1.max(0.0), x2.min(w), y2.min(h)];
-        let (long, short) = ((x2 - x1).max(y2 - y1), (x2 - x1).min(y2 - y1));
-        if !(short > ZOOM_MIN_SIDE && long / short <= ZOOM_MAX_ASPECT) {
-            return Err(data_err(
-                Path::new("base-stage box"),
-                format!(
-                    "{bbox:?} on a {:?} canvas is {:.1}×{:.1} px: the zoom tool refuses it",
-                    self.canvas,
-                    x2 - x1,
-                    y2 - y1
-                ),
-            ));
-        }
-        let round = |v: f64| deepeyes_core::preprocess::round_half_even(v) as u32;
-        Ok(
-            CropRect::from_edges(round(x1), round(y1), round(x2), round(y2))
-                .expect("a box longer than the minimum side"),
+        let (w, h) = self.canvas;
+        resolve_bbox(
+            bbox.map(f64::from),
+            ZOOM_FRAME,
+            w,
+            h,
+            &self.preprocess,
+            &ZOOM_LIMITS,
         )
+        .map(|resolved| resolved.rect)
+        .map_err(|why| data_err(Path::new("base-stage box"), format!("{bbox:?}: {why}")))
     }
 
     /// The dot's centre in canvas pixels.
@@ -492,6 +492,7 @@ pub(super) fn canvas(
         view,
         view_size: (rw, rh),
         canvas: (w, h),
+        preprocess: *pre.config(),
         cards,
         dot: item.dot_box,
         colour,

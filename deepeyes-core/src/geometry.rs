@@ -12,8 +12,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use deepeyes_core::PreprocessConfig;
-use deepeyes_core::preprocess::round_half_even;
+use crate::PreprocessConfig;
+use crate::preprocess::round_half_even;
 use serde::{Deserialize, Serialize};
 
 /// What the four numbers of a `bbox_2d` are measured in.
@@ -180,7 +180,7 @@ impl ZoomLimits {
     }
 }
 
-pub use deepeyes_core::image::CropRect;
+pub use crate::image::CropRect;
 
 /// A validated zoom-in box.
 #[derive(Debug, Clone, Copy, PartialEq)]
