@@ -52,6 +52,10 @@ pub(crate) struct PretrainArgs {
     /// Share of the action format's zooms that look again at the next card to the right.
     #[arg(long, default_value_t = BaseStageConfig::default().second_look_share, value_name = "S")]
     second_look_share: f64,
+    /// Most looks in the action format's left-to-right scan (the bundle's agent.toml must allow
+    /// one turn more).
+    #[arg(long, default_value_t = BaseStageConfig::default().max_looks, value_name = "N")]
+    max_looks: u32,
     /// Spread coordinate labels over neighbouring bins (Gaussian σ in bins; 0: hard labels).
     #[arg(long, default_value_t = 0.0, value_name = "SIGMA")]
     soft_coordinates: f64,
@@ -108,6 +112,7 @@ pub(crate) fn run(args: PretrainArgs) -> anyhow::Result<ExitCode> {
         square_steps: args.square_steps,
         perception_weight: args.perception_weight,
         second_look_share: args.second_look_share,
+        max_looks: args.max_looks,
         // The shares are checked (and normalised) by the base stage itself.
         mix: match args.mix.as_deref() {
             Some(&[g, p, a]) => [g, p, a],

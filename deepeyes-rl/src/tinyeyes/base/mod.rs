@@ -90,6 +90,9 @@ pub struct BaseStageConfig {
     /// look again at that card whatever the first crop showed (the format of a second look;
     /// at 0.5 the base sampled one on a tenth of its looks only).
     pub second_look_share: f64,
+    /// Most looks in the action format's left-to-right scan (2: the leftmost card and the one
+    /// right of it). The bundle's `agent.toml` must allow one turn more than this.
+    pub max_looks: u32,
     /// Spread of the coordinate labels in bins (a Gaussian over neighbouring coordinates);
     /// 0 keeps hard labels.
     pub soft_coordinates: f64,
@@ -113,6 +116,7 @@ impl Default for BaseStageConfig {
             square_steps: 1800,
             zoom_share: 0.25,
             second_look_share: 1.0,
+            max_looks: 2,
             soft_coordinates: 0.0,
             seed: 0,
         }
@@ -154,6 +158,9 @@ impl BaseStageConfig {
         if !(0.0..=1.0).contains(&self.second_look_share) {
             return bad("second-look-share", "must lie in [0, 1]");
         }
+        if !(1..=MAX_SCAN_LOOKS).contains(&self.max_looks) {
+            return bad("max-looks", "must lie in [1, 8]");
+        }
         if !(self.soft_coordinates.is_finite() && self.soft_coordinates >= 0.0) {
             return bad(
                 "soft-coordinates",
@@ -163,6 +170,9 @@ impl BaseStageConfig {
         Ok(())
     }
 }
+
+/// The most looks the action format's scan may take ([`BaseStageConfig::max_looks`]).
+const MAX_SCAN_LOOKS: u32 = 8;
 
 /// The widest perception crop, in coordinate steps (10 view px, about twice a card): a wider
 /// crop of a large canvas is shrunk to the view and blurs the dot's checkerboard.
@@ -801,6 +811,13 @@ mod tests {
                 },
             ),
             (
+                "max-looks",
+                BaseStageConfig {
+                    max_looks: 0,
+                    ..BaseStageConfig::default()
+                },
+            ),
+            (
                 "soft-coordinates",
                 BaseStageConfig {
                     soft_coordinates: -1.0,
@@ -827,12 +844,32 @@ mod tests {
             assert_eq!(seen.len(), c.cards.len(), "cards missed on {:?}", c.canvas);
             let centres: Vec<u32> = seen
                 .iter()
-                .map(|&k| c.cards[k].bbox[0] + c.cards[k].bbox[2])
+                .map(|&k| c.cards[k].doubled_centre_x())
                 .collect();
             assert!(centres.is_sorted(), "{centres:?}");
             several += usize::from(c.cards.len() > 1);
         }
         assert!(several >= 10, "only {several} canvases with decoys");
+    }
+
+    #[test]
+    fn the_action_scan_takes_at_most_max_looks_in_the_search_order() {
+        let mut rng = Rng::new(3);
+        let mut three = 0;
+        for c in TEST_CANVASES.iter() {
+            let mut order = vec![c.leftmost()];
+            while let Some(next) = c.right_of(*order.last().unwrap()) {
+                order.push(next);
+            }
+            for max_looks in 1..=4 {
+                let looks = c.scan(max_looks, 1.0, &mut rng);
+                let n = (max_looks as usize).min(c.cards.len());
+                assert_eq!(looks, order[..n], "max-looks {max_looks} on {:?}", c.canvas);
+            }
+            assert_eq!(c.scan(4, 0.0, &mut rng), [c.leftmost()]);
+            three += usize::from(c.cards.len() >= 3);
+        }
+        assert!(three >= 5, "only {three} canvases with three cards");
     }
 
     #[test]

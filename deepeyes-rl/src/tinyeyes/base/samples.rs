@@ -17,7 +17,7 @@ pub(super) struct Card {
 
 impl Card {
     /// Twice the card's centre x in canvas pixels: orders cards left to right without rounding.
-    fn doubled_centre_x(&self) -> u32 {
+    pub(super) fn doubled_centre_x(&self) -> u32 {
         self.bbox[0] + self.bbox[2]
     }
 }
@@ -54,6 +54,23 @@ impl Canvas {
         (0..self.cards.len())
             .filter(|&j| j != k && (centre(j), j) > (centre(k), k))
             .min_by_key(|&j| (centre(j), j))
+    }
+
+    /// The cards an action-format zoom looks at: the leftmost, then, while there are fewer than
+    /// `max_looks` and a card lies right of the last one, that card with probability `share`
+    /// at each step (the format of a left-to-right search, whatever the crops show).
+    pub(super) fn scan(&self, max_looks: u32, share: f64, rng: &mut Rng) -> Vec<usize> {
+        let mut looks = vec![self.leftmost()];
+        while looks.len() < max_looks as usize {
+            let Some(next) = self.right_of(*looks.last().expect("one look at least")) else {
+                break;
+            };
+            if rng.next_f64() >= share {
+                break;
+            }
+            looks.push(next);
+        }
+        looks
     }
 
     /// Canvas pixels per view pixel along x and y.
@@ -349,11 +366,12 @@ impl BaseStage {
     }
 
     /// The action format: mostly a direct answer with a guessed colour; with `zoom-share`, a
-    /// call on a noisy box of the leftmost card and, on `second-look-share` of the canvases
-    /// with another card to its right whatever the first crop showed, a second call on that
-    /// card; then the answer the crops support (the dot's colour if one showed it, else a
-    /// guess). The loss covers calls and answer: the format of one look and of a second (a
-    /// left-to-right search), not when either pays.
+    /// call on a noisy box of the leftmost card and, with `second-look-share` at each step
+    /// while a card lies to the right of the last and fewer than `max-looks` were taken,
+    /// whatever the crops showed, a call on that card ([`Canvas::scan`]); then the answer the
+    /// crops support (the dot's colour if one showed it, else a guess). The loss covers calls
+    /// and answer: the format of one look and of more (a left-to-right search), not when any
+    /// pays.
     pub(super) fn act_sample(&mut self, c: Arc<Canvas>, rng: &mut Rng) -> TrainResult<Sample> {
         let question = self.colour_question(&c, rng);
         let guess = rng.below(self.synthv.colours.len() as u64) as usize;
@@ -362,13 +380,7 @@ impl BaseStage {
             self.finish(&mut s, guess)?;
             return Ok(s);
         }
-        let first = c.leftmost();
-        let mut looks = vec![first];
-        if let Some(next) = c.right_of(first)
-            && rng.next_f64() < self.config.second_look_share
-        {
-            looks.push(next);
-        }
+        let looks = c.scan(self.config.max_looks, self.config.second_look_share, rng);
         let mut seen = false;
         for k in looks {
             let bbox = Self::noisy_card_box(&c, k, rng);
