@@ -159,7 +159,7 @@ impl BaseStageConfig {
             return bad("second-look-share", "must lie in [0, 1]");
         }
         if !(1..=MAX_SCAN_LOOKS).contains(&self.max_looks) {
-            return bad("max-looks", "must lie in [1, 8]");
+            return bad("max-looks", &format!("must lie in [1, {MAX_SCAN_LOOKS}]"));
         }
         if !(self.soft_coordinates.is_finite() && self.soft_coordinates >= 0.0) {
             return bad(
